@@ -1,0 +1,186 @@
+//! Real mounts for tests. Every mount is torn down on every path: `Drop` runs
+//! `fusermount3 -u`, then `-u -z`, then kills the daemon; a watchdog does the same if a test
+//! outlives its time limit, so a stuck mount can neither hang CI nor leak into the next test.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// How long one mounted test may take before the watchdog tears its mount down.
+const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+pub struct Mount {
+    pub tmp: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub store: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    done: Arc<AtomicBool>,
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = mnt.to_str().unwrap().replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+fn teardown(mnt: &Path) {
+    for args in [&["-u"][..], &["-u", "-z"][..]] {
+        if !is_mounted(mnt) {
+            return;
+        }
+        let _ = Command::new("fusermount3")
+            .args(args)
+            .arg(mnt)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Mount {
+    /// Mounts a fresh copy of the fixture store with `--bind PATH=DIGEST` for each pair.
+    pub fn fixture(binds: &[(&str, &str)], extra: &[&str]) -> Mount {
+        let tmp = fixture_store();
+        Mount::over(tmp, binds, extra)
+    }
+
+    /// Mounts the store at `tmp/store` on `tmp/mnt`, in the foreground as a child process.
+    pub fn over(tmp: tempfile::TempDir, binds: &[(&str, &str)], extra: &[&str]) -> Mount {
+        let mnt = tmp.path().join("mnt");
+        let store = tmp.path().join("store");
+        let log = tmp.path().join("daemon.log");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("--store").arg(&store).arg("mount");
+        for (path, digest) in binds {
+            cmd.arg("--bind").arg(format!("{path}={digest}"));
+        }
+        cmd.args(extra).arg(&mnt);
+        cmd.env("RUST_LOG", "digestfs=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = cmd.spawn().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let mut m = Mount {
+            tmp,
+            mnt,
+            store,
+            log,
+            child: Some(child),
+            done,
+        };
+        m.watchdog();
+        m.wait_ready();
+        m
+    }
+
+    fn watchdog(&self) {
+        let (done, mnt) = (self.done.clone(), self.mnt.clone());
+        let pid = self.child.as_ref().map(|c| c.id());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + TEST_LIMIT;
+            while Instant::now() < deadline {
+                if done.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            eprintln!(
+                "watchdog: {} outlived {TEST_LIMIT:?}; tearing it down",
+                mnt.display()
+            );
+            teardown(&mnt);
+            if let Some(pid) = pid {
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        });
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // A stat may be answered from a stale mount's cache; opening the root reaches
+            // the daemon.
+            if let Ok(m) = std::fs::metadata(&self.mnt) {
+                if m.ino() == 1 && is_mounted(&self.mnt) && std::fs::read_dir(&self.mnt).is_ok() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "digestfs mount exited ({status}) before mounting:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mount not ready in 30 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits for the daemon to exit on its own (after an unmount or a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon still running after {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL, leaving a stale mount behind.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        teardown(&self.mnt);
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.done.store(true, Ordering::Relaxed);
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log_text());
+        }
+    }
+}

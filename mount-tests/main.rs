@@ -1,0 +1,560 @@
+//! Real FUSE mounts read by real clients: find, ls, sha256 through read(2), unzip, javac/java,
+//! mmap. Run as root with /dev/fuse and fusermount3 present (scripts/test installs fuse3).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod harness;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use harness::{is_mounted, Mount};
+
+const T: Duration = Duration::from_secs(120);
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = run_timeout(cmd, T);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn all_trees() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("jvm/resolves/jvm-default", JAR_TREE),
+        ("src", SRC_SYMLINKS),
+        ("followed", SRC_FOLLOWED),
+    ]
+}
+
+#[test]
+fn find_and_ls_match_the_manifest() {
+    let m = Mount::fixture(&all_trees(), &[]);
+    let manifest = manifest();
+    for (bound, tree) in all_trees() {
+        let root = m.path(bound);
+        let out = run_ok(
+            Command::new("find")
+                .arg(&root)
+                .arg("-mindepth")
+                .arg("1")
+                .args(["-printf", "%y %s %m %P\\0%l\\0"]),
+        );
+        let mut got = BTreeMap::new();
+        let mut parts = out.split('\0');
+        while let (Some(head), Some(link)) = (parts.next(), parts.next()) {
+            let mut f = head.splitn(4, ' ');
+            let (ty, size, mode, path) = (
+                f.next().unwrap(),
+                f.next().unwrap(),
+                f.next().unwrap(),
+                f.next().unwrap(),
+            );
+            got.insert(
+                path.to_string(),
+                (
+                    ty.to_string(),
+                    size.parse::<u64>().unwrap(),
+                    mode.to_string(),
+                    link.to_string(),
+                ),
+            );
+        }
+        let expected = &manifest[tree];
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>(),
+            "names under {bound}"
+        );
+        for (path, kind) in expected {
+            let (ty, size, mode, link) = &got[path];
+            match kind {
+                Kind::Dir { .. } => {
+                    assert_eq!((ty.as_str(), mode.as_str()), ("d", "555"), "{path}")
+                }
+                Kind::File {
+                    size: s,
+                    executable,
+                    ..
+                } => {
+                    assert_eq!(ty, "f", "{path}");
+                    assert_eq!(size, s, "{path}");
+                    assert_eq!(mode, if *executable { "555" } else { "444" }, "{path}");
+                }
+                Kind::Symlink { target } => {
+                    assert_eq!((ty.as_str(), link), ("l", target), "{path}");
+                }
+            }
+        }
+        let ls = run_ok(Command::new("ls").arg("-lR").arg(&root));
+        for path in expected.keys() {
+            let name = path.rsplit('/').next().unwrap();
+            assert!(ls.contains(name), "ls -lR lacks {name}");
+        }
+    }
+    // The root lists the bound paths; the intermediate directories appear on their own.
+    let names: Vec<String> = std::fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for n in ["jvm", "src", "followed"] {
+        assert!(names.contains(&n.to_string()));
+    }
+    assert!(m.path("jvm/resolves").is_dir());
+}
+
+#[test]
+fn every_file_hashes_to_its_digest() {
+    let m = Mount::fixture(&all_trees(), &["--passthrough", "off"]);
+    let manifest = manifest();
+    for (bound, tree) in all_trees() {
+        for (path, kind) in &manifest[tree] {
+            if let Kind::File { digest, .. } = kind {
+                let bytes = std::fs::read(m.path(bound).join(path)).unwrap();
+                assert_eq!(
+                    format!("{}-{}", sha256_hex(&bytes), bytes.len()),
+                    *digest,
+                    "{bound}/{path}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn passthrough_serves_large_blobs() {
+    let m = Mount::fixture(&[("jvm", JAR_TREE)], &["--passthrough", "on"]);
+    for (path, kind) in &manifest()[JAR_TREE] {
+        if let Kind::File { digest, .. } = kind {
+            let bytes = std::fs::read(m.path("jvm").join(path)).unwrap();
+            assert_eq!(
+                format!("{}-{}", sha256_hex(&bytes), bytes.len()),
+                *digest,
+                "{path}"
+            );
+        }
+    }
+    assert!(
+        m.log_text().contains("passthrough for large blobs: on"),
+        "{}",
+        m.log_text()
+    );
+}
+
+#[test]
+fn unzip_reads_every_jar() {
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let mut jars = 0;
+    for entry in std::fs::read_dir(m.path("lib/lib")).unwrap() {
+        let path = entry.unwrap().path();
+        let listing = run_ok(Command::new("unzip").arg("-l").arg(&path));
+        assert!(
+            listing.contains("META-INF/"),
+            "{}: {listing}",
+            path.display()
+        );
+        // Test every entry's CRC too: this reads the whole jar out of order.
+        run_ok(Command::new("unzip").arg("-tq").arg(&path));
+        jars += 1;
+    }
+    assert_eq!(jars, 71);
+}
+
+#[test]
+fn javac_compiles_and_java_runs_against_the_mounted_classpath() {
+    let m = Mount::fixture(&[("jvm/resolves/jvm-default", JAR_TREE)], &[]);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(
+        work.path().join("Hello.java"),
+        r#"import com.google.common.base.Joiner;
+import org.apache.commons.lang3.StringUtils;
+public class Hello {
+    public static void main(String[] args) {
+        System.out.println(Joiner.on("+").join("guava", StringUtils.capitalize("lang3")));
+    }
+}
+"#,
+    )
+    .unwrap();
+    let cp = format!("{}/*", m.path("jvm/resolves/jvm-default/lib").display());
+    run_ok(
+        Command::new("javac")
+            .arg("-cp")
+            .arg(&cp)
+            .arg("-d")
+            .arg(work.path())
+            .arg(work.path().join("Hello.java")),
+    );
+    let out = run_ok(
+        Command::new("java")
+            .arg("-cp")
+            .arg(format!("{cp}:{}", work.path().display()))
+            .arg("Hello"),
+    );
+    assert_eq!(out.trim(), "guava+Lang3");
+}
+
+#[test]
+fn mmap_of_a_large_jar_reads_the_right_bytes() {
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &["--passthrough", "off"]);
+    let jar = m.path("lib/lib/guava.jar");
+    let script = r#"
+import hashlib, mmap, sys
+with open(sys.argv[1], 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    tail = mm[-22:]
+    assert tail[:4] == b'PK\x05\x06', tail   # the zip end-of-central-directory record
+    print(hashlib.sha256(mm).hexdigest(), len(mm))
+"#;
+    let out = run_ok(Command::new("python3").arg("-c").arg(script).arg(&jar));
+    assert_eq!(out.trim().replace(' ', "-"), GUAVA);
+}
+
+#[test]
+fn one_jar_is_one_inode_across_views_and_the_content_area() {
+    let m = Mount::fixture(&[("a", JAR_TREE), ("b", LIB_TREE)], &[]);
+    let a = std::fs::metadata(m.path("a/lib/guava.jar")).unwrap();
+    let b = std::fs::metadata(m.path("b/guava.jar")).unwrap();
+    let c = std::fs::metadata(m.path(&format!(".digestfs/blobs/{GUAVA}"))).unwrap();
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.ino(), c.ino());
+    assert_eq!(
+        (a.mtime(), a.mtime_nsec(), a.size()),
+        (b.mtime(), b.mtime_nsec(), b.size())
+    );
+    // A directory digest is one inode too: a/lib and b show the same Directory.
+    let d1 = std::fs::metadata(m.path("a/lib")).unwrap();
+    let d2 = std::fs::metadata(m.path("b")).unwrap();
+    let d3 = std::fs::metadata(m.path(&format!(".digestfs/trees/{LIB_TREE}"))).unwrap();
+    assert_eq!(d1.ino(), d2.ino());
+    assert_eq!(d1.ino(), d3.ino());
+    // Ownership and sizes as promised.
+    assert_eq!(a.uid(), unsafe { libc::getuid() });
+    assert_eq!((a.blksize(), a.blocks()), (4096, 2920436u64.div_ceil(512)));
+    // `..` leads back where we came from.
+    let up = std::fs::canonicalize(m.path("a/lib/..")).unwrap();
+    assert_eq!(up, m.path("a"));
+}
+
+#[test]
+fn every_write_is_erofs() {
+    let m = Mount::fixture(&[("src", SRC_SYMLINKS)], &[]);
+    let file = m.path("src/bin/run.sh");
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map(drop),
+        "open for write",
+    );
+    erofs(std::fs::write(m.path("src/new.txt"), b"x"), "create");
+    erofs(std::fs::create_dir(m.path("src/newdir")), "mkdir");
+    erofs(std::fs::remove_file(&file), "unlink");
+    erofs(std::fs::remove_dir(m.path("src/empty_dir")), "rmdir");
+    erofs(std::fs::rename(&file, m.path("src/renamed")), "rename");
+    erofs(std::os::unix::fs::symlink("x", m.path("src/ln")), "symlink");
+    erofs(std::fs::hard_link(&file, m.path("src/hl")), "link");
+    use std::os::unix::fs::PermissionsExt;
+    erofs(
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o777)),
+        "chmod",
+    );
+    let c = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
+    let truncated = unsafe { libc::truncate(c.as_ptr(), 0) };
+    erofs(
+        if truncated == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        },
+        "truncate",
+    );
+    // And the content is untouched.
+    assert_eq!(
+        sha256_hex(&std::fs::read(&file).unwrap()),
+        "8415c3a2cc25c3d9b7cd17dc51898c13cb6afdcfeb67f9887cc90be4c0e805dd"
+    );
+}
+
+#[test]
+fn symlinks_empty_entries_and_non_ascii_names() {
+    let m = Mount::fixture(&[("src", SRC_SYMLINKS)], &[]);
+    assert_eq!(
+        std::fs::read_link(m.path("src/nested/link_to_src_dir")).unwrap(),
+        Path::new("../src")
+    );
+    // Followed by the kernel, the link leads back into the same view.
+    assert_eq!(
+        std::fs::read(m.path("src/link_to_app.java")).unwrap(),
+        std::fs::read(m.path("src/src/main/java/org/example/App.java")).unwrap()
+    );
+    assert_eq!(std::fs::read(m.path("src/empty.txt")).unwrap(), b"");
+    assert_eq!(
+        std::fs::read_dir(m.path("src/empty_dir")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read(m.path("src/données avec espace.txt"))
+            .unwrap()
+            .len(),
+        13
+    );
+}
+
+#[test]
+fn xattrs_are_opt_in() {
+    let script = r#"
+import errno, os, sys
+p = sys.argv[1]
+try:
+    print(os.getxattr(p, 'user.pants.digest').decode(), os.getxattr(p, 'user.checksum.sha256').decode(), ','.join(sorted(os.listxattr(p))))
+except OSError as e:
+    print('errno', errno.errorcode[e.errno])
+"#;
+    let on = Mount::fixture(&[("lib", JAR_TREE)], &["--xattrs"]);
+    let out = run_ok(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(on.path("lib/lib/guava.jar")),
+    );
+    let hex = GUAVA.split('-').next().unwrap();
+    assert_eq!(
+        out.trim(),
+        format!("{GUAVA} {hex} user.checksum.sha256,user.pants.digest")
+    );
+    let off = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let out = run_ok(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(off.path("lib/lib/guava.jar")),
+    );
+    // ENOSYS from the daemon reaches callers as EOPNOTSUPP (Python names it ENOTSUP).
+    assert_eq!(out.trim(), "errno ENOTSUP");
+}
+
+#[test]
+fn a_blob_deleted_after_mounting_is_eio_and_the_rest_reads() {
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &["--passthrough", "off"]);
+    let digest: digestfs::store::Digest = GUAVA.parse().unwrap();
+    let store = digestfs::store::Store::open(&m.store).unwrap();
+    std::fs::remove_file(store.large_blob_path(&digest)).unwrap();
+    // Run the reader as its own process with a time limit: a hang fails the test, never CI.
+    let out = run_timeout(
+        Command::new("cat").arg(m.path("lib/lib/guava.jar")),
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{out:?}"
+    );
+    let other = std::fs::read(m.path("lib/lib/commons-lang3.jar")).unwrap();
+    assert_eq!(
+        sha256_hex(&other),
+        "eb2667f24a588f6c87f4875fed97e5aa7303eb6cfa4f32d0691dfd2ed4cf64d2"
+    );
+    let small = std::fs::read(m.path("lib/lib/jansi.jar")).unwrap();
+    assert_eq!(small.len(), 94545);
+    assert!(
+        m.log_text().contains(&digest.to_string()),
+        "the log names the digest"
+    );
+    assert!(
+        m.log_text().contains("/lib/lib/guava.jar"),
+        "the log names the path"
+    );
+}
+
+#[test]
+fn unmount_leaves_no_mount_and_no_process() {
+    // Our own unmount command.
+    let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    run_ok(Command::new(bin()).arg("unmount").arg(&m.mnt));
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    assert!(!is_mounted(&m.mnt));
+    // fusermount3 -u.
+    let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    run_ok(Command::new("fusermount3").arg("-u").arg(&m.mnt));
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    assert!(!is_mounted(&m.mnt));
+    // SIGTERM.
+    let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
+    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    assert!(!is_mounted(&m.mnt));
+    // Unmounting what is not mounted is an error.
+    let out = run_timeout(Command::new(bin()).arg("unmount").arg(&m.mnt), T);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn daemon_mode_returns_once_the_mount_answers() {
+    let tmp = fixture_store();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let store = tmp.path().join("store");
+    let log = tmp.path().join("log");
+    let out = run_timeout(
+        Command::new(bin())
+            .arg("--store")
+            .arg(&store)
+            .args([
+                "mount",
+                "--daemon",
+                "--bind",
+                &format!("lib={JAR_TREE}"),
+                "--log-file",
+            ])
+            .arg(&log)
+            .arg(&mnt),
+        T,
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("fusermount3").arg("-u").arg(self.0).status();
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _guard = Unmount(&mnt);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: i32 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Ready means ready: no waiting before the first read.
+    assert_eq!(
+        std::fs::read(mnt.join("lib/lib/jansi.jar")).unwrap().len(),
+        94545
+    );
+
+    // A second mount on a live mountpoint is a clear error.
+    let again = run_timeout(
+        Command::new(bin())
+            .arg("--store")
+            .arg(&store)
+            .args(["mount", "--daemon"])
+            .arg(&mnt),
+        T,
+    );
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already mounted"),
+        "{again:?}"
+    );
+
+    run_ok(Command::new(bin()).arg("unmount").arg(&mnt));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon {pid} still alive after unmount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mounted(&mnt));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("serving"));
+}
+
+/// Alive and not a zombie waiting for a parent that does not reap.
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn mount_failures_exit_nonzero_with_the_reason() {
+    let tmp = fixture_store();
+    let store = tmp.path().join("store");
+    let missing_mnt = tmp.path().join("does-not-exist");
+    for extra in [&[][..], &["--daemon"][..]] {
+        let out = run_timeout(
+            Command::new(bin())
+                .arg("--store")
+                .arg(&store)
+                .arg("mount")
+                .args(extra)
+                .arg(&missing_mnt),
+            T,
+        );
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("does-not-exist"),
+            "{out:?}"
+        );
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let absent = format!("{}-99", "ab".repeat(32));
+    for (bind, needle) in [
+        (format!("lib={absent}"), absent.clone()),
+        ("lib=nothex-1".to_string(), "nothex-1".to_string()),
+        (format!("../up={JAR_TREE}"), "..".to_string()),
+    ] {
+        let out = run_timeout(
+            Command::new(bin())
+                .arg("--store")
+                .arg(&store)
+                .args(["mount", "--daemon", "--bind", &bind])
+                .arg(&mnt),
+            T,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bind}: {err}");
+        assert!(err.contains(&needle), "{err}");
+        assert!(!is_mounted(&mnt));
+    }
+}
+
+#[test]
+fn a_stale_mount_left_by_kill_9_is_recovered() {
+    let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    m.kill9();
+    assert!(is_mounted(&m.mnt));
+    let err = std::fs::read_dir(&m.mnt).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "the mount is stale"
+    );
+    // Hand the stale mount to a new daemon; the old guard is pointed elsewhere so that
+    // dropping it does not clean up what the new daemon must recover.
+    let tmp = std::mem::replace(&mut m.tmp, tempfile::tempdir().unwrap());
+    m.mnt = m.tmp.path().join("unused");
+    drop(m);
+    let m2 = Mount::over(tmp, &[("lib", JAR_TREE)], &[]);
+    assert_eq!(
+        std::fs::read(m2.path("lib/lib/jansi.jar")).unwrap().len(),
+        94545
+    );
+    assert!(m2.log_text().contains("stale mount"), "{}", m2.log_text());
+}

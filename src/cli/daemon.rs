@@ -1,0 +1,83 @@
+//! `mount --daemon`: the command re-runs itself in a new session with stdout as a readiness
+//! pipe, and exits 0 only once the child says the mount answers (or 1 with the child's reason).
+//! Re-executing rather than forking keeps the child free of a forked multi-threaded state.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const CHILD_ENV: &str = "DIGESTFS_DAEMON_CHILD";
+const READY: &str = "READY";
+
+static REPORTED: AtomicBool = AtomicBool::new(false);
+
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some_and(|v| v == "1")
+}
+
+/// In the daemon child, tells the waiting parent how the mount went (once); elsewhere, logs it.
+pub fn report_ready(res: Result<(), String>) {
+    if REPORTED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if !is_child() {
+        if res.is_ok() {
+            log::info!("mounted; unmount with `digestfs unmount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`");
+        }
+        return;
+    }
+    let line = match &res {
+        Ok(()) => READY.to_string(),
+        Err(msg) => format!("ERROR {msg}"),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    drop(out);
+    // Nothing else may reach the pipe once the parent has gone.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
+    }
+}
+
+pub fn spawn_and_wait() -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("finding our own executable: {e}"))?;
+    let args: Vec<OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon" && a != "-d")
+        .collect();
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // The child writes its log to --log-file itself, if given.
+        .stderr(Stdio::null());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the daemon: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    let line = line.trim_end();
+    if line == READY {
+        println!("{}", child.id());
+        return Ok(());
+    }
+    if let Some(msg) = line.strip_prefix("ERROR ") {
+        let _ = child.wait();
+        return Err(msg.to_string());
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    Err(format!(
+        "the daemon exited ({status}) before the mount was ready"
+    ))
+}

@@ -1,0 +1,319 @@
+//! Inode identity. A node's number is derived from what it is (a digest and its kind, a namespace
+//! path), so the same `(digest, executable)` gets the same number everywhere and for the life of
+//! the mount, even after the kernel forgets it and looks it up again. The table holds only the
+//! nodes the kernel currently holds (lookup counts, FORGET honoured) plus the fixed ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::store::Digest;
+
+pub const ROOT_INO: u64 = 1;
+pub const CONTENT_INO: u64 = 2;
+pub const BLOBS_INO: u64 = 3;
+pub const TREES_INO: u64 = 4;
+/// Derived numbers have the top bit set, so they never meet the fixed ones.
+const DERIVED_BIT: u64 = 1 << 63;
+
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum Node {
+    Root,
+    /// `.digestfs`, reachable by name but not listed.
+    Content,
+    /// `.digestfs/blobs/<digest>`: any file blob by name.
+    Blobs,
+    /// `.digestfs/trees/<digest>/…`: any tree by name.
+    Trees,
+    /// A directory on the way to a bound view, by its path under the mount root.
+    Namespace(Arc<str>),
+    /// A `Directory` from the store.
+    Tree(Digest),
+    /// The union of several `Directory`s (sorted, distinct): a view with several layers.
+    Merged(Arc<[Digest]>),
+    File {
+        digest: Digest,
+        executable: bool,
+    },
+    Symlink(Arc<str>),
+}
+
+impl Node {
+    pub fn is_dir(&self) -> bool {
+        !matches!(self, Node::File { .. } | Node::Symlink(_))
+    }
+
+    fn fixed_ino(&self) -> Option<u64> {
+        match self {
+            Node::Root => Some(ROOT_INO),
+            Node::Content => Some(CONTENT_INO),
+            Node::Blobs => Some(BLOBS_INO),
+            Node::Trees => Some(TREES_INO),
+            _ => None,
+        }
+    }
+
+    /// 64 bits that identify the node's content; also the source of its mtime nanoseconds.
+    pub fn fingerprint(&self) -> u64 {
+        let from_digest = |tag: u8, d: &Digest| {
+            let mut h = [0u8; 8];
+            h.copy_from_slice(&d.hash[..8]);
+            u64::from_le_bytes(h)
+                ^ d.size.rotate_left(32)
+                ^ (tag as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        };
+        let from_bytes = |tag: u8, parts: &[&[u8]]| {
+            let mut hasher = Sha256::new();
+            hasher.update([tag]);
+            for p in parts {
+                hasher.update((p.len() as u64).to_le_bytes());
+                hasher.update(p);
+            }
+            let out = hasher.finalize();
+            u64::from_le_bytes(out[..8].try_into().expect("8 bytes"))
+        };
+        match self {
+            Node::Root | Node::Content | Node::Blobs | Node::Trees => self.fixed_ino().unwrap_or(0),
+            Node::File {
+                digest,
+                executable: false,
+            } => from_digest(1, digest),
+            Node::File {
+                digest,
+                executable: true,
+            } => from_digest(2, digest),
+            Node::Tree(d) => from_digest(3, d),
+            Node::Namespace(path) => from_bytes(4, &[path.as_bytes()]),
+            Node::Symlink(target) => from_bytes(5, &[target.as_bytes()]),
+            Node::Merged(ds) => {
+                let parts: Vec<Vec<u8>> = ds.iter().map(|d| d.to_string().into_bytes()).collect();
+                let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+                from_bytes(6, &refs)
+            }
+        }
+    }
+
+    fn derived_ino(&self) -> u64 {
+        self.fixed_ino()
+            .unwrap_or_else(|| self.fingerprint() | DERIVED_BIT)
+    }
+}
+
+struct Slot {
+    node: Node,
+    lookups: u64,
+    /// Where the kernel last found it: for `..` and for naming the path in logs.
+    parent: u64,
+    name: Arc<str>,
+}
+
+#[derive(Default)]
+pub struct InodeTable {
+    slots: HashMap<u64, Slot>,
+    /// Nodes whose derived number was taken by another live node (a 64-bit collision).
+    relocated: HashMap<Node, u64>,
+}
+
+impl InodeTable {
+    pub fn new() -> InodeTable {
+        let mut t = InodeTable::default();
+        for node in [Node::Root, Node::Content, Node::Blobs, Node::Trees] {
+            let ino = node.derived_ino();
+            t.slots.insert(
+                ino,
+                Slot {
+                    node,
+                    lookups: u64::MAX,
+                    parent: ROOT_INO,
+                    name: Arc::from(""),
+                },
+            );
+        }
+        t
+    }
+
+    /// The number `node` has, or would have if looked up now.
+    pub fn ino_of(&self, node: &Node) -> u64 {
+        let ino = node.derived_ino();
+        match self.slots.get(&ino) {
+            Some(s) if s.node != *node => self.relocated.get(node).copied().unwrap_or(ino),
+            _ => ino,
+        }
+    }
+
+    /// Records one kernel lookup of `node`, found as `name` in `parent`.
+    pub fn acquire(&mut self, node: &Node, parent: u64, name: &str) -> u64 {
+        let mut ino = node.derived_ino();
+        if let Some(&moved) = self.relocated.get(node) {
+            ino = moved;
+        }
+        loop {
+            match self.slots.get_mut(&ino) {
+                Some(slot) if slot.node == *node => {
+                    slot.lookups = slot.lookups.saturating_add(1);
+                    slot.parent = parent;
+                    if &*slot.name != name {
+                        slot.name = Arc::from(name);
+                    }
+                    return ino;
+                }
+                Some(_) => {
+                    log::warn!("inode number {ino:#x} collides; relocating {node:?}");
+                    ino = ino.wrapping_add(1) | DERIVED_BIT;
+                }
+                None => {
+                    if ino != node.derived_ino() {
+                        self.relocated.insert(node.clone(), ino);
+                    }
+                    self.slots.insert(
+                        ino,
+                        Slot {
+                            node: node.clone(),
+                            lookups: 1,
+                            parent,
+                            name: Arc::from(name),
+                        },
+                    );
+                    return ino;
+                }
+            }
+        }
+    }
+
+    /// Honours FORGET: drops the node once the kernel holds no reference.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        let Some(slot) = self.slots.get_mut(&ino) else {
+            return;
+        };
+        if slot.lookups == u64::MAX {
+            return;
+        }
+        slot.lookups = slot.lookups.saturating_sub(n);
+        if slot.lookups == 0 {
+            let slot = self.slots.remove(&ino).expect("present");
+            if ino != slot.node.derived_ino() {
+                self.relocated.remove(&slot.node);
+            }
+        }
+    }
+
+    pub fn node(&self, ino: u64) -> Option<&Node> {
+        self.slots.get(&ino).map(|s| &s.node)
+    }
+
+    pub fn parent(&self, ino: u64) -> u64 {
+        self.slots.get(&ino).map_or(ROOT_INO, |s| s.parent)
+    }
+
+    pub fn lookups(&self, ino: u64) -> u64 {
+        self.slots.get(&ino).map_or(0, |s| s.lookups)
+    }
+
+    /// Number of nodes held, the fixed ones included.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The path where the kernel last found `ino`, for messages.
+    pub fn path_of(&self, mut ino: u64) -> String {
+        let mut parts = Vec::new();
+        for _ in 0..256 {
+            if ino == ROOT_INO {
+                break;
+            }
+            let Some(slot) = self.slots.get(&ino) else {
+                parts.push("?");
+                break;
+            };
+            parts.push(&slot.name);
+            ino = slot.parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(b: &[u8], executable: bool) -> Node {
+        Node::File {
+            digest: Digest::of_bytes(b),
+            executable,
+        }
+    }
+
+    #[test]
+    fn same_content_same_number_executable_differs() {
+        let mut t = InodeTable::new();
+        let a = t.acquire(&file(b"jar", false), ROOT_INO, "a.jar");
+        let b = t.acquire(&file(b"jar", false), 99, "b.jar");
+        let x = t.acquire(&file(b"jar", true), ROOT_INO, "x");
+        assert_eq!(a, b);
+        assert_ne!(a, x);
+        assert_eq!(t.lookups(a), 2);
+        // The empty digest is both a file and a directory: two different inodes.
+        assert_ne!(
+            t.ino_of(&Node::Tree(Digest::EMPTY)),
+            t.ino_of(&file(b"", false))
+        );
+    }
+
+    #[test]
+    fn forget_drops_and_number_is_stable_after() {
+        let mut t = InodeTable::new();
+        let before = t.len();
+        let n = file(b"x", false);
+        let ino = t.acquire(&n, ROOT_INO, "x");
+        t.acquire(&n, ROOT_INO, "x");
+        t.forget(ino, 1);
+        assert_eq!(t.node(ino), Some(&n));
+        t.forget(ino, 1);
+        assert_eq!(t.node(ino), None);
+        assert_eq!(t.len(), before);
+        assert_eq!(t.acquire(&n, ROOT_INO, "x"), ino);
+        // The fixed nodes are never forgotten.
+        t.forget(ROOT_INO, 1000);
+        assert_eq!(t.node(ROOT_INO), Some(&Node::Root));
+    }
+
+    #[test]
+    fn collisions_are_relocated_not_merged() {
+        let mut t = InodeTable::new();
+        let a = file(b"a", false);
+        let b = file(b"b", false);
+        let ino = t.acquire(&a, ROOT_INO, "a");
+        // Force b's derived slot to be occupied by planting a at b's number.
+        let b_ino = b.derived_ino();
+        t.slots.insert(
+            b_ino,
+            Slot {
+                node: a.clone(),
+                lookups: 1,
+                parent: ROOT_INO,
+                name: Arc::from("planted"),
+            },
+        );
+        let got = t.acquire(&b, ROOT_INO, "b");
+        assert_ne!(got, b_ino);
+        assert_ne!(got, ino);
+        assert_eq!(t.ino_of(&b), got);
+        assert_eq!(t.node(got), Some(&b));
+        t.forget(got, 1);
+        assert!(!t.relocated.contains_key(&b));
+    }
+
+    #[test]
+    fn path_of_follows_last_parents() {
+        let mut t = InodeTable::new();
+        let dir = t.acquire(&Node::Namespace("lib".into()), ROOT_INO, "lib");
+        let f = t.acquire(&file(b"j", false), dir, "guava.jar");
+        assert_eq!(t.path_of(f), "/lib/guava.jar");
+    }
+}

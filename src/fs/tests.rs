@@ -1,0 +1,396 @@
+//! Core tests: the filesystem logic driven directly, with no mount, over a store built on the spot.
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+use super::*;
+use crate::store::{Importer, Store};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    fs: DigestFs,
+    a: Digest,
+    b: Digest,
+}
+
+fn write_tree(root: &Path, files: &[(&str, &[u8], bool)]) {
+    use std::os::unix::fs::PermissionsExt;
+    for (path, content, exec) in files {
+        let p = root.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        let mode = if *exec { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+fn import(store: &Store, files: &[(&str, &[u8], bool)]) -> Digest {
+    let src = tempfile::tempdir().unwrap();
+    write_tree(src.path(), files);
+    Importer::new(store).import_path(src.path()).unwrap()
+}
+
+fn fixture(xattrs: bool) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let big = vec![7u8; 600 * 1024];
+    let a = import(
+        &store,
+        &[
+            ("lib/guava.jar", b"guava", false),
+            ("lib/shared.jar", b"shared", false),
+            ("lib/big.jar", &big, false),
+            ("bin/run.sh", b"#!/bin/sh\n", true),
+            ("sub/x/deep.txt", b"deep-a", false),
+        ],
+    );
+    let b = import(
+        &store,
+        &[
+            ("lib/shared.jar", b"shared", false),
+            ("lib/other.jar", b"other", false),
+            ("sub/y/deep.txt", b"deep-b", false),
+        ],
+    );
+    let fs = DigestFs::new(
+        Arc::new(store),
+        FsConfig {
+            xattrs,
+            ..FsConfig::default()
+        },
+    );
+    Fixture {
+        _dir: dir,
+        fs,
+        a,
+        b,
+    }
+}
+
+fn lookup_path(fs: &DigestFs, path: &str) -> FsResult<Attr> {
+    let mut ino = ROOT_INO;
+    let mut attr = fs.getattr(ROOT_INO)?;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        attr = fs.lookup(ino, OsStr::new(part))?;
+        ino = attr.ino;
+    }
+    Ok(attr)
+}
+
+fn names(fs: &DigestFs, ino: u64, plus: bool) -> Vec<String> {
+    let (fh, _) = fs.opendir(ino).unwrap();
+    let mut out = Vec::new();
+    fs.readdir(ino, fh, 0, plus, |e| {
+        out.push(e.name.to_string());
+        false
+    })
+    .unwrap();
+    fs.releasedir(fh);
+    out
+}
+
+fn read_all(fs: &DigestFs, ino: u64) -> Vec<u8> {
+    let (fh, _) = fs.open(ino, libc::O_RDONLY).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let chunk = fs.read(ino, fh, out.len() as u64, 128 * 1024).unwrap();
+        if chunk.is_empty() {
+            break;
+        }
+        out.extend(chunk);
+    }
+    fs.release(fh);
+    out
+}
+
+#[test]
+fn bound_paths_appear_with_their_parents() {
+    let f = fixture(false);
+    f.fs.bind("jvm/resolves/default", "g1", f.a, true).unwrap();
+    assert_eq!(names(&f.fs, ROOT_INO, false), vec![".", "..", "jvm"]);
+    let lib = lookup_path(&f.fs, "jvm/resolves/default/lib").unwrap();
+    assert_eq!(lib.kind, FileKind::Dir);
+    assert_eq!(lib.perm, 0o555);
+    assert_eq!(
+        names(&f.fs, lib.ino, true),
+        vec![".", "..", "big.jar", "guava.jar", "shared.jar"]
+    );
+    let jar = lookup_path(&f.fs, "jvm/resolves/default/lib/guava.jar").unwrap();
+    assert_eq!(
+        (jar.size, jar.perm, jar.nlink, jar.blksize),
+        (5, 0o444, 1, 4096)
+    );
+    assert_eq!(read_all(&f.fs, jar.ino), b"guava");
+    let run = lookup_path(&f.fs, "jvm/resolves/default/bin/run.sh").unwrap();
+    assert_eq!(run.perm, 0o555);
+    assert_eq!(lookup_path(&f.fs, "jvm/nope"), Err(FsError::NotFound));
+}
+
+#[test]
+fn large_blobs_read_in_ranges() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    let big = lookup_path(&f.fs, "v/lib/big.jar").unwrap();
+    assert_eq!(big.blocks, (600 * 1024u64).div_ceil(512));
+    let (fh, blob) = f.fs.open(big.ino, libc::O_RDONLY).unwrap();
+    assert!(
+        blob.file().is_some(),
+        "large blobs are served from their file"
+    );
+    assert_eq!(
+        f.fs.read(big.ino, fh, 600 * 1024 - 3, 100).unwrap(),
+        vec![7, 7, 7]
+    );
+    assert!(f.fs.read(big.ino, fh, 600 * 1024, 100).unwrap().is_empty());
+    f.fs.release(fh);
+}
+
+#[test]
+fn one_digest_one_inode_everywhere() {
+    let f = fixture(false);
+    f.fs.bind("one", DEFAULT_LAYER, f.a, true).unwrap();
+    f.fs.bind("two", DEFAULT_LAYER, f.b, true).unwrap();
+    let x = lookup_path(&f.fs, "one/lib/shared.jar").unwrap();
+    let y = lookup_path(&f.fs, "two/lib/shared.jar").unwrap();
+    let digest = Digest::of_bytes(b"shared");
+    let z = lookup_path(&f.fs, &format!(".digestfs/blobs/{digest}")).unwrap();
+    assert_eq!(x.ino, y.ino);
+    assert_eq!(x.ino, z.ino);
+    assert_eq!(x, y, "identical attributes too");
+    let tree = lookup_path(&f.fs, &format!(".digestfs/trees/{}", f.a)).unwrap();
+    assert_eq!(tree.ino, lookup_path(&f.fs, "one").unwrap().ino);
+    assert_eq!(
+        lookup_path(
+            &f.fs,
+            &format!(".digestfs/blobs/{}", Digest::of_bytes(b"absent"))
+        ),
+        Err(FsError::NotFound)
+    );
+    assert_eq!(
+        lookup_path(&f.fs, ".digestfs/blobs/not-a-digest"),
+        Err(FsError::NotFound)
+    );
+    // The content area is reachable but not listed.
+    assert!(!names(&f.fs, ROOT_INO, false).contains(&CONTENT_DIR.to_string()));
+}
+
+#[test]
+fn forget_empties_the_table() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    let base = f.fs.inode_count();
+    let v = lookup_path(&f.fs, "v").unwrap();
+    let lib = f.fs.lookup(v.ino, OsStr::new("lib")).unwrap();
+    f.fs.lookup(v.ino, OsStr::new("lib")).unwrap();
+    names(&f.fs, lib.ino, true); // 3 entries, each one lookup
+    assert_eq!(f.fs.inode_count(), base + 5);
+    let jar = lookup_path(&f.fs, "v/lib/guava.jar").unwrap(); // v and lib again, jar again
+    f.fs.forget(jar.ino, 2);
+    f.fs.forget(lib.ino, 3);
+    f.fs.forget(v.ino, 2);
+    assert_eq!(
+        f.fs.inode_count(),
+        base + 2,
+        "big.jar and shared.jar still held"
+    );
+    for content in [&[7u8; 600 * 1024][..], b"shared"] {
+        let node = Node::File {
+            digest: Digest::of_bytes(content),
+            executable: false,
+        };
+        let ino = lock(&f.fs.inodes).ino_of(&node);
+        f.fs.forget(ino, 1);
+    }
+    assert_eq!(f.fs.inode_count(), base);
+    assert_eq!(f.fs.getattr(jar.ino), Err(FsError::NotFound));
+}
+
+#[test]
+fn readdirplus_that_does_not_fit_takes_no_reference() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    let lib = lookup_path(&f.fs, "v/lib").unwrap();
+    let base = f.fs.inode_count();
+    let (fh, _) = f.fs.opendir(lib.ino).unwrap();
+    let mut seen = 0;
+    f.fs.readdir(lib.ino, fh, 0, true, |_| {
+        seen += 1;
+        seen == 3 // ".", "..", then the first entry does not fit
+    })
+    .unwrap();
+    assert_eq!(f.fs.inode_count(), base);
+    let mut rest = Vec::new();
+    f.fs.readdir(lib.ino, fh, 2, true, |e| {
+        rest.push(e.name.to_string());
+        false
+    })
+    .unwrap();
+    assert_eq!(rest, vec!["big.jar", "guava.jar", "shared.jar"]);
+    assert_eq!(f.fs.inode_count(), base + 3);
+}
+
+#[test]
+fn layers_merge_and_conflicts_change_nothing() {
+    let f = fixture(false);
+    f.fs.bind("lib", "g1", f.a, true).unwrap();
+    let before = f.fs.namespace();
+    f.fs.bind("lib", "g2", f.b, true).unwrap();
+    assert_eq!(
+        names(&f.fs, lookup_path(&f.fs, "lib/lib").unwrap().ino, false),
+        vec![".", "..", "big.jar", "guava.jar", "other.jar", "shared.jar"]
+    );
+    assert_eq!(
+        names(&f.fs, lookup_path(&f.fs, "lib/sub").unwrap().ino, false),
+        vec![".", "..", "x", "y"]
+    );
+    assert_ne!(f.fs.namespace(), before);
+
+    // A layer giving guava.jar other bytes is refused, naming the path and both digests.
+    let store = f.fs.store().clone();
+    let c = import(&store, &[("lib/guava.jar", b"not guava", false)]);
+    let merged = f.fs.namespace();
+    let err = f.fs.bind("lib", "g3", c, true).unwrap_err();
+    assert!(err.contains("lib/lib/guava.jar"), "{err}");
+    assert!(
+        err.contains(&Digest::of_bytes(b"guava").to_string()),
+        "{err}"
+    );
+    assert!(
+        err.contains(&Digest::of_bytes(b"not guava").to_string()),
+        "{err}"
+    );
+    assert_eq!(f.fs.namespace(), merged);
+
+    // A file where another layer has a directory is a conflict too.
+    let d = import(&store, &[("sub", b"file", false)]);
+    assert!(f
+        .fs
+        .bind("lib", "g4", d, true)
+        .unwrap_err()
+        .contains("lib/sub"));
+    assert_eq!(f.fs.namespace(), merged);
+
+    // Rebinding the same digest changes nothing; unbinding a layer restores the old view.
+    assert_eq!(
+        f.fs.bind("lib", "g2", f.b, true).unwrap(),
+        Change::default()
+    );
+    f.fs.unbind("lib", Some("g2")).unwrap();
+    assert_eq!(f.fs.namespace(), before);
+}
+
+#[test]
+fn bind_reports_exactly_the_changed_entry() {
+    let f = fixture(false);
+    let ch = f.fs.bind("a/b/c", DEFAULT_LAYER, f.a, true).unwrap();
+    assert_eq!(ch.entries, vec![(ROOT_INO, "a".to_string())]);
+    let b_ino = lock(&f.fs.inodes).ino_of(&Node::Namespace("a/b".into()));
+    let ch = f.fs.bind("a/b/c", DEFAULT_LAYER, f.b, true).unwrap();
+    assert_eq!(ch.entries, vec![(b_ino, "c".to_string())]);
+    let ch = f.fs.bind("a/b/d", DEFAULT_LAYER, f.b, true).unwrap();
+    assert_eq!(ch.entries, vec![(b_ino, "d".to_string())]);
+    let ch = f.fs.unbind("a/b/c", None).unwrap();
+    assert_eq!(ch.entries, vec![(b_ino, "c".to_string())]);
+    let ch = f.fs.unbind("a/b/d", None).unwrap();
+    assert_eq!(ch.entries, vec![(ROOT_INO, "a".to_string())]);
+    assert_eq!(names(&f.fs, ROOT_INO, false), vec![".", ".."]);
+}
+
+#[test]
+fn bad_binds_are_refused() {
+    let f = fixture(false);
+    let missing = Digest::of_bytes(b"no such directory");
+    assert!(f
+        .fs
+        .bind("v", DEFAULT_LAYER, missing, true)
+        .unwrap_err()
+        .contains(&missing.to_string()));
+    for path in ["/abs", "../up", "a/../b", "a\0b", ".digestfs"] {
+        assert!(
+            f.fs.bind(path, DEFAULT_LAYER, f.a, true).is_err(),
+            "{path:?}"
+        );
+    }
+    assert!(f.fs.bind("v", "a/b", f.a, true).is_err());
+    assert_eq!(*f.fs.namespace(), Namespace::default());
+}
+
+#[test]
+fn writes_are_read_only_errors() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    let jar = lookup_path(&f.fs, "v/lib/guava.jar").unwrap();
+    for flags in [
+        libc::O_WRONLY,
+        libc::O_RDWR,
+        libc::O_RDONLY | libc::O_TRUNC,
+        libc::O_WRONLY | libc::O_APPEND,
+    ] {
+        assert_eq!(f.fs.open(jar.ino, flags).unwrap_err(), FsError::ReadOnly);
+    }
+    assert_eq!(
+        f.fs.open(lookup_path(&f.fs, "v").unwrap().ino, libc::O_RDONLY)
+            .unwrap_err(),
+        FsError::IsDir
+    );
+}
+
+#[test]
+fn a_missing_blob_is_eio_and_the_rest_still_reads() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    let big = lookup_path(&f.fs, "v/lib/big.jar").unwrap();
+    let guava = lookup_path(&f.fs, "v/lib/guava.jar").unwrap();
+    let digest = Digest::of_bytes(&[7u8; 600 * 1024]);
+    std::fs::remove_file(f.fs.store().large_blob_path(&digest)).unwrap();
+    assert_eq!(f.fs.open(big.ino, libc::O_RDONLY).unwrap_err(), FsError::Io);
+    assert_eq!(read_all(&f.fs, guava.ino), b"guava");
+    assert_eq!(f.fs.stats.errors.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn xattrs_only_when_asked() {
+    let off = fixture(false);
+    off.fs.bind("v", DEFAULT_LAYER, off.a, true).unwrap();
+    let jar = lookup_path(&off.fs, "v/lib/guava.jar").unwrap();
+    assert_eq!(
+        off.fs.getxattr(jar.ino, OsStr::new(XATTR_DIGEST)),
+        Err(FsError::NotSupported)
+    );
+
+    let on = fixture(true);
+    on.fs.bind("v", DEFAULT_LAYER, on.a, true).unwrap();
+    let jar = lookup_path(&on.fs, "v/lib/guava.jar").unwrap();
+    let d = Digest::of_bytes(b"guava");
+    assert_eq!(
+        on.fs.getxattr(jar.ino, OsStr::new(XATTR_DIGEST)).unwrap(),
+        d.to_string().into_bytes()
+    );
+    assert_eq!(
+        on.fs.getxattr(jar.ino, OsStr::new(XATTR_SHA256)).unwrap(),
+        d.hex().into_bytes()
+    );
+    assert_eq!(
+        on.fs.getxattr(jar.ino, OsStr::new("security.selinux")),
+        Err(FsError::NoData)
+    );
+    assert_eq!(
+        on.fs.listxattr(jar.ino).unwrap(),
+        b"user.pants.digest\0user.checksum.sha256\0".to_vec()
+    );
+}
+
+#[test]
+fn attributes_are_stable_and_mtime_tracks_content() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    let first = lookup_path(&f.fs, "v/lib/guava.jar").unwrap();
+    f.fs.bind("w", DEFAULT_LAYER, f.b, true).unwrap();
+    assert_eq!(lookup_path(&f.fs, "v/lib/guava.jar").unwrap(), first);
+    let other = lookup_path(&f.fs, "w/lib/other.jar").unwrap();
+    assert_eq!(first.size, other.size, "same size");
+    assert_ne!(
+        first.mtime, other.mtime,
+        "different content shows a different mtime"
+    );
+}

@@ -1,0 +1,11 @@
+//! digestfs: a read-only FUSE view over the Pants local store.
+//!
+//! - [`store`]: the Pants store format, read and written; no FUSE types.
+//! - [`fs`]: the filesystem core (namespace, views, inodes, attributes, reads) as plain functions.
+//! - [`fuse`]: the thin `fuser` adapter and the mount lifecycle.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod fs;
+pub mod fuse;
+pub mod store;

@@ -1,0 +1,202 @@
+//! The 16 sharded LMDB environments Pants keeps per kind of blob (`files/`, `directories/`).
+//!
+//! Environments are opened lazily, never created by a reader, and opened without a write
+//! transaction, so a reader never takes the environment's write lock. Read transactions live only
+//! as long as one copy out of the map. If another process grows the map, LMDB reports
+//! `MDB_MAP_RESIZED` on the next transaction; we then adopt the new size and retry.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use lmdb::{Database, DatabaseFlags, Environment, EnvironmentFlags, Transaction, WriteFlags};
+
+use super::{Digest, StoreError};
+
+pub const CONTENT_DB: &str = "content-versioned";
+pub const LEASES_DB: &str = "leases-versioned";
+
+/// How long a lease Pants gives a freshly written blob lasts.
+pub const LEASE_SECS: u64 = 2 * 60 * 60;
+
+struct Shard {
+    env: Environment,
+    content: Database,
+    leases: Database,
+    /// Readers hold it shared; adopting a new map size holds it exclusively, since LMDB forbids
+    /// `mdb_env_set_mapsize` while this process has transactions open.
+    resize: RwLock<()>,
+}
+
+pub struct Shards {
+    dir: PathBuf,
+    /// Map size for environments this process creates (Pants' own sizes).
+    create_map_size: usize,
+    shards: Vec<Mutex<Option<Arc<Shard>>>>,
+}
+
+fn lmdb_err(context: String) -> impl FnOnce(lmdb::Error) -> StoreError {
+    move |source| StoreError::Lmdb { context, source }
+}
+
+impl Shards {
+    pub fn new(dir: PathBuf, create_map_size: usize) -> Shards {
+        Shards {
+            dir,
+            create_map_size,
+            shards: (0..16).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    fn shard_dir(&self, shard: usize) -> PathBuf {
+        self.dir.join(format!("{shard:x}"))
+    }
+
+    /// The shard for `digest`, or `None` if Pants has not created it yet.
+    fn shard(&self, shard: usize, create: bool) -> Result<Option<Arc<Shard>>, StoreError> {
+        let mut slot = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slot.as_ref() {
+            return Ok(Some(s.clone()));
+        }
+        let dir = self.shard_dir(shard);
+        if !create && !dir.join("data.mdb").exists() {
+            return Ok(None);
+        }
+        if create {
+            std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+                context: format!("creating {}", dir.display()),
+                source,
+            })?;
+        }
+        let opened = open_env(&dir, create.then_some(self.create_map_size))?;
+        let Some(opened) = opened else {
+            return Ok(None);
+        };
+        let s = Arc::new(opened);
+        *slot = Some(s.clone());
+        Ok(Some(s))
+    }
+
+    /// Copies `out.len()` bytes at `offset` of the blob out of the map. `Ok(false)` if absent.
+    pub fn read_at(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        self.with_value(digest, |value| {
+            let start = (offset as usize).min(value.len());
+            let end = start.saturating_add(len).min(value.len());
+            out.extend_from_slice(&value[start..end]);
+        })
+        .map(|found| found.is_some())
+    }
+
+    pub fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {
+        Ok(self.with_value(digest, |_| ())?.is_some())
+    }
+
+    /// Runs `f` on the stored value inside one short read transaction, after checking that its
+    /// length matches the digest.
+    pub fn with_value<T>(
+        &self,
+        digest: &Digest,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let Some(shard) = self.shard(digest.shard(), false)? else {
+            return Ok(None);
+        };
+        let mut f = Some(f);
+        for _ in 0..8 {
+            let guard = shard.resize.read().unwrap_or_else(|p| p.into_inner());
+            let txn = match shard.env.begin_ro_txn() {
+                Ok(txn) => txn,
+                Err(lmdb::Error::MapResized) => {
+                    drop(guard);
+                    let _excl = shard.resize.write().unwrap_or_else(|p| p.into_inner());
+                    log::info!(
+                        "{}: adopting a map grown by another process",
+                        self.dir.display()
+                    );
+                    shard
+                        .env
+                        .set_map_size(0)
+                        .map_err(lmdb_err(format!("resizing {}", self.dir.display())))?;
+                    continue;
+                }
+                Err(e) => return Err(lmdb_err(format!("reading {}", self.dir.display()))(e)),
+            };
+            return match txn.get(shard.content, &digest.lmdb_key()) {
+                Ok(value) if value.len() as u64 != digest.size => Err(StoreError::SizeMismatch {
+                    digest: *digest,
+                    actual: value.len() as u64,
+                }),
+                Ok(value) => Ok(Some((f.take().expect("called once"))(value))),
+                Err(lmdb::Error::NotFound) => Ok(None),
+                Err(e) => Err(lmdb_err(format!("reading {digest}"))(e)),
+            };
+        }
+        Err(StoreError::Lmdb {
+            context: format!(
+                "{}: the map kept growing while reading {digest}",
+                self.dir.display()
+            ),
+            source: lmdb::Error::MapResized,
+        })
+    }
+
+    /// Writes blobs (all of which must belong to one shard) and their leases in one transaction.
+    pub fn put_batch(
+        &self,
+        shard: usize,
+        blobs: &[(Digest, &[u8])],
+        lease_until: u64,
+    ) -> Result<(), StoreError> {
+        let s = self.shard(shard, true)?.expect("created");
+        let _guard = s.resize.read().unwrap_or_else(|p| p.into_inner());
+        let ctx = || format!("writing to {}", self.shard_dir(shard).display());
+        let mut txn = s.env.begin_rw_txn().map_err(lmdb_err(ctx()))?;
+        let lease = lease_until.to_le_bytes();
+        for (digest, bytes) in blobs {
+            let key = digest.lmdb_key();
+            match txn.put(s.content, &key, bytes, WriteFlags::NO_OVERWRITE) {
+                Ok(()) | Err(lmdb::Error::KeyExist) => {}
+                Err(e) => return Err(lmdb_err(ctx())(e)),
+            }
+            txn.put(s.leases, &key, &lease, WriteFlags::empty())
+                .map_err(lmdb_err(ctx()))?;
+        }
+        txn.commit().map_err(lmdb_err(ctx()))
+    }
+}
+
+fn open_env(dir: &Path, create_map_size: Option<usize>) -> Result<Option<Shard>, StoreError> {
+    let ctx = || format!("opening LMDB environment {}", dir.display());
+    let mut builder = Environment::new();
+    builder
+        .set_flags(EnvironmentFlags::NO_SYNC | EnvironmentFlags::NO_TLS)
+        .set_max_dbs(2)
+        .set_max_readers(512);
+    if let Some(size) = create_map_size {
+        builder.set_map_size(size);
+    }
+    let env = builder.open(dir).map_err(lmdb_err(ctx()))?;
+    let (content, leases) = if create_map_size.is_some() {
+        (
+            env.create_db(Some(CONTENT_DB), DatabaseFlags::empty()),
+            env.create_db(Some(LEASES_DB), DatabaseFlags::empty()),
+        )
+    } else {
+        (env.open_db(Some(CONTENT_DB)), env.open_db(Some(LEASES_DB)))
+    };
+    match (content, leases) {
+        (Ok(content), Ok(leases)) => Ok(Some(Shard {
+            env,
+            content,
+            leases,
+            resize: RwLock::new(()),
+        })),
+        (Err(lmdb::Error::NotFound), _) | (_, Err(lmdb::Error::NotFound)) => Ok(None),
+        (Err(e), _) | (_, Err(e)) => Err(lmdb_err(ctx())(e)),
+    }
+}

@@ -1,0 +1,356 @@
+//! The Pants local store (`~/.cache/pants/lmdb_store`), read and written in Pants' own format.
+//! Nothing here knows about FUSE.
+//!
+//! Layout: `files/<shard>` and `directories/<shard>` are LMDB environments holding blobs below
+//! 512 KiB; larger file blobs are plain read-only files at `immutable/files/<2 hex>/<64 hex>`.
+
+mod digest;
+mod import;
+mod lmdb;
+mod materialize;
+pub mod proto;
+mod tree;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use self::digest::{Digest, DigestParseError, LARGE_BLOB_THRESHOLD};
+pub use self::import::Importer;
+pub use self::lmdb::LEASE_SECS;
+pub use self::materialize::materialize;
+pub use self::tree::{check_name, Entry, EntryKind, Listing, NAME_MAX};
+
+const GIB: usize = 1 << 30;
+/// Map sizes Pants gives each shard; used only when this process creates an environment.
+const FILES_MAP_SIZE: usize = 4 * GIB;
+const DIRECTORIES_MAP_SIZE: usize = GIB / 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    BadDigest(#[from] DigestParseError),
+    #[error("{kind} {digest} is not in the store")]
+    Missing { digest: Digest, kind: &'static str },
+    #[error("blob {digest} is corrupt: the store holds {actual} bytes, the digest says {}", digest.size)]
+    SizeMismatch { digest: Digest, actual: u64 },
+    #[error("blob {digest} is corrupt: its content does not hash to its digest")]
+    HashMismatch { digest: Digest },
+    #[error("directory {digest} is corrupt: {reason}")]
+    CorruptDirectory { digest: Digest, reason: String },
+    #[error("directory {digest} holds the entry {name:?}, which cannot be served: {reason}")]
+    BadName {
+        digest: Digest,
+        name: String,
+        reason: &'static str,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{context}: {source}")]
+    Lmdb {
+        context: String,
+        #[source]
+        source: ::lmdb::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// True when the blob simply is not there (as opposed to being unreadable or corrupt).
+    pub fn is_missing(&self) -> bool {
+        matches!(self, StoreError::Missing { .. })
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Pants' default store location: `$PANTS_LOCAL_STORE_DIR`, else `$XDG_CACHE_HOME/pants/lmdb_store`,
+/// else `~/.cache/pants/lmdb_store`.
+pub fn default_store_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PANTS_LOCAL_STORE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into())).join(".cache")
+        });
+    cache.join("pants").join("lmdb_store")
+}
+
+pub struct Store {
+    root: PathBuf,
+    files: lmdb::Shards,
+    directories: lmdb::Shards,
+}
+
+/// An open file blob. Small blobs are re-read from LMDB per call (a short transaction each);
+/// large blobs keep their file open so a read is one `pread`.
+#[derive(Clone, Debug)]
+pub enum Blob {
+    Empty,
+    Lmdb(Digest),
+    Large(Digest, Arc<File>),
+}
+
+impl Blob {
+    pub fn digest(&self) -> Digest {
+        match self {
+            Blob::Empty => Digest::EMPTY,
+            Blob::Lmdb(d) | Blob::Large(d, _) => *d,
+        }
+    }
+
+    /// The backing file of a large blob, for FUSE passthrough.
+    pub fn file(&self) -> Option<&Arc<File>> {
+        match self {
+            Blob::Large(_, f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+impl Store {
+    /// Opens the store at `root`, which must exist. Shards are opened on first use, so a store
+    /// that Pants has only partly populated is fine.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        let meta = std::fs::metadata(&root).map_err(|source| StoreError::Io {
+            context: format!("opening the store {}", root.display()),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(StoreError::Other(format!(
+                "the store {} is not a directory",
+                root.display()
+            )));
+        }
+        Ok(Store::new_unchecked(root))
+    }
+
+    /// Opens or creates the store at `root` (for writing into a fresh store).
+    pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|source| StoreError::Io {
+            context: format!("creating the store {}", root.display()),
+            source,
+        })?;
+        Ok(Store::new_unchecked(root))
+    }
+
+    fn new_unchecked(root: PathBuf) -> Store {
+        Store {
+            files: lmdb::Shards::new(root.join("files"), FILES_MAP_SIZE),
+            directories: lmdb::Shards::new(root.join("directories"), DIRECTORIES_MAP_SIZE),
+            root,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a large blob lives.
+    pub fn large_blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("immutable")
+            .join("files")
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    /// Loads, hash-checks and validates the `Directory` with this digest.
+    pub fn load_directory(&self, digest: &Digest) -> Result<Listing> {
+        if *digest == Digest::EMPTY {
+            return Ok(Listing::default());
+        }
+        let decoded = self.directories.with_value(digest, |bytes| {
+            if Digest::of_bytes(bytes) != *digest {
+                return Err(StoreError::HashMismatch { digest: *digest });
+            }
+            Listing::decode(digest, bytes)
+        })?;
+        decoded.unwrap_or(Err(StoreError::Missing {
+            digest: *digest,
+            kind: "directory",
+        }))
+    }
+
+    /// The raw proto bytes of a `Directory`.
+    pub fn directory_bytes(&self, digest: &Digest) -> Result<Vec<u8>> {
+        if *digest == Digest::EMPTY {
+            return Ok(Vec::new());
+        }
+        self.directories
+            .with_value(digest, |b| b.to_vec())?
+            .ok_or(StoreError::Missing {
+                digest: *digest,
+                kind: "directory",
+            })
+    }
+
+    /// Opens a file blob after checking that it is present and of the right length.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Blob> {
+        if digest.is_empty() {
+            return if *digest == Digest::EMPTY {
+                Ok(Blob::Empty)
+            } else {
+                Err(StoreError::SizeMismatch {
+                    digest: *digest,
+                    actual: 0,
+                })
+            };
+        }
+        let missing = || StoreError::Missing {
+            digest: *digest,
+            kind: "file",
+        };
+        if !digest.is_large() {
+            return if self.files.contains(digest)? {
+                Ok(Blob::Lmdb(*digest))
+            } else {
+                Err(missing())
+            };
+        }
+        let path = self.large_blob_path(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    context: format!("opening {}", path.display()),
+                    source,
+                })
+            }
+        };
+        let actual = file
+            .metadata()
+            .map_err(|source| StoreError::Io {
+                context: format!("reading the size of {}", path.display()),
+                source,
+            })?
+            .len();
+        if actual != digest.size {
+            return Err(StoreError::SizeMismatch {
+                digest: *digest,
+                actual,
+            });
+        }
+        Ok(Blob::Large(*digest, Arc::new(file)))
+    }
+
+    /// Reads up to `len` bytes at `offset`, fewer only at the end of the blob. A blob that turns
+    /// out shorter than its digest (truncated under us) is an error, never a short read.
+    pub fn read_blob(&self, blob: &Blob, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let digest = blob.digest();
+        let want = (digest.size.saturating_sub(offset)).min(len as u64) as usize;
+        let mut out = Vec::with_capacity(want);
+        if want == 0 {
+            return Ok(out);
+        }
+        match blob {
+            Blob::Empty => {}
+            Blob::Lmdb(d) => {
+                if !self.files.read_at(d, offset, want, &mut out)? {
+                    return Err(StoreError::Missing {
+                        digest: *d,
+                        kind: "file",
+                    });
+                }
+            }
+            Blob::Large(d, file) => {
+                out.resize(want, 0);
+                let mut done = 0;
+                while done < want {
+                    match file.read_at(&mut out[done..], offset + done as u64) {
+                        Ok(0) => {
+                            return Err(StoreError::SizeMismatch {
+                                digest: *d,
+                                actual: offset + done as u64,
+                            })
+                        }
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(source) => {
+                            return Err(StoreError::Io {
+                                context: format!("reading blob {d}"),
+                                source,
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A whole small blob, or any blob via the file path; for the CLI and tests.
+    pub fn read_all(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let blob = self.open_blob(digest)?;
+        self.read_blob(&blob, 0, digest.size as usize)
+    }
+
+    /// Whether a file blob is present, without reading it.
+    pub fn has_file(&self, digest: &Digest) -> Result<bool> {
+        match self.open_blob(digest) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_missing() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) fn put_small_files(&self, shard: usize, blobs: &[(Digest, &[u8])]) -> Result<()> {
+        self.files.put_batch(shard, blobs, lease_until())
+    }
+
+    pub(crate) fn put_directories(&self, shard: usize, blobs: &[(Digest, &[u8])]) -> Result<()> {
+        self.directories.put_batch(shard, blobs, lease_until())
+    }
+
+    /// Walks the tree under `root` depth-first, calling `f` with each entry's path (relative,
+    /// '/'-separated) and kind. Directories are visited before their contents.
+    pub fn walk(
+        &self,
+        root: &Digest,
+        f: &mut dyn FnMut(&str, &EntryKind) -> Result<()>,
+    ) -> Result<()> {
+        fn go(
+            store: &Store,
+            dir: &Digest,
+            prefix: &str,
+            f: &mut dyn FnMut(&str, &EntryKind) -> Result<()>,
+        ) -> Result<()> {
+            let listing = store.load_directory(dir)?;
+            for e in &listing.entries {
+                let path = if prefix.is_empty() {
+                    e.name.clone()
+                } else {
+                    format!("{prefix}/{}", e.name)
+                };
+                f(&path, &e.kind)?;
+                if let EntryKind::Dir(d) = &e.kind {
+                    go(store, d, &path, f)?;
+                }
+            }
+            Ok(())
+        }
+        go(self, root, "", f)
+    }
+}
+
+fn lease_until() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + LEASE_SECS
+}

@@ -1,0 +1,193 @@
+//! Helpers shared by the integration and mount tests: the fixture store, its MANIFEST, and
+//! running the `digestfs` binary with a timeout.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const JAR_TREE: &str = "93091a24f8d51c0ea4401c7dc9e2dd2c967608c2b7bcaf47a04eac9feb18ccd1-78";
+pub const LIB_TREE: &str = "64d48ed9ebb10855020cceb60b3631ab4778a27210e5565387f119d452a5f956-6847";
+pub const SRC_FOLLOWED: &str =
+    "d1809efb519708d7ad9680803b5fc005e9f92f119e04e8d96937fcee03a75ee4-669";
+pub const SRC_SYMLINKS: &str =
+    "9d647aac3d36f1a59c80f778864ee2e8f2a00e2527f0e7d5dfd221298da279e6-634";
+pub const GUAVA: &str = "1d4ca0e3ee66921e8cb6521b62ecce32cc62abad391bf70b2fd14d40e7681f3a-2920436";
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_digestfs"))
+}
+
+/// `../shared/fixtures` beside the repository, or `$DIGESTFS_FIXTURES`. Missing fixtures fail
+/// the test: they are the ground truth, never optional.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = std::env::var_os("DIGESTFS_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
+    assert!(
+        dir.join("pants-store").is_dir(),
+        "fixture store not found at {} (set DIGESTFS_FIXTURES)",
+        dir.display()
+    );
+    dir
+}
+
+/// A private, writable copy of the fixture store (the shared one is read-only).
+pub fn fixture_store() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(fixtures_dir().join("pants-store"))
+        .arg(tmp.path().join("store"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(tmp.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tmp
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir {
+        digest: String,
+    },
+    File {
+        digest: String,
+        size: u64,
+        executable: bool,
+    },
+    Symlink {
+        target: String,
+    },
+}
+
+/// Every tree of the MANIFEST: tree digest (`hex-size`) → path → kind. Directory paths carry no
+/// trailing slash; the root is left out.
+pub fn manifest() -> BTreeMap<String, BTreeMap<String, Kind>> {
+    let text = std::fs::read_to_string(fixtures_dir().join("pants-store.MANIFEST.txt")).unwrap();
+    let mut trees = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("== tree ") {
+            let mut it = rest.split_whitespace();
+            let key = format!("{}-{}", it.next().unwrap(), it.next().unwrap());
+            trees.insert(key.clone(), BTreeMap::new());
+            current = Some(key);
+            continue;
+        }
+        let entries = trees.get_mut(current.as_ref().unwrap()).unwrap();
+        let (fields, rest) = split_fields(line.trim_start(), 1);
+        match fields[0] {
+            "D" => {
+                let (f, path) = split_fields(rest, 2);
+                if path != "." {
+                    let path = path.trim_end_matches('/').to_string();
+                    entries.insert(
+                        path,
+                        Kind::Dir {
+                            digest: format!("{}-{}", f[0], f[1]),
+                        },
+                    );
+                }
+            }
+            "F" => {
+                let (f, path) = split_fields(rest, 4);
+                entries.insert(
+                    path.to_string(),
+                    Kind::File {
+                        digest: format!("{}-{}", f[0], f[1]),
+                        size: f[1].parse().unwrap(),
+                        executable: f[2] == "x",
+                    },
+                );
+            }
+            "L" => {
+                let rest = rest.strip_prefix("-> '").unwrap();
+                let (target, path) = rest.split_once('\'').unwrap();
+                entries.insert(
+                    path.trim().to_string(),
+                    Kind::Symlink {
+                        target: target.to_string(),
+                    },
+                );
+            }
+            other => panic!("unknown MANIFEST line kind {other:?}"),
+        }
+    }
+    trees
+}
+
+/// Splits off `n` whitespace-separated fields; the rest (which may hold spaces) is trimmed.
+fn split_fields(s: &str, n: usize) -> (Vec<&str>, &str) {
+    let mut fields = Vec::new();
+    let mut rest = s.trim_start();
+    for _ in 0..n {
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        fields.push(&rest[..end]);
+        rest = rest[end..].trim_start();
+    }
+    (fields, rest.trim_end())
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Runs a command, killing it if it outlives `timeout`.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// Runs `digestfs --store STORE ARGS…` with a 60 s limit.
+pub fn digestfs(store: &Path, args: &[&str]) -> Output {
+    run_timeout(
+        Command::new(bin()).arg("--store").arg(store).args(args),
+        Duration::from_secs(60),
+    )
+}

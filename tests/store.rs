@@ -1,0 +1,431 @@
+//! The store layer against stores written by Pants' own code, through the library and the CLI.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use digestfs::store::{Digest, Entry, EntryKind, Importer, Listing, Store, StoreError};
+
+fn walk(store: &Store, root: &str) -> BTreeMap<String, Kind> {
+    let mut out = BTreeMap::new();
+    store
+        .walk(&root.parse().unwrap(), &mut |path, kind| {
+            let k = match kind {
+                EntryKind::Dir(d) => Kind::Dir {
+                    digest: d.to_string(),
+                },
+                EntryKind::File { digest, executable } => Kind::File {
+                    digest: digest.to_string(),
+                    size: digest.size,
+                    executable: *executable,
+                },
+                EntryKind::Symlink(t) => Kind::Symlink { target: t.clone() },
+            };
+            out.insert(path.to_string(), k);
+            Ok(())
+        })
+        .unwrap();
+    out
+}
+
+#[test]
+fn every_manifest_tree_reads_back_exactly() {
+    let tmp = fixture_store();
+    let store = Store::open(tmp.path().join("store")).unwrap();
+    let manifest = manifest();
+    assert_eq!(manifest.len(), 3, "the MANIFEST walks three trees");
+    for (tree, expected) in &manifest {
+        let got = walk(&store, tree);
+        assert_eq!(&got, expected, "tree {tree}");
+        for (path, kind) in expected {
+            if let Kind::File { digest, size, .. } = kind {
+                let d: Digest = digest.parse().unwrap();
+                let bytes = store.read_all(&d).unwrap();
+                assert_eq!(bytes.len() as u64, *size, "{path}");
+                assert_eq!(sha256_hex(&bytes), d.hex(), "{path}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ranged_reads_match_whole_reads() {
+    let tmp = fixture_store();
+    let store = Store::open(tmp.path().join("store")).unwrap();
+    for digest in [
+        GUAVA,
+        "28d3fdacea1c20cc9e50807793584990726fdd36c6fdc60358d1c35fec2af34f-524287",
+    ] {
+        let d: Digest = digest.parse().unwrap();
+        let whole = store.read_all(&d).unwrap();
+        let blob = store.open_blob(&d).unwrap();
+        for (off, len) in [
+            (0u64, 1usize),
+            (1000, 4096),
+            (d.size - 10, 4096),
+            (d.size, 10),
+            (d.size + 5, 10),
+        ] {
+            let part = store.read_blob(&blob, off, len).unwrap();
+            let start = (off as usize).min(whole.len());
+            let end = (start + len).min(whole.len());
+            assert_eq!(part, &whole[start..end], "{digest} at {off}+{len}");
+        }
+    }
+}
+
+#[test]
+fn cli_ls_and_cat_serve_the_fixture() {
+    let tmp = fixture_store();
+    let store = tmp.path().join("store");
+    let out = digestfs(&store, &["ls", "-R", SRC_SYMLINKS]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let expected = &manifest()[SRC_SYMLINKS];
+    let mut listed = 0;
+    for line in text.lines() {
+        listed += 1;
+        let (path, kind) = if let Some(rest) = line.strip_prefix("L ") {
+            let (left, target) = rest.split_once(" -> ").unwrap();
+            let path = left.rsplit("  ").next().unwrap().trim();
+            (
+                path.to_string(),
+                Kind::Symlink {
+                    target: target.to_string(),
+                },
+            )
+        } else {
+            let f: Vec<&str> = line.splitn(5, ' ').collect();
+            let (kind, exec) = (f[0], f[1]);
+            let rest = f[2..].join(" ");
+            let rest = rest.trim_start();
+            let (size, rest) = rest.split_once(' ').unwrap();
+            let (digest, path) = rest.split_once(' ').unwrap();
+            match kind {
+                "D" => (
+                    path.trim_end_matches('/').to_string(),
+                    Kind::Dir {
+                        digest: digest.into(),
+                    },
+                ),
+                "F" => (
+                    path.to_string(),
+                    Kind::File {
+                        digest: digest.into(),
+                        size: size.parse().unwrap(),
+                        executable: exec == "x",
+                    },
+                ),
+                k => panic!("unexpected kind {k} in {line:?}"),
+            }
+        };
+        assert_eq!(expected.get(&path), Some(&kind), "line {line:?}");
+    }
+    assert_eq!(listed, expected.len());
+
+    let out = digestfs(&store, &["cat", GUAVA]);
+    assert!(out.status.success());
+    assert_eq!(
+        format!("{}-{}", sha256_hex(&out.stdout), out.stdout.len()),
+        GUAVA
+    );
+}
+
+#[test]
+fn round_trip_reproduces_every_digest_and_proto() {
+    let tmp = fixture_store();
+    let fixture = Store::open(tmp.path().join("store")).unwrap();
+    for tree in manifest().keys() {
+        let digest: Digest = tree.parse().unwrap();
+        let dest = tmp.path().join(format!("out-{}", &tree[..8]));
+        digestfs::store::materialize(&fixture, &digest, &dest).unwrap();
+        let fresh = Store::create(tmp.path().join(format!("fresh-{}", &tree[..8]))).unwrap();
+        let again = Importer::new(&fresh).import_path(&dest).unwrap();
+        assert_eq!(again, digest, "tree {tree}");
+        let mut dirs = vec![digest];
+        fixture
+            .walk(&digest, &mut |_, kind| {
+                if let EntryKind::Dir(d) = kind {
+                    dirs.push(*d);
+                }
+                Ok(())
+            })
+            .unwrap();
+        for d in dirs {
+            assert_eq!(
+                fresh.directory_bytes(&d).unwrap(),
+                fixture.directory_bytes(&d).unwrap(),
+                "{d}"
+            );
+        }
+        // Large blobs land where Pants puts them, read-only.
+        let guava: Digest = GUAVA.parse().unwrap();
+        if fresh.has_file(&guava).unwrap() {
+            let meta = std::fs::metadata(fresh.large_blob_path(&guava)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        }
+    }
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tmp = fixture_store();
+    let root = tmp.path().join("store");
+    let store = Store::open(&root).unwrap();
+
+    // Malformed digests and missing blobs: exit 1, one line that names the input.
+    let missing = format!("{}-5", "ab".repeat(32));
+    for (args, needle) in [
+        (vec!["cat", "xyz"], "xyz"),
+        (vec!["ls", "1234-5"], "1234-5"),
+        (vec!["cat", &missing], missing.as_str()),
+        (vec!["ls", &missing], missing.as_str()),
+    ] {
+        let out = digestfs(&root, &args);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+    let out = digestfs(&root, &["frobnicate"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+
+    // A truncated large blob.
+    let guava: Digest = GUAVA.parse().unwrap();
+    let path = store.large_blob_path(&guava);
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    perms.set_mode(0o644);
+    std::fs::set_permissions(&path, perms).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    assert!(matches!(
+        store.open_blob(&guava),
+        Err(StoreError::SizeMismatch { actual: 1000, .. })
+    ));
+    let out = digestfs(&root, &["cat", GUAVA]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(GUAVA));
+
+    // A wrong-length LMDB value: store "abc" under the key of a 5-byte digest.
+    let lying = Digest {
+        size: 5,
+        ..Digest::of_bytes(b"abc")
+    };
+    put_raw(&root.join("files"), &lying, b"abc");
+    let err = store.read_all(&lying).unwrap_err();
+    assert!(
+        matches!(err, StoreError::SizeMismatch { actual: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&lying.to_string()));
+
+    // Hostile names in a Directory written by the test.
+    for name in ["..", ".", "", "a/b", "nul\0x"] {
+        let listing = Listing {
+            entries: vec![Entry {
+                name: name.to_string(),
+                kind: EntryKind::File {
+                    digest: Digest::EMPTY,
+                    executable: false,
+                },
+            }],
+        };
+        let mut imp = Importer::new(&store);
+        let d = imp.put_directory(&listing).unwrap();
+        drop(imp.import_path(Path::new("/dev/null")));
+        let err = store.load_directory(&d).unwrap_err();
+        assert!(matches!(err, StoreError::BadName { .. }), "{name:?}: {err}");
+        let out = digestfs(&root, &["ls", &d.to_string()]);
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            msg.contains(&d.to_string()) && msg.contains(&format!("{name:?}")),
+            "{msg}"
+        );
+    }
+
+    // Garbage where a Directory should be.
+    let garbage = b"\x0a\xff\xff\xff\xff".to_vec();
+    let gd = Digest::of_bytes(&garbage);
+    put_raw(&root.join("directories"), &gd, &garbage);
+    assert!(matches!(
+        store.load_directory(&gd),
+        Err(StoreError::CorruptDirectory { .. })
+    ));
+}
+
+/// Writes a raw value into an LMDB shard, bypassing every check.
+fn put_raw(kind_dir: &Path, digest: &Digest, value: &[u8]) {
+    use lmdb::Transaction;
+    let env = lmdb::Environment::new()
+        .set_max_dbs(2)
+        .set_map_size(1 << 30)
+        .open(&kind_dir.join(format!("{:x}", digest.shard())))
+        .unwrap();
+    let db = env
+        .create_db(Some("content-versioned"), lmdb::DatabaseFlags::empty())
+        .unwrap();
+    let mut txn = env.begin_rw_txn().unwrap();
+    txn.put(db, &digest.lmdb_key(), &value, lmdb::WriteFlags::empty())
+        .unwrap();
+    txn.commit().unwrap();
+}
+
+#[test]
+fn concurrent_materialize_never_fails_or_exposes_partial_files() {
+    let tmp = fixture_store();
+    let root = tmp.path().join("store");
+    let dest = tmp.path().join("dest");
+    let expected: Vec<(String, String, u64)> = manifest()[JAR_TREE]
+        .iter()
+        .filter_map(|(p, k)| match k {
+            Kind::File { digest, size, .. } => Some((p.clone(), digest.clone(), *size)),
+            _ => None,
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A reader that checks every file it can see while the writers race.
+    let reader = {
+        let (dest, expected, stop) = (dest.clone(), expected.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut checked = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (path, digest, size) in &expected {
+                    let p = dest.join(path);
+                    let Ok(bytes) = std::fs::read(&p) else {
+                        continue;
+                    };
+                    let mode = std::fs::metadata(&p).map(|m| m.permissions().mode() & 0o777);
+                    assert_eq!(bytes.len() as u64, *size, "{path} seen partial");
+                    assert_eq!(
+                        format!("{}-{}", sha256_hex(&bytes), size),
+                        *digest,
+                        "{path}"
+                    );
+                    assert_eq!(mode.unwrap(), 0o444, "{path}");
+                    checked += 1;
+                }
+            }
+            checked
+        })
+    };
+    for round in 0..20 {
+        let children: Vec<_> = (0..8)
+            .map(|_| {
+                Command::new(bin())
+                    .arg("--store")
+                    .arg(&root)
+                    .args(["materialize", JAR_TREE])
+                    .arg(&dest)
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0, "the reader checked files");
+    for (path, digest, _) in &expected {
+        let bytes = std::fs::read(dest.join(path)).unwrap();
+        assert_eq!(format!("{}-{}", sha256_hex(&bytes), bytes.len()), *digest);
+    }
+    // No temporary files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dest.join("lib"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".digestfs-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn reading_while_another_process_imports() {
+    let tmp = fixture_store();
+    let root = tmp.path().join("store");
+    // A tree of many small files and a few large ones, new to the store.
+    let src = tmp.path().join("src");
+    for i in 0..400 {
+        let dir = src.join(format!("d{}", i % 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = if i % 100 == 0 {
+            700 * 1024
+        } else {
+            1000 + i * 37
+        };
+        std::fs::write(dir.join(format!("f{i}")), vec![(i % 251) as u8; size]).unwrap();
+    }
+    let mut importers: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(bin())
+                .arg("--store")
+                .arg(&root)
+                .arg("import")
+                .arg(&src)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let store = Store::open(&root).unwrap();
+    let trees = manifest();
+    let mut reads = 0;
+    loop {
+        for (path, kind) in &trees[JAR_TREE] {
+            if let Kind::File { digest, .. } = kind {
+                let d: Digest = digest.parse().unwrap();
+                let bytes = store.read_all(&d).unwrap_or_else(|e| panic!("{path}: {e}"));
+                assert_eq!(sha256_hex(&bytes), d.hex());
+                reads += 1;
+            }
+        }
+        if importers
+            .iter_mut()
+            .all(|c| c.try_wait().unwrap().is_some())
+        {
+            break;
+        }
+    }
+    let mut digests = Vec::new();
+    for c in importers {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        digests.push(String::from_utf8(out.stdout).unwrap());
+    }
+    assert_eq!(digests[0], digests[1]);
+    assert!(reads > 0);
+    // What was imported reads back through this process's already-open environments.
+    let imported: Digest = digests[0].trim().parse().unwrap();
+    let listed = walk(&store, &imported.to_string());
+    assert_eq!(
+        listed
+            .values()
+            .filter(|k| matches!(k, Kind::File { .. }))
+            .count(),
+        400
+    );
+}
