@@ -3,9 +3,11 @@
 //! - [`store`]: the Pants store format, read and written; no FUSE types.
 //! - [`fs`]: the filesystem core (namespace, views, inodes, attributes, reads) as plain functions.
 //! - [`fuse`]: the thin `fuser` adapter and the mount lifecycle.
+//! - [`control`]: the control socket the build daemon binds views through.
 //! - [`cli`]: the command line.
 
 pub mod cli;
+pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod store;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::control::{self, protocol::Request, protocol::Response, protocol::WhichInfo};
 use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
 use crate::fuse::mount::{self, MountConfig};
 use crate::fuse::Passthrough;
@@ -56,6 +57,52 @@ enum Command {
         after_help = "Example:\n  digestfs mount --bind jvm/resolves/jvm-default/lib=<digest> --daemon /mnt/view"
     )]
     Mount(MountArgs),
+    /// Set one layer of the view at PATH to a tree, on a live mount
+    #[command(
+        after_help = "Example:\n  digestfs bind /mnt/view jvm/resolves/jvm-default/lib <digest> --layer group-a"
+    )]
+    Bind {
+        #[command(flatten)]
+        target: Target,
+        /// Path under the mount root, e.g. jvm/resolves/jvm-default/lib
+        path: String,
+        /// The tree's digest
+        digest: String,
+        /// The layer to set; a view is the union of its layers
+        #[arg(long, default_value = DEFAULT_LAYER)]
+        layer: String,
+        /// Skip checking that every Directory of the tree is in the store
+        #[arg(long)]
+        no_verify: bool,
+    },
+    /// Remove a layer (or, without --layer, the whole view) at PATH
+    Unbind {
+        #[command(flatten)]
+        target: Target,
+        path: String,
+        #[arg(long)]
+        layer: Option<String>,
+    },
+    /// List the views of a mount: path, layers and their digests, entry count
+    Views {
+        #[command(flatten)]
+        target: Target,
+        /// Print the daemon's JSON answer
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a mount's uptime, counters, open handles and cache sizes
+    Status {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the digest behind each path inside a mount
+    Which {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Unmount a digestfs mount (like fusermount3 -u)
     Unmount {
         /// Detach the mount even if it is busy
@@ -63,6 +110,37 @@ enum Command {
         lazy: bool,
         mountpoint: PathBuf,
     },
+}
+
+/// Which mount a control command talks to.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// The mountpoint of a live digestfs mount
+    mountpoint: PathBuf,
+    /// The mount's control socket, if it was mounted with --control
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> Result<PathBuf, Failure> {
+        match &self.control {
+            Some(p) => Ok(p.clone()),
+            None => Ok(control::default_socket(&mount::absolute(&self.mountpoint)?)),
+        }
+    }
+
+    fn call(&self, req: Request) -> Result<Response, Failure> {
+        let resp = control::call(&self.socket()?, &req).map_err(Failure)?;
+        if resp.ok {
+            Ok(resp)
+        } else {
+            Err(Failure(
+                resp.error
+                    .unwrap_or_else(|| "the daemon refused the request".into()),
+            ))
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,6 +169,9 @@ struct MountArgs {
     /// Skip checking that every Directory of a bound tree is in the store
     #[arg(long)]
     no_verify: bool,
+    /// Control socket path [default: derived from the mountpoint under $XDG_RUNTIME_DIR/digestfs]
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// With --daemon, append logs to this file (otherwise they are discarded)
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -170,6 +251,74 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Mount(args) => mount_cmd(&cli.store, args),
+        Command::Bind {
+            target,
+            path,
+            digest,
+            layer,
+            no_verify,
+        } => {
+            parse_digest(&digest)?;
+            let resp = target.call(Request::Bind {
+                path,
+                digest,
+                layer,
+                verify: !no_verify,
+            })?;
+            if resp.changed == Some(false) {
+                eprintln!("digestfs: already bound; nothing changed");
+            }
+            Ok(())
+        }
+        Command::Unbind {
+            target,
+            path,
+            layer,
+        } => {
+            target.call(Request::Unbind { path, layer })?;
+            Ok(())
+        }
+        Command::Views { target, json } => {
+            let resp = target.call(Request::Views)?;
+            let views = resp.views.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+                return Ok(());
+            }
+            for v in views {
+                let entries = v.entries.map_or("?".to_string(), |n| n.to_string());
+                println!("{}\t{entries} entries", v.path);
+                for (layer, digest) in v.layers {
+                    println!("  {layer}\t{digest}");
+                }
+            }
+            Ok(())
+        }
+        Command::Status { target, json } => {
+            let s = target
+                .call(Request::Status)?
+                .status
+                .ok_or_else(|| Failure("no status in the answer".into()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            println!("mountpoint     {}", s.mountpoint);
+            println!("store          {}", s.store);
+            println!("pid            {}", s.pid);
+            println!("uptime         {} s", s.uptime_secs);
+            println!("views          {}", s.views);
+            println!(
+                "requests       {} lookups, {} opens, {} reads ({} bytes)",
+                s.lookups, s.opens, s.reads, s.read_bytes
+            );
+            println!("errors         {}", s.errors);
+            println!("open handles   {}", s.open_handles);
+            println!("inodes held    {}", s.inodes);
+            println!("cached entries {}", s.cached_dir_entries);
+            Ok(())
+        }
+        Command::Which { paths } => which(&paths),
         Command::Unmount { lazy, mountpoint } => {
             if mount::mount_state(&mountpoint)? == mount::MountState::Free {
                 return Err(Failure(format!("{} is not mounted", mountpoint.display())));
@@ -179,6 +328,48 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
     }
+}
+
+/// Prints `<digest>\t<path>` for each path, asking the daemon of the mount it lies in.
+fn which(paths: &[PathBuf]) -> CliResult {
+    let mut failed = 0;
+    for path in paths {
+        let res = (|| -> Result<String, Failure> {
+            let abs = mount::absolute(path)?;
+            let (mountpoint, rel) = mount::find_digestfs_mount(&abs)?.ok_or_else(|| {
+                Failure(format!("{} is not inside a digestfs mount", path.display()))
+            })?;
+            let rel = rel.to_string_lossy().into_owned();
+            let resp = control::call(
+                &control::default_socket(&mountpoint),
+                &Request::Which { path: rel },
+            )
+            .map_err(Failure)?;
+            if !resp.ok {
+                return Err(Failure(resp.error.unwrap_or_default()));
+            }
+            Ok(match resp.which {
+                Some(WhichInfo::File { digest, .. }) | Some(WhichInfo::Tree { digest }) => digest,
+                Some(WhichInfo::Merged { digests }) => digests.join("+"),
+                Some(WhichInfo::Symlink { target }) => format!("symlink:{target}"),
+                Some(WhichInfo::Mount) | None => "-".to_string(),
+            })
+        })();
+        match res {
+            Ok(d) => println!("{d}\t{}", path.display()),
+            Err(Failure(msg)) => {
+                eprintln!("digestfs: {}: {msg}", path.display());
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Failure(format!(
+            "{failed} of {} paths could not be resolved",
+            paths.len()
+        )));
+    }
+    Ok(())
 }
 
 fn ls(store: &Store, root: &Digest, recursive: bool) -> CliResult {
@@ -261,8 +452,33 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
             core.bind(path, DEFAULT_LAYER, digest, !args.no_verify)
                 .map_err(|e| Failure(format!("--bind {bind}: {e}")))?;
         }
+        let mountpoint = mount::absolute(&args.mountpoint)
+            .map_err(|e| Failure(format!("{}: {e}", args.mountpoint.display())))?;
+        if mount::mount_state(&mountpoint)? == mount::MountState::Live {
+            return Err(Failure(format!(
+                "{} is already mounted; unmount it first (digestfs unmount {})",
+                mountpoint.display(),
+                mountpoint.display()
+            )));
+        }
+        let socket = args
+            .control
+            .clone()
+            .unwrap_or_else(|| control::default_socket(&mountpoint));
+        let server = control::Server::bind(&socket)
+            .map_err(|e| format!("control socket {}: {e}", socket.display()))?;
+        let _remove_socket = RemoveOnDrop(socket.clone());
+        server.spawn(
+            core.clone(),
+            control::MountInfo {
+                mountpoint: mountpoint.clone(),
+                store: core.store().root().to_path_buf(),
+                started: std::time::Instant::now(),
+            },
+        )?;
+        log::info!("control socket at {}", socket.display());
         let cfg = MountConfig {
-            mountpoint: args.mountpoint.clone(),
+            mountpoint,
             ttl: Duration::from_secs(args.ttl),
             threads: args.threads,
             allow_other: args.allow_other,
@@ -276,4 +492,12 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
         daemon::report_ready(Err(msg.clone()));
     }
     res
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

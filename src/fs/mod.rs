@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
@@ -151,6 +151,11 @@ pub struct Change {
     pub entries: Vec<(u64, String)>,
 }
 
+/// Tells the kernel to drop a cached directory entry; the FUSE adapter provides it.
+pub trait Invalidator: Send + Sync {
+    fn invalidate_entry(&self, parent: u64, name: &str);
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -167,6 +172,7 @@ pub struct DigestFs {
     dirs: Mutex<HashMap<u64, Arc<Children>>>,
     next_fh: AtomicU64,
     logged: Mutex<HashSet<Digest>>,
+    invalidator: OnceLock<Box<dyn Invalidator>>,
     pub stats: Stats,
 }
 
@@ -187,9 +193,15 @@ impl DigestFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             logged: Mutex::new(HashSet::new()),
+            invalidator: OnceLock::new(),
             config,
             stats: Stats::default(),
         }
+    }
+
+    /// Where binds send the names they change, once the mount exists.
+    pub fn set_invalidator(&self, inv: Box<dyn Invalidator>) {
+        let _ = self.invalidator.set(inv);
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -680,7 +692,33 @@ impl DigestFs {
             parent_ino = lock(&self.inodes).ino_of(&Node::Namespace(parent_path.as_str().into()));
         }
         *self.namespace.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        if let Some(inv) = self.invalidator.get() {
+            for (parent, name) in &change.entries {
+                inv.invalidate_entry(*parent, name);
+            }
+        }
         change
+    }
+
+    /// Resolves a path under the mount root without taking kernel references (for `which`).
+    pub fn resolve(&self, path: &str) -> Result<Node, String> {
+        let mut node = Node::Root;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if part == ".." {
+                return Err("paths with '..' are not resolved".into());
+            }
+            node = self.child(ROOT_INO, &node, part).map_err(|e| match e {
+                FsError::NotFound => "no such file or directory".to_string(),
+                FsError::NotDir => "not a directory".to_string(),
+                _ => "could not be read (see the daemon's log)".to_string(),
+            })?;
+        }
+        Ok(node)
+    }
+
+    /// The number of entries a directory node shows, if it can be read.
+    pub fn entry_count(&self, node: &Node) -> Option<u64> {
+        self.children(ROOT_INO, node).ok().map(|c| c.len() as u64)
     }
 
     /// Checks that every `Directory` of the tree is present and valid.

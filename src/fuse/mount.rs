@@ -11,7 +11,21 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, SessionACL};
 
 use super::{FuseAdapter, Passthrough};
-use crate::fs::DigestFs;
+use crate::fs::{DigestFs, Invalidator};
+
+/// Forwards the core's invalidations to the kernel.
+struct KernelInvalidator(fuser::Notifier);
+
+impl Invalidator for KernelInvalidator {
+    fn invalidate_entry(&self, parent: u64, name: &str) {
+        if let Err(e) = self
+            .0
+            .inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::new(name))
+        {
+            log::debug!("invalidating {name:?} in {parent:#x}: {e}");
+        }
+    }
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum MountState {
@@ -77,6 +91,41 @@ pub fn mount_state(path: &Path) -> io::Result<MountState> {
         return Ok(MountState::Stale);
     }
     Ok(MountState::Live)
+}
+
+/// The digestfs mount containing `path` (absolute), as (mountpoint, path relative to it).
+pub fn find_digestfs_mount(path: &Path) -> io::Result<Option<(PathBuf, PathBuf)>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut best: Option<PathBuf> = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        // Mounted directly the type is "fuse" with source "digestfs"; through fusermount3 it
+        // is "fuse.digestfs".
+        let (fstype, source) = (fields.get(sep + 1).copied(), fields.get(sep + 2).copied());
+        if fstype != Some("fuse.digestfs")
+            && !(fstype == Some("fuse") && source == Some("digestfs"))
+        {
+            continue;
+        }
+        let mp = PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(fields[4])));
+        if path.starts_with(&mp)
+            && best
+                .as_ref()
+                .is_none_or(|b| mp.as_os_str().len() > b.as_os_str().len())
+        {
+            best = Some(mp);
+        }
+    }
+    Ok(best.map(|mp| {
+        let rel = path
+            .strip_prefix(&mp)
+            .unwrap_or(Path::new(""))
+            .to_path_buf();
+        (mp, rel)
+    }))
 }
 
 /// Unmounts `path`: directly when root, else through `fusermount3 -u`. With `lazy`, detaches a
@@ -208,6 +257,7 @@ pub fn serve(
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = cfg.threads > 1;
 
+    let core_for_notify = core.clone();
     let adapter = FuseAdapter::new(core, cfg.ttl, cfg.passthrough);
     let session = match fuser::Session::new(adapter, &mp, &config) {
         Ok(s) => s,
@@ -217,6 +267,8 @@ pub fn serve(
             return fail(msg);
         }
     };
+
+    core_for_notify.set_invalidator(Box::new(KernelInvalidator(session.notifier())));
 
     // Signals: unmount, then give the session a moment to drain before giving up on it.
     let sig_mp = mp.clone();

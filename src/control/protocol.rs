@@ -1,0 +1,213 @@
+//! The control protocol: one JSON object per line each way, versioned. Documented in
+//! docs/PROTOCOL.md; keep the two in step.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const VERSION: u32 = 1;
+/// A request line longer than this is refused and the connection closed.
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    Bind {
+        path: String,
+        digest: String,
+        #[serde(default = "default_layer")]
+        layer: String,
+        #[serde(default = "yes")]
+        verify: bool,
+    },
+    Unbind {
+        path: String,
+        #[serde(default)]
+        layer: Option<String>,
+    },
+    Views,
+    Status,
+    Which {
+        path: String,
+    },
+}
+
+fn default_layer() -> String {
+    crate::fs::DEFAULT_LAYER.to_string()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A request as it arrives: the version beside the operation.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    #[serde(flatten)]
+    pub request: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewInfo {
+    pub path: String,
+    pub layers: BTreeMap<String, String>,
+    /// Entries at the top of the view (after merging layers); absent if it could not be read.
+    pub entries: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub pid: u32,
+    pub mountpoint: String,
+    pub store: String,
+    pub uptime_secs: u64,
+    pub lookups: u64,
+    pub opens: u64,
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub errors: u64,
+    pub open_handles: u64,
+    pub inodes: u64,
+    pub cached_dir_entries: u64,
+    pub views: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WhichInfo {
+    File {
+        digest: String,
+        executable: bool,
+    },
+    Tree {
+        digest: String,
+    },
+    /// A view or subdirectory that is the union of several trees.
+    Merged {
+        digests: Vec<String>,
+    },
+    Symlink {
+        target: String,
+    },
+    /// A directory of the mount itself (the root, a directory above a view, `.digestfs`).
+    Mount,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    /// For bind and unbind: whether the view changed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub changed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub views: Option<Vec<ViewInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status: Option<StatusInfo>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub which: Option<WhichInfo>,
+}
+
+impl Response {
+    pub fn ok() -> Response {
+        Response {
+            v: VERSION,
+            ok: true,
+            error: None,
+            changed: None,
+            views: None,
+            status: None,
+            which: None,
+        }
+    }
+
+    pub fn error(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            ..Response::ok()
+        }
+    }
+}
+
+/// Parses one request line; the error is what goes back to the client.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let env: Envelope =
+        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+    if env.v != VERSION {
+        return Err(format!(
+            "unsupported protocol version {} (this daemon speaks {VERSION})",
+            env.v
+        ));
+    }
+    serde_json::from_value(env.request).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Serialises a request with its version, as one line (without the newline).
+pub fn encode_request(req: &Request) -> String {
+    let mut value = serde_json::to_value(req).expect("requests serialise");
+    value["v"] = VERSION.into();
+    value.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_and_defaults() {
+        let req = parse_request(br#"{"v":1,"op":"bind","path":"a/b","digest":"x"}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::Bind {
+                path: "a/b".into(),
+                digest: "x".into(),
+                layer: "default".into(),
+                verify: true
+            }
+        );
+        assert_eq!(parse_request(encode_request(&req).as_bytes()).unwrap(), req);
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        for line in [
+            &b"not json"[..],
+            br#"{"op":"views"}"#,
+            br#"{"v":2,"op":"views"}"#,
+            br#"{"v":1,"op":"frobnicate"}"#,
+            br#"{"v":1,"op":"bind","path":"a"}"#,
+            b"",
+        ] {
+            assert!(
+                parse_request(line).is_err(),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_request(&bytes);
+        }
+
+        #[test]
+        fn mutated_requests_never_panic(pos in 0usize..64, byte in any::<u8>()) {
+            let mut line = encode_request(&Request::Bind {
+                path: "jvm/resolves/x/lib".into(),
+                digest: "ab-1".into(),
+                layer: "g".into(),
+                verify: false,
+            }).into_bytes();
+            let i = pos % line.len();
+            line[i] = byte;
+            let _ = parse_request(&line);
+        }
+    }
+}
