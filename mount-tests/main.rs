@@ -4,6 +4,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod harness;
+mod views;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -384,17 +385,20 @@ fn unmount_leaves_no_mount_and_no_process() {
     // Our own unmount command.
     let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
     run_ok(Command::new(bin()).arg("unmount").arg(&m.mnt));
-    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}: {}", m.log_text());
     assert!(!is_mounted(&m.mnt));
     // fusermount3 -u.
     let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
     run_ok(Command::new("fusermount3").arg("-u").arg(&m.mnt));
-    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}: {}", m.log_text());
     assert!(!is_mounted(&m.mnt));
     // SIGTERM.
     let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
     unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) };
-    assert!(m.wait_exit(Duration::from_secs(10)).success());
+    let status = m.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status}: {}", m.log_text());
     assert!(!is_mounted(&m.mnt));
     // Unmounting what is not mounted is an error.
     let out = run_timeout(Command::new(bin()).arg("unmount").arg(&m.mnt), T);
@@ -476,6 +480,12 @@ fn daemon_mode_returns_once_the_mount_answers() {
     }
     assert!(!is_mounted(&mnt));
     assert!(std::fs::read_to_string(&log).unwrap().contains("serving"));
+    let socket = digestfs::control::default_socket(&mnt);
+    assert!(
+        !socket.exists(),
+        "the control socket {} is removed on exit",
+        socket.display()
+    );
 }
 
 /// Alive and not a zombie waiting for a parent that does not reap.
@@ -557,4 +567,49 @@ fn a_stale_mount_left_by_kill_9_is_recovered() {
         94545
     );
     assert!(m2.log_text().contains("stale mount"), "{}", m2.log_text());
+}
+
+#[test]
+fn tar_archives_a_view_exactly() {
+    let m = Mount::fixture(&[("src", SRC_SYMLINKS)], &[]);
+    let out = tempfile::tempdir().unwrap();
+    let archive = out.path().join("view.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(m.path("src"))
+            .arg("."),
+    );
+    let dest = out.path().join("x");
+    std::fs::create_dir(&dest).unwrap();
+    run_ok(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&dest),
+    );
+    for (path, kind) in &manifest()[SRC_SYMLINKS] {
+        let p = dest.join(path);
+        match kind {
+            Kind::File {
+                digest, executable, ..
+            } => {
+                let bytes = std::fs::read(&p).unwrap();
+                assert_eq!(
+                    format!("{}-{}", sha256_hex(&bytes), bytes.len()),
+                    *digest,
+                    "{path}"
+                );
+                let mode = std::fs::metadata(&p).unwrap().mode() & 0o111;
+                assert_eq!(mode != 0, *executable, "{path}");
+            }
+            Kind::Dir { .. } => assert!(p.is_dir(), "{path}"),
+            Kind::Symlink { target } => {
+                assert_eq!(std::fs::read_link(&p).unwrap(), Path::new(target), "{path}")
+            }
+        }
+    }
 }

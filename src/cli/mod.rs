@@ -435,6 +435,8 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
     if args.daemon && !daemon::is_child() {
         return daemon::spawn_and_wait().map_err(Failure);
     }
+    // Before any thread starts, so that only the mount's signal thread ever takes SIGTERM.
+    mount::block_signals();
     let run = || -> CliResult {
         let store = open_store(cli_store)?;
         let core = Arc::new(DigestFs::new(

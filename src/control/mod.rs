@@ -204,7 +204,7 @@ fn serve_conn(stream: &UnixStream, core: &DigestFs, info: &MountInfo) -> io::Res
 pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
     let changed = |res: Result<crate::fs::Change, String>| match res {
         Ok(change) => Response {
-            changed: Some(!change.entries.is_empty()),
+            changed: Some(change.changed),
             ..Response::ok()
         },
         Err(e) => Response::error(e),

@@ -147,6 +147,8 @@ pub struct Stats {
 /// What a bind or unbind changed, so the adapter can tell the kernel to forget exactly that.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Change {
+    /// Whether the namespace changed at all (a layer can change without changing content).
+    pub changed: bool,
     /// `(parent inode, name)` of each directory entry that now means something else.
     pub entries: Vec<(u64, String)>,
 }
@@ -672,7 +674,10 @@ impl DigestFs {
     /// Installs `next` and works out which directory entries the kernel must forget: the
     /// highest component of `parts` whose meaning changed.
     fn swap(&self, current: &Namespace, next: Namespace, parts: &[String]) -> Change {
-        let mut change = Change::default();
+        let mut change = Change {
+            changed: true,
+            entries: Vec::new(),
+        };
         let mut parent_path = String::new();
         let mut parent_ino = ROOT_INO;
         for (depth, name) in parts.iter().enumerate() {

@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -186,8 +187,8 @@ pub struct MountConfig {
 }
 
 /// Blocks the termination signals in this thread and every thread it spawns later, so that
-/// one dedicated thread can take them with `sigwait`.
-fn block_signals() -> libc::sigset_t {
+/// one dedicated thread can take them with `sigwait`. Call it before starting any thread.
+pub fn block_signals() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -292,6 +293,8 @@ pub fn serve(
     // Readiness: the session is mounted and initialised; wait until the root answers a stat,
     // which needs the request loop below to be running.
     let probe_mp = mp.clone();
+    let ended = Arc::new(AtomicBool::new(false));
+    let probe_ended = ended.clone();
     let (tx, rx) = crossbeam_channel::bounded::<Result<(), String>>(1);
     std::thread::Builder::new()
         .name("ready".into())
@@ -301,6 +304,13 @@ pub fn serve(
                 match std::fs::metadata(&probe_mp) {
                     Ok(m) if std::os::unix::fs::MetadataExt::ino(&m) == crate::fs::ROOT_INO => {
                         break Ok(())
+                    }
+                    // Unmounted before it was seen to answer: the session has ended.
+                    _ if probe_ended.load(Ordering::SeqCst) => {
+                        break Err(format!(
+                            "{} was unmounted before it answered",
+                            probe_mp.display()
+                        ))
                     }
                     _ if Instant::now() > deadline => {
                         break Err(format!("{} did not answer within 20 s", probe_mp.display()))
@@ -320,6 +330,7 @@ pub fn serve(
 
     log::info!("serving {}", mp.display());
     let res = session.run();
+    ended.store(true, Ordering::SeqCst);
     let _ = ready_thread.join();
     log::info!("{} unmounted", mp.display());
     res.map_err(|e| format!("serving {}: {e}", mp.display()))
