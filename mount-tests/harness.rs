@@ -30,6 +30,17 @@ pub fn is_mounted(mnt: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// statfs(2), which FUSE never answers from a cache.
+pub fn statfs(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn teardown(mnt: &Path) {
     for args in [&["-u"][..], &["-u", "-z"][..]] {
         if !is_mounted(mnt) {
@@ -107,10 +118,16 @@ impl Mount {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            // A stat may be answered from a stale mount's cache; opening the root reaches
-            // the daemon.
+            // A stat or a listing may be answered from a stale mount's cache; statfs always
+            // reaches the daemon.
             if let Ok(m) = std::fs::metadata(&self.mnt) {
-                if m.ino() == 1 && is_mounted(&self.mnt) && std::fs::read_dir(&self.mnt).is_ok() {
+                // The daemon's own readiness check stats the mount; wait until it has finished
+                // (it logs "mounted"), or an immediate unmount could find the mount busy.
+                if m.ino() == 1
+                    && is_mounted(&self.mnt)
+                    && statfs(&self.mnt).is_ok()
+                    && self.log_text().contains("mounted;")
+                {
                     return;
                 }
             }

@@ -157,11 +157,15 @@ struct MountArgs {
     /// Request-handling threads
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Kernel readahead for the mount in KiB (needs root; 0 keeps the kernel's 128)
+    #[arg(long, default_value_t = 4096, value_name = "KIB")]
+    read_ahead_kb: u32,
     /// Answer user.pants.digest and user.checksum.sha256 (costs round trips on ls -l)
     #[arg(long)]
     xattrs: bool,
-    /// Serve large blobs by FUSE passthrough
-    #[arg(long, value_enum, default_value_t = Passthrough::Auto)]
+    /// Serve large blobs by FUSE passthrough (Linux 6.9+, root). Off by default: it needs a
+    /// daemon round trip per open, while without it opens cost none; see the README's benchmarks
+    #[arg(long, value_enum, default_value_t = Passthrough::Off)]
     passthrough: Passthrough,
     /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)
     #[arg(long)]
@@ -485,6 +489,7 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
             threads: args.threads,
             allow_other: args.allow_other,
             passthrough: args.passthrough,
+            read_ahead_kb: args.read_ahead_kb,
         };
         mount::serve(core, &cfg, daemon::report_ready)?;
         Ok(())

@@ -270,6 +270,7 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
                     mountpoint: info.mountpoint.display().to_string(),
                     store: info.store.display().to_string(),
                     uptime_secs: info.started.elapsed().as_secs(),
+                    requests: load(&s.requests),
                     lookups: load(&s.lookups),
                     opens: load(&s.opens),
                     reads: load(&s.reads),
@@ -321,15 +322,17 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
         .map_err(|e| e.to_string())?;
     let mut line = encode_request(req);
     line.push('\n');
-    (&stream)
-        .write_all(line.as_bytes())
-        .map_err(|e| e.to_string())?;
+    // A daemon that refuses a peer answers at once and hangs up, so a failed write may still
+    // leave its answer to read.
+    let written = (&stream).write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(|e| format!("reading the daemon's answer: {e}"))?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
     if answer.is_empty() {
-        return Err("the daemon closed the connection without answering".into());
+        return Err(match (written, read) {
+            (Err(e), _) => format!("sending the request: {e}"),
+            (_, Err(e)) => format!("reading the daemon's answer: {e}"),
+            _ => "the daemon closed the connection without answering".into(),
+        });
     }
     serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the daemon: {e}"))
 }

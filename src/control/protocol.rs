@@ -62,6 +62,7 @@ pub struct StatusInfo {
     pub mountpoint: String,
     pub store: String,
     pub uptime_secs: u64,
+    pub requests: u64,
     pub lookups: u64,
     pub opens: u64,
     pub reads: u64,

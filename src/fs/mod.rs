@@ -20,6 +20,8 @@ use crate::store::{Blob, Digest, EntryKind, Store, StoreError};
 pub const XATTR_DIGEST: &str = "user.pants.digest";
 pub const XATTR_SHA256: &str = "user.checksum.sha256";
 pub const BLKSIZE: u32 = 4096;
+/// The handle of reads on a file that was opened without a message to the daemon.
+pub const NO_HANDLE: u64 = 0;
 
 #[derive(Clone, Debug)]
 pub struct FsConfig {
@@ -137,6 +139,8 @@ impl DirCache {
 
 #[derive(Default)]
 pub struct Stats {
+    /// Every request that reached the core (a round trip from the kernel).
+    pub requests: AtomicU64,
     pub lookups: AtomicU64,
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
@@ -155,6 +159,7 @@ pub struct Change {
 
 /// Tells the kernel to drop a cached directory entry; the FUSE adapter provides it.
 pub trait Invalidator: Send + Sync {
+    /// Forget `name` in `parent`, and `parent`'s cached listing and attributes.
     fn invalidate_entry(&self, parent: u64, name: &str);
 }
 
@@ -171,6 +176,8 @@ pub struct DigestFs {
     /// Serialises binds, so each one checks conflicts against the namespace it replaces.
     bind_lock: Mutex<()>,
     files: Mutex<HashMap<u64, Blob>>,
+    /// Open blobs for reads that come without a handle.
+    blobs: Mutex<LruCache<Digest, Blob>>,
     dirs: Mutex<HashMap<u64, Arc<Children>>>,
     next_fh: AtomicU64,
     logged: Mutex<HashSet<Digest>>,
@@ -192,6 +199,7 @@ impl DigestFs {
             namespace: RwLock::new(Arc::new(Namespace::default())),
             bind_lock: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
+            blobs: Mutex::new(LruCache::new(NonZeroUsize::new(256).expect("non-zero"))),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             logged: Mutex::new(HashSet::new()),
@@ -420,6 +428,7 @@ impl DigestFs {
 
     /// Looks `name` up in `parent` and counts one kernel reference to the result.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let parent_node = self.node(parent)?;
         let name = name.to_str().ok_or(FsError::NotFound)?;
@@ -445,11 +454,13 @@ impl DigestFs {
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let node = self.node(ino)?;
         self.attr(ino, &node)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         match self.node(ino)? {
             Node::Symlink(t) => Ok(t.as_bytes().to_vec()),
             _ => Err(FsError::NotFound),
@@ -459,6 +470,7 @@ impl DigestFs {
     /// Opens a file for reading; anything that could write is EROFS. The store is checked now,
     /// so a missing or wrong-sized blob fails here with EIO rather than on some later read.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Blob)> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         if flags & libc::O_ACCMODE != libc::O_RDONLY
             || flags & (libc::O_TRUNC | libc::O_APPEND) != 0
         {
@@ -479,11 +491,33 @@ impl DigestFs {
         Ok((fh, blob))
     }
 
+    /// Checks that `ino` may be opened with `flags` (a readable file), without opening it.
+    pub fn check_open(&self, ino: u64, flags: i32) -> FsResult<()> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if flags & libc::O_ACCMODE != libc::O_RDONLY
+            || flags & (libc::O_TRUNC | libc::O_APPEND) != 0
+        {
+            return Err(FsError::ReadOnly);
+        }
+        match self.node(ino)? {
+            Node::File { .. } => Ok(()),
+            Node::Symlink(_) => Err(FsError::NotFound),
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    /// Reads through handle `fh`, or with [`NO_HANDLE`] (zero-message opens) through a cache of
+    /// open blobs keyed by digest.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let blob = lock(&self.files)
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)?;
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let blob = if fh == NO_HANDLE {
+            self.blob_of(ino)?
+        } else {
+            lock(&self.files)
+                .get(&fh)
+                .cloned()
+                .ok_or(FsError::BadHandle)?
+        };
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let data = self
             .store
@@ -493,6 +527,22 @@ impl DigestFs {
             .read_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data)
+    }
+
+    fn blob_of(&self, ino: u64) -> FsResult<Blob> {
+        let digest = match self.node(ino)? {
+            Node::File { digest, .. } => digest,
+            _ => return Err(FsError::IsDir),
+        };
+        if let Some(b) = lock(&self.blobs).get(&digest) {
+            return Ok(b.clone());
+        }
+        let blob = self
+            .store
+            .open_blob(&digest)
+            .map_err(|e| self.store_failure(ino, e))?;
+        lock(&self.blobs).put(digest, blob.clone());
+        Ok(blob)
     }
 
     pub fn release(&self, fh: u64) {
@@ -526,6 +576,7 @@ impl DigestFs {
         plus: bool,
         mut add: impl FnMut(&DirEntryOut) -> bool,
     ) -> FsResult<()> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let node = self.node(ino)?;
         let children = match lock(&self.dirs).get(&fh).cloned() {
             Some(c) => c,
@@ -586,6 +637,7 @@ impl DigestFs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         if !self.config.xattrs {
             return Err(FsError::NotSupported);
         }
@@ -602,6 +654,7 @@ impl DigestFs {
 
     /// The xattr names, each NUL-terminated, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
         if !self.config.xattrs {
             return Err(FsError::NotSupported);
         }

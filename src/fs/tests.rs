@@ -394,3 +394,21 @@ fn attributes_are_stable_and_mtime_tracks_content() {
         "different content shows a different mtime"
     );
 }
+
+#[test]
+fn reads_without_a_handle_serve_the_same_bytes() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    let big = lookup_path(&f.fs, "v/lib/big.jar").unwrap();
+    let small = lookup_path(&f.fs, "v/lib/guava.jar").unwrap();
+    f.fs.check_open(big.ino, libc::O_RDONLY).unwrap();
+    assert_eq!(
+        f.fs.check_open(big.ino, libc::O_RDWR),
+        Err(FsError::ReadOnly)
+    );
+    assert_eq!(f.fs.read(small.ino, NO_HANDLE, 1, 10).unwrap(), b"uava");
+    assert_eq!(f.fs.read(big.ino, NO_HANDLE, 1000, 4).unwrap(), vec![7; 4]);
+    let lib = lookup_path(&f.fs, "v/lib").unwrap();
+    assert_eq!(f.fs.read(lib.ino, NO_HANDLE, 0, 4), Err(FsError::IsDir));
+    assert_eq!(f.fs.read(small.ino, 12345, 0, 4), Err(FsError::BadHandle));
+}

@@ -180,6 +180,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if !self.passthrough_enabled.load(Ordering::Relaxed) {
+            // Zero-message opens: answering ENOSYS once makes the kernel open files without
+            // asking us (keeping their page cache) and read with no handle. Saves a round trip
+            // per open; passthrough needs per-open replies, so only without it.
+            return match self.core.check_open(ino.0, flags.0) {
+                Ok(()) => reply.error(Errno::ENOSYS),
+                Err(e) => reply.error(errno(e)),
+            };
+        }
         let (fh, blob) = match self.core.open(ino.0, flags.0) {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno(e)),
@@ -251,19 +260,16 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to flush; ENOSYS once stops the kernel sending FLUSH on every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.opendir(ino.0) {
-            Ok((fh, immutable)) => {
-                let flags = if immutable {
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), flags)
-            }
+        // Zero-message opendir: the kernel then caches every listing (FOPEN_CACHE_DIR) and
+        // reads them with no handle; binds invalidate the namespace directories they change.
+        match self.core.getattr(ino.0) {
+            Ok(a) if a.kind == FileKind::Dir => reply.error(Errno::ENOSYS),
+            Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(e)),
         }
     }

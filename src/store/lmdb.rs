@@ -87,6 +87,7 @@ impl Shards {
         self.with_value(digest, |value| {
             let start = (offset as usize).min(value.len());
             let end = start.saturating_add(len).min(value.len());
+            will_need(&value[start..end]);
             out.extend_from_slice(&value[start..end]);
         })
         .map(|found| found.is_some())
@@ -168,6 +169,19 @@ impl Shards {
         }
         txn.commit().map_err(lmdb_err(ctx()))
     }
+}
+
+/// Asks the kernel to read the pages behind `bytes` (a slice of the map) in one go: copying out
+/// of a cold map otherwise faults one small window at a time.
+fn will_need(bytes: &[u8]) {
+    if bytes.len() < 64 * 1024 {
+        return;
+    }
+    let page = 4096usize;
+    let start = bytes.as_ptr() as usize & !(page - 1);
+    let end = bytes.as_ptr() as usize + bytes.len();
+    // Advice only: failure changes nothing.
+    unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_WILLNEED) };
 }
 
 fn open_env(dir: &Path, create_map_size: Option<usize>) -> Result<Option<Shard>, StoreError> {

@@ -1,0 +1,79 @@
+//! Microbenchmarks of the hot paths, for regression checks: `cargo bench`.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use digestfs::fs::{DigestFs, FsConfig, InodeTable, Node, ROOT_INO};
+use digestfs::store::{Digest, Entry, EntryKind, Importer, Listing, Store};
+
+fn listing(n: usize) -> Listing {
+    Listing {
+        entries: (0..n)
+            .map(|i| Entry {
+                name: format!("f{i:06}.jar"),
+                kind: EntryKind::File {
+                    digest: Digest::of_bytes(&i.to_le_bytes()),
+                    executable: false,
+                },
+            })
+            .collect(),
+    }
+}
+
+fn lookup_in_a_large_directory(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path()).unwrap();
+    let mut imp = Importer::new(&store);
+    let tree = imp.put_directory(&listing(100_000)).unwrap();
+    imp.import_path(std::path::Path::new("/dev/null")).unwrap();
+    let fs = DigestFs::new(Arc::new(store), FsConfig::default());
+    fs.bind("lib", "default", tree, true).unwrap();
+    let lib = fs.lookup(ROOT_INO, OsStr::new("lib")).unwrap().ino;
+    let mut i = 0usize;
+    c.bench_function("lookup + forget in a 100k-entry directory", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 100_000;
+            let a = fs.lookup(lib, OsStr::new(&format!("f{i:06}.jar"))).unwrap();
+            fs.forget(a.ino, 1);
+        })
+    });
+}
+
+fn directory_decode(c: &mut Criterion) {
+    let bytes = listing(10_000).encode();
+    let digest = Digest::of_bytes(&bytes);
+    c.bench_function("decode a 10k-entry Directory", |b| {
+        b.iter(|| Listing::decode(&digest, &bytes).unwrap())
+    });
+}
+
+fn inode_table_churn(c: &mut Criterion) {
+    let nodes: Vec<Node> = (0..10_000u32)
+        .map(|i| Node::File {
+            digest: Digest::of_bytes(&i.to_le_bytes()),
+            executable: false,
+        })
+        .collect();
+    c.bench_function("acquire then forget 10k inodes", |b| {
+        b.iter_batched(
+            InodeTable::new,
+            |mut t| {
+                let inos: Vec<u64> = nodes.iter().map(|n| t.acquire(n, ROOT_INO, "x")).collect();
+                for ino in inos {
+                    t.forget(ino, 1);
+                }
+                t
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(
+    benches,
+    lookup_in_a_large_directory,
+    directory_decode,
+    inode_table_churn
+);
+criterion_main!(benches);
