@@ -3,6 +3,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod faults;
 mod harness;
 mod views;
 

@@ -485,15 +485,19 @@ fn which_names_the_digest_behind_each_path() {
 }
 
 /// A throwaway user, removed again however the test ends.
-struct TempUser {
+pub struct TempUser {
     name: String,
-    uid: u32,
-    gid: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl TempUser {
-    fn create() -> TempUser {
-        let name = format!("dfs{}", std::process::id());
+    pub fn create() -> TempUser {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("dfs{}x{n}", std::process::id());
+        // useradd locks /etc/passwd: one at a time within this test process.
+        let _serial = USERADD.lock().unwrap_or_else(|p| p.into_inner());
         let out = Command::new("useradd")
             .args([
                 "--system",
@@ -521,8 +525,11 @@ impl TempUser {
     }
 }
 
+static USERADD: Mutex<()> = Mutex::new(());
+
 impl Drop for TempUser {
     fn drop(&mut self) {
+        let _serial = USERADD.lock().unwrap_or_else(|p| p.into_inner());
         let _ = Command::new("userdel").arg(&self.name).output();
     }
 }

@@ -3,6 +3,7 @@
 //! - [`store`]: the Pants store format, read and written; no FUSE types.
 //! - [`fs`]: the filesystem core (namespace, views, inodes, attributes, reads) as plain functions.
 //! - [`fuse`]: the thin `fuser` adapter and the mount lifecycle.
+//! - [`lease`]: keeping bound trees alive against Pants' garbage collection.
 //! - [`control`]: the control socket the build daemon binds views through.
 //! - [`cli`]: the command line.
 
@@ -10,4 +11,5 @@ pub mod cli;
 pub mod control;
 pub mod fs;
 pub mod fuse;
+pub mod lease;
 pub mod store;

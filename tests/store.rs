@@ -429,3 +429,127 @@ fn reading_while_another_process_imports() {
         400
     );
 }
+
+/// Writes `DIGESTFS_HELPER_COUNT` blobs of 64 KiB into shard 0 of the store at
+/// `DIGESTFS_HELPER_STORE`, opening it with a map of `DIGESTFS_HELPER_MAP` bytes, and prints their
+/// digests. Run as a separate process by the map-growth test; does nothing otherwise.
+#[test]
+fn lmdb_writer_helper() {
+    use lmdb::Transaction;
+    let Ok(store) = std::env::var("DIGESTFS_HELPER_STORE") else {
+        return;
+    };
+    let map: usize = std::env::var("DIGESTFS_HELPER_MAP")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let count: usize = std::env::var("DIGESTFS_HELPER_COUNT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let seed: u64 = std::env::var("DIGESTFS_HELPER_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dir = Path::new(&store).join("files/0");
+    std::fs::create_dir_all(&dir).unwrap();
+    let env = lmdb::Environment::new()
+        .set_flags(lmdb::EnvironmentFlags::NO_SYNC | lmdb::EnvironmentFlags::NO_TLS)
+        .set_max_dbs(2)
+        .set_map_size(map)
+        .open(&dir)
+        .unwrap();
+    let content = env
+        .create_db(Some("content-versioned"), lmdb::DatabaseFlags::empty())
+        .unwrap();
+    env.create_db(Some("leases-versioned"), lmdb::DatabaseFlags::empty())
+        .unwrap();
+    let mut n = seed << 32;
+    let mut written = 0;
+    while written < count {
+        n += 1;
+        let blob: Vec<u8> = n
+            .to_le_bytes()
+            .iter()
+            .cycle()
+            .take(64 * 1024)
+            .copied()
+            .collect();
+        let d = Digest::of_bytes(&blob);
+        if d.shard() != 0 {
+            continue;
+        }
+        let mut txn = env.begin_rw_txn().unwrap();
+        txn.put(content, &d.lmdb_key(), &blob, lmdb::WriteFlags::empty())
+            .unwrap();
+        txn.commit().unwrap();
+        println!("DIGEST {d}");
+        written += 1;
+    }
+}
+
+fn run_writer(store: &Path, map: usize, count: usize, seed: u64) -> Vec<Digest> {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lmdb_writer_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("DIGESTFS_HELPER_STORE", store)
+        .env("DIGESTFS_HELPER_MAP", map.to_string())
+        .env("DIGESTFS_HELPER_COUNT", count.to_string())
+        .env("DIGESTFS_HELPER_SEED", seed.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digests: Vec<Digest> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once("DIGEST ").map(|(_, d)| d))
+        .map(|d| d.trim().parse().unwrap())
+        .collect();
+    assert_eq!(digests.len(), count);
+    digests
+}
+
+#[test]
+fn a_map_grown_by_another_process_is_adopted_while_readers_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    // Another process creates the shard with a 1 MiB map; we open it and start reading.
+    let first = run_writer(&root, 1 << 20, 4, 1);
+    let store = std::sync::Arc::new(Store::open(&root).unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, stop, first) = (store.clone(), stop.clone(), first.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for d in &first {
+                        let bytes = store.read_all(d).unwrap_or_else(|e| panic!("{d}: {e}"));
+                        assert_eq!(Digest::of_bytes(&bytes), *d);
+                        reads += 1;
+                    }
+                }
+                reads
+            })
+        })
+        .collect();
+    // Meanwhile a second process grows the map to 64 MiB and writes 3 MiB into it.
+    let second = run_writer(&root, 64 << 20, 48, 2);
+    // What it wrote lies past our old map: reading it means adopting the new size.
+    for d in &second {
+        let bytes = store.read_all(d).unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert_eq!(Digest::of_bytes(&bytes), *d);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+}

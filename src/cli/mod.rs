@@ -173,6 +173,12 @@ struct MountArgs {
     /// Skip checking that every Directory of a bound tree is in the store
     #[arg(long)]
     no_verify: bool,
+    /// Renew the store leases of every bound blob this often, in seconds (0: never)
+    #[arg(long, default_value_t = 1800, value_name = "SECS")]
+    lease_interval: u64,
+    /// Check each blob's sha256 once, on first use, before serving any of it
+    #[arg(long)]
+    verify: bool,
     /// Control socket path [default: derived from the mountpoint under $XDG_RUNTIME_DIR/digestfs]
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -320,6 +326,20 @@ fn run(cli: Cli) -> CliResult {
             println!("open handles   {}", s.open_handles);
             println!("inodes held    {}", s.inodes);
             println!("cached entries {}", s.cached_dir_entries);
+            if s.lease_rounds == 0 {
+                println!("leases         not renewed yet");
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                println!(
+                    "leases         {} blobs renewed {} s ago ({} missing), {} rounds",
+                    s.lease_last_renewed,
+                    now.saturating_sub(s.lease_last_unix),
+                    s.lease_last_missing,
+                    s.lease_rounds
+                );
+            }
             Ok(())
         }
         Command::Which { paths } => which(&paths),
@@ -447,6 +467,7 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
             store,
             FsConfig {
                 xattrs: args.xattrs,
+                verify: args.verify,
                 ..FsConfig::default()
             },
         ));
@@ -483,6 +504,11 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
             },
         )?;
         log::info!("control socket at {}", socket.display());
+        if args.lease_interval > 0 {
+            let (poke, wake) = crossbeam_channel::bounded(64);
+            core.set_lease_poke(poke);
+            crate::lease::spawn(core.clone(), Duration::from_secs(args.lease_interval), wake)?;
+        }
         let cfg = MountConfig {
             mountpoint,
             ttl: Duration::from_secs(args.ttl),

@@ -280,6 +280,10 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
                     inodes: core.inode_count() as u64,
                     cached_dir_entries: core.cached_entries() as u64,
                     views: core.namespace().views().len() as u64,
+                    lease_rounds: load(&s.lease_rounds),
+                    lease_last_unix: load(&s.lease_last_unix),
+                    lease_last_renewed: load(&s.lease_last_renewed),
+                    lease_last_missing: load(&s.lease_last_missing),
                 }),
                 ..Response::ok()
             }

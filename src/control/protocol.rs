@@ -72,6 +72,11 @@ pub struct StatusInfo {
     pub inodes: u64,
     pub cached_dir_entries: u64,
     pub views: u64,
+    pub lease_rounds: u64,
+    /// Seconds since the epoch of the last lease renewal (0: none yet).
+    pub lease_last_unix: u64,
+    pub lease_last_renewed: u64,
+    pub lease_last_missing: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

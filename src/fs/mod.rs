@@ -33,6 +33,8 @@ pub struct FsConfig {
     pub mount_time: SystemTime,
     /// Directory entries kept decoded in memory, across all cached directories.
     pub cache_entries: usize,
+    /// Hash every blob once, on first use, before serving any of its bytes.
+    pub verify: bool,
 }
 
 impl Default for FsConfig {
@@ -43,6 +45,7 @@ impl Default for FsConfig {
             xattrs: false,
             mount_time: SystemTime::now(),
             cache_entries: 1 << 20,
+            verify: false,
         }
     }
 }
@@ -146,6 +149,10 @@ pub struct Stats {
     pub read_bytes: AtomicU64,
     pub opens: AtomicU64,
     pub errors: AtomicU64,
+    pub lease_rounds: AtomicU64,
+    pub lease_last_unix: AtomicU64,
+    pub lease_last_renewed: AtomicU64,
+    pub lease_last_missing: AtomicU64,
 }
 
 /// What a bind or unbind changed, so the adapter can tell the kernel to forget exactly that.
@@ -181,7 +188,11 @@ pub struct DigestFs {
     dirs: Mutex<HashMap<u64, Arc<Children>>>,
     next_fh: AtomicU64,
     logged: Mutex<HashSet<Digest>>,
+    /// Blobs whose content was hashed and found right (with `verify`).
+    verified: Mutex<HashSet<Digest>>,
     invalidator: OnceLock<Box<dyn Invalidator>>,
+    /// Tells the lease keeper about each newly bound tree.
+    lease_poke: OnceLock<crossbeam_channel::Sender<Digest>>,
     pub stats: Stats,
 }
 
@@ -203,7 +214,9 @@ impl DigestFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             logged: Mutex::new(HashSet::new()),
+            verified: Mutex::new(HashSet::new()),
             invalidator: OnceLock::new(),
+            lease_poke: OnceLock::new(),
             config,
             stats: Stats::default(),
         }
@@ -212,6 +225,11 @@ impl DigestFs {
     /// Where binds send the names they change, once the mount exists.
     pub fn set_invalidator(&self, inv: Box<dyn Invalidator>) {
         let _ = self.invalidator.set(inv);
+    }
+
+    /// Where binds announce themselves to the lease keeper.
+    pub fn set_lease_poke(&self, poke: crossbeam_channel::Sender<Digest>) {
+        let _ = self.lease_poke.set(poke);
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -483,8 +501,7 @@ impl DigestFs {
         };
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
         let blob = self
-            .store
-            .open_blob(&digest)
+            .open_checked(&digest)
             .map_err(|e| self.store_failure(ino, e))?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         lock(&self.files).insert(fh, blob.clone());
@@ -529,6 +546,31 @@ impl DigestFs {
         Ok(data)
     }
 
+    /// Opens a blob, hashing it first (once per digest) when `verify` is on.
+    fn open_checked(&self, digest: &Digest) -> Result<Blob, StoreError> {
+        let blob = self.store.open_blob(digest)?;
+        if !self.config.verify || lock(&self.verified).contains(digest) {
+            return Ok(blob);
+        }
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut offset = 0;
+        while offset < digest.size {
+            let chunk = self.store.read_blob(&blob, offset, 1 << 20)?;
+            sha2::Digest::update(&mut hasher, &chunk);
+            offset += chunk.len() as u64;
+        }
+        let hash: [u8; 32] = sha2::Digest::finalize(hasher).into();
+        if hash != digest.hash {
+            return Err(StoreError::HashMismatch { digest: *digest });
+        }
+        let mut verified = lock(&self.verified);
+        if verified.len() >= 1 << 20 {
+            verified.clear();
+        }
+        verified.insert(*digest);
+        Ok(blob)
+    }
+
     fn blob_of(&self, ino: u64) -> FsResult<Blob> {
         let digest = match self.node(ino)? {
             Node::File { digest, .. } => digest,
@@ -538,8 +580,7 @@ impl DigestFs {
             return Ok(b.clone());
         }
         let blob = self
-            .store
-            .open_blob(&digest)
+            .open_checked(&digest)
             .map_err(|e| self.store_failure(ino, e))?;
         lock(&self.blobs).put(digest, blob.clone());
         Ok(blob)
@@ -700,7 +741,12 @@ impl DigestFs {
             self.check_merge(&distinct, &parts.join("/"))?;
         }
         let next = current.with_view(&parts, Some(view))?;
-        Ok(self.swap(&current, next, &parts))
+        let change = self.swap(&current, next, &parts);
+        if let Some(poke) = self.lease_poke.get() {
+            // If the keeper is behind, its next full round covers this tree too.
+            let _ = poke.try_send(digest);
+        }
+        Ok(change)
     }
 
     /// Removes one layer (or, with `None`, the whole view) at `path`.

@@ -412,3 +412,39 @@ fn reads_without_a_handle_serve_the_same_bytes() {
     assert_eq!(f.fs.read(lib.ino, NO_HANDLE, 0, 4), Err(FsError::IsDir));
     assert_eq!(f.fs.read(small.ino, 12345, 0, 4), Err(FsError::BadHandle));
 }
+
+#[test]
+fn verify_refuses_a_blob_replaced_with_other_bytes_of_the_same_length() {
+    use std::os::unix::fs::PermissionsExt;
+    for verify in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path().join("store")).unwrap();
+        let big = vec![7u8; 600 * 1024];
+        let tree = import(
+            &store,
+            &[("big.jar", &big, false), ("small.jar", b"fine", false)],
+        );
+        let fs = DigestFs::new(
+            Arc::new(store),
+            FsConfig {
+                verify,
+                ..FsConfig::default()
+            },
+        );
+        fs.bind("v", DEFAULT_LAYER, tree, true).unwrap();
+        let path = fs.store().large_blob_path(&Digest::of_bytes(&big));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&path, vec![8u8; 600 * 1024]).unwrap();
+        let ino = lookup_path(&fs, "v/big.jar").unwrap().ino;
+        let got = fs.read(ino, NO_HANDLE, 0, 16);
+        if verify {
+            assert_eq!(got, Err(FsError::Io), "a hash mismatch is EIO");
+            assert_eq!(fs.open(ino, libc::O_RDONLY).unwrap_err(), FsError::Io);
+        } else {
+            // Without --verify only the length is checked: documented in SEMANTICS.md.
+            assert_eq!(got.unwrap(), vec![8u8; 16]);
+        }
+        let small = lookup_path(&fs, "v/small.jar").unwrap().ino;
+        assert_eq!(fs.read(small, NO_HANDLE, 0, 16).unwrap(), b"fine");
+    }
+}

@@ -6,7 +6,6 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 
@@ -138,7 +137,7 @@ impl<'a> Importer<'a> {
         if let Ok(existing) = fs::metadata(&dest) {
             if existing.len() == digest.size {
                 // Already stored: renew its lease, which for large blobs is the mtime.
-                let _ = File::open(&dest).and_then(|f| f.set_modified(SystemTime::now()));
+                let _ = super::set_lease_mtime(&dest, super::lease_until());
                 return Ok(());
             }
         }
@@ -159,6 +158,11 @@ impl<'a> Importer<'a> {
         tmp.as_file().sync_all().map_err(io_err(ctx()))?;
         tmp.as_file()
             .set_permissions(fs::Permissions::from_mode(0o555))
+            .map_err(io_err(ctx()))?;
+        tmp.as_file()
+            .set_modified(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(super::lease_until()),
+            )
             .map_err(io_err(ctx()))?;
         tmp.persist(&dest).map_err(|e| io_err(ctx())(e.error))?;
         Ok(())

@@ -17,6 +17,8 @@ pub const LEASES_DB: &str = "leases-versioned";
 
 /// How long a lease Pants gives a freshly written blob lasts.
 pub const LEASE_SECS: u64 = 2 * 60 * 60;
+/// Keys renewed per write transaction.
+const LEASE_BATCH: usize = 1000;
 
 struct Shard {
     env: Environment,
@@ -144,6 +146,56 @@ impl Shards {
             ),
             source: lmdb::Error::MapResized,
         })
+    }
+
+    /// Sets the lease of each present blob of `digests` (all of shard `shard`) to `until`, in
+    /// transactions of at most `LEASE_BATCH` keys so the write lock is never held for long.
+    /// Returns how many were present; absent ones are skipped, never given a lease.
+    pub fn renew_leases(
+        &self,
+        shard: usize,
+        digests: &[Digest],
+        until: u64,
+    ) -> Result<usize, StoreError> {
+        let Some(s) = self.shard(shard, false)? else {
+            return Ok(0);
+        };
+        let ctx = || format!("renewing leases in {}", self.shard_dir(shard).display());
+        let lease = until.to_le_bytes();
+        let mut present = 0;
+        for batch in digests.chunks(LEASE_BATCH) {
+            let _guard = s.resize.read().unwrap_or_else(|p| p.into_inner());
+            let mut txn = s.env.begin_rw_txn().map_err(lmdb_err(ctx()))?;
+            for d in batch {
+                let key = d.lmdb_key();
+                match txn.get(s.content, &key) {
+                    Ok(_) => {}
+                    Err(lmdb::Error::NotFound) => continue,
+                    Err(e) => return Err(lmdb_err(ctx())(e)),
+                }
+                txn.put(s.leases, &key, &lease, WriteFlags::empty())
+                    .map_err(lmdb_err(ctx()))?;
+                present += 1;
+            }
+            txn.commit().map_err(lmdb_err(ctx()))?;
+        }
+        Ok(present)
+    }
+
+    /// The lease end recorded for a blob, if any.
+    pub fn lease(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let Some(s) = self.shard(digest.shard(), false)? else {
+            return Ok(None);
+        };
+        let txn = s
+            .env
+            .begin_ro_txn()
+            .map_err(lmdb_err("reading a lease".into()))?;
+        match txn.get(s.leases, &digest.lmdb_key()) {
+            Ok(v) if v.len() == 8 => Ok(Some(u64::from_le_bytes(v.try_into().expect("8 bytes")))),
+            Ok(_) | Err(lmdb::Error::NotFound) => Ok(None),
+            Err(e) => Err(lmdb_err(format!("reading the lease of {digest}"))(e)),
+        }
     }
 
     /// Writes blobs (all of which must belong to one shard) and their leases in one transaction.

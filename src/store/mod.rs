@@ -356,7 +356,84 @@ impl Store {
     }
 }
 
-fn lease_until() -> u64 {
+/// What one lease renewal found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseReport {
+    pub renewed: usize,
+    pub missing: usize,
+}
+
+impl Store {
+    /// Extends the leases of these blobs to two hours from now, as Pants would: the
+    /// `leases-versioned` value for blobs in LMDB (file and `Directory` blobs), the mtime for
+    /// large files. Blobs no longer present are counted, not recreated.
+    pub fn renew_leases(&self, files: &[Digest], dirs: &[Digest]) -> Result<LeaseReport> {
+        let until = lease_until();
+        let mut report = LeaseReport::default();
+        let mut small: Vec<Vec<Digest>> = vec![Vec::new(); 16];
+        for d in files.iter().filter(|d| !d.is_empty()) {
+            if d.is_large() {
+                match set_lease_mtime(&self.large_blob_path(d), until) {
+                    Ok(()) => report.renewed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => report.missing += 1,
+                    Err(source) => {
+                        return Err(StoreError::Io {
+                            context: format!("renewing the lease of {d}"),
+                            source,
+                        })
+                    }
+                }
+            } else {
+                small[d.shard()].push(*d);
+            }
+        }
+        let mut dir_shards: Vec<Vec<Digest>> = vec![Vec::new(); 16];
+        for d in dirs.iter().filter(|d| **d != Digest::EMPTY) {
+            dir_shards[d.shard()].push(*d);
+        }
+        for (shard, (fs, ds)) in small.iter().zip(&dir_shards).enumerate() {
+            let renewed = self.files.renew_leases(shard, fs, until)?
+                + self.directories.renew_leases(shard, ds, until)?;
+            report.renewed += renewed;
+            report.missing += fs.len() + ds.len() - renewed;
+        }
+        Ok(report)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn files_for_tests(&self) -> &lmdb::Shards {
+        &self.files
+    }
+
+    #[cfg(test)]
+    pub(crate) fn directories_for_tests(&self) -> &lmdb::Shards {
+        &self.directories
+    }
+
+    /// The lease end of a blob, in seconds since the epoch: the LMDB lease, or a large file's
+    /// mtime. `None` if it has none.
+    pub fn lease(&self, digest: &Digest, directory: bool) -> Result<Option<u64>> {
+        if directory {
+            return self.directories.lease(digest);
+        }
+        if !digest.is_large() {
+            return self.files.lease(digest);
+        }
+        Ok(std::fs::metadata(self.large_blob_path(digest))
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()))
+    }
+}
+
+/// A large blob's lease is its mtime, set to when the lease ends.
+pub fn set_lease_mtime(path: &Path, until: u64) -> io::Result<()> {
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(until);
+    File::open(path)?.set_modified(when)
+}
+
+pub(crate) fn lease_until() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -196,6 +196,33 @@ mod tests {
         assert!(err.to_string().contains("appears twice"), "{err}");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = Listing::decode(&Digest::of_bytes(&bytes), &bytes);
+        }
+
+        #[test]
+        fn mutated_directories_never_panic(pos in 0usize..4096, byte in proptest::prelude::any::<u8>(), cut in 0usize..4096) {
+            let l = Listing {
+                entries: vec![
+                    file("a.jar", b"a"),
+                    Entry { name: "dir".into(), kind: EntryKind::Dir(Digest::of_bytes(b"d")) },
+                    Entry { name: "ln".into(), kind: EntryKind::Symlink("a.jar".into()) },
+                ],
+            };
+            let mut bytes = l.encode();
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            bytes.truncate(cut % (bytes.len() + 1));
+            if let Ok(decoded) = Listing::decode(&Digest::of_bytes(&bytes), &bytes) {
+                for e in &decoded.entries {
+                    proptest::prop_assert!(check_name(&e.name).is_ok());
+                }
+            }
+        }
+    }
+
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let bytes = [0x0a, 0xff, 0xff, 0xff];

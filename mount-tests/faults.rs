@@ -1,0 +1,211 @@
+//! Faults the daemon must survive: blobs vanishing or changing under it, a store that briefly
+//! disappears, clients that hang up mid-request, and users who are not the owner.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+use crate::harness::Mount;
+
+const JANSI: &str = "b56b71ae02b2451dfedd660d890d4e13b71b81b46f988475bf8af0a04c8ea0d5-94545";
+const COMMONS_LANG3: &str =
+    "eb2667f24a588f6c87f4875fed97e5aa7303eb6cfa4f32d0691dfd2ed4cf64d2-595165";
+
+fn store_of(m: &Mount) -> digestfs::store::Store {
+    digestfs::store::Store::open(&m.store).unwrap()
+}
+
+/// Reads a file in a separate process with a time limit: Ok(bytes), or Err(stderr).
+fn cat(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let out = run_timeout(Command::new("cat").arg(path), Duration::from_secs(10));
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn digest_of(bytes: &[u8]) -> String {
+    format!("{}-{}", sha256_hex(bytes), bytes.len())
+}
+
+#[test]
+fn blobs_deleted_while_open_and_while_not() {
+    for args in [&["--passthrough", "off"][..], &["--passthrough", "on"][..]] {
+        let m = Mount::fixture(&[("lib", JAR_TREE)], args);
+        let store = store_of(&m);
+        // Open and partly read a large jar, then let "GC" delete its blob.
+        let guava_path = m.path("lib/lib/guava.jar");
+        let mut f = std::fs::File::open(&guava_path).unwrap();
+        let mut head = vec![0u8; 4096];
+        f.read_exact(&mut head).unwrap();
+        let guava: digestfs::store::Digest = GUAVA.parse().unwrap();
+        std::fs::remove_file(store.large_blob_path(&guava)).unwrap();
+        // The open file still reads every byte right: its data was never wrong, only unlinked.
+        let mut rest = Vec::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut rest).unwrap();
+        assert_eq!(digest_of(&rest), GUAVA, "{args:?}");
+        // A deleted blob that was never opened: EIO, no hang, nothing wrong served.
+        let lang3: digestfs::store::Digest = COMMONS_LANG3.parse().unwrap();
+        std::fs::remove_file(store.large_blob_path(&lang3)).unwrap();
+        let err = cat(&m.path("lib/lib/commons-lang3.jar")).unwrap_err();
+        assert!(err.contains("Input/output error"), "{args:?}: {err}");
+        // Everything else keeps working.
+        assert_eq!(
+            digest_of(&cat(&m.path("lib/lib/jansi.jar")).unwrap()),
+            JANSI
+        );
+    }
+}
+
+#[test]
+fn a_small_blob_deleted_from_lmdb_is_eio() {
+    use lmdb::Transaction;
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let d: digestfs::store::Digest = JANSI.parse().unwrap();
+    // Delete it the way Pants' GC does: from another process's handle on the environment.
+    {
+        let env = lmdb::Environment::new()
+            .set_max_dbs(2)
+            .open(&m.store.join(format!("files/{:x}", d.shard())))
+            .unwrap();
+        let db = env.open_db(Some("content-versioned")).unwrap();
+        let mut txn = env.begin_rw_txn().unwrap();
+        txn.del(db, &d.lmdb_key(), None).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = cat(&m.path("lib/lib/jansi.jar")).unwrap_err();
+    assert!(err.contains("Input/output error"), "{err}");
+    assert!(cat(&m.path("lib/lib/guava.jar")).is_ok());
+}
+
+#[test]
+fn a_large_blob_truncated_or_replaced_is_never_served_wrong() {
+    // Truncated: the missing tail is EIO, never a short file.
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let guava: digestfs::store::Digest = GUAVA.parse().unwrap();
+    let path = store_of(&m).large_blob_path(&guava);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let err = cat(&m.path("lib/lib/guava.jar")).unwrap_err();
+    assert!(err.contains("Input/output error"), "{err}");
+    drop(m);
+
+    // Replaced by other bytes of the same length: with --verify, EIO before any byte is served.
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &["--verify"]);
+    let path = store_of(&m).large_blob_path(&guava);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0xff;
+    let tmp = path.with_extension("swap");
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let err = cat(&m.path("lib/lib/guava.jar")).unwrap_err();
+    assert!(err.contains("Input/output error"), "{err}");
+    assert!(
+        m.log_text().contains("does not hash to its digest"),
+        "{}",
+        m.log_text()
+    );
+    // Intact blobs verify and read.
+    assert_eq!(
+        digest_of(&cat(&m.path("lib/lib/jansi.jar")).unwrap()),
+        JANSI
+    );
+}
+
+#[test]
+fn the_store_briefly_gone_is_eio_then_serves_again() {
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let immutable = m.store.join("immutable");
+    let away = m.store.join("immutable.away");
+    std::fs::rename(&immutable, &away).unwrap();
+    let err = cat(&m.path("lib/lib/guava.jar")).unwrap_err();
+    assert!(err.contains("Input/output error"), "{err}");
+    assert!(
+        cat(&m.path("lib/lib/jansi.jar")).is_ok(),
+        "LMDB blobs still read"
+    );
+    std::fs::rename(&away, &immutable).unwrap();
+    assert_eq!(
+        digest_of(&cat(&m.path("lib/lib/guava.jar")).unwrap()),
+        GUAVA
+    );
+}
+
+#[test]
+fn a_client_hanging_up_mid_request_changes_nothing() {
+    let ctl = tempfile::tempdir().unwrap();
+    let socket = ctl.path().join("ctl.sock");
+    let m = Mount::fixture(
+        &[("lib", JAR_TREE)],
+        &["--control", socket.to_str().unwrap()],
+    );
+    for partial in [
+        &br#"{"v":1,"op":"bind","path":"x","dig"#[..],
+        b"",
+        br#"{"v":1,"op":"unbind","path":"lib"}"#,
+    ] {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.write_all(partial).unwrap();
+        drop(s); // no newline: the request is incomplete
+    }
+    let out = run_timeout(
+        Command::new(bin()).args([
+            "views",
+            m.mnt.to_str().unwrap(),
+            "--control",
+            socket.to_str().unwrap(),
+        ]),
+        Duration::from_secs(30),
+    );
+    let views = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && views.starts_with("lib\t"),
+        "{views}"
+    );
+    assert!(m.path("lib/lib/guava.jar").exists());
+}
+
+#[test]
+fn the_mount_is_private_to_its_owner() {
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let user = crate::views::TempUser::create();
+    let as_user = |args: &[&str]| {
+        run_timeout(
+            Command::new("setpriv")
+                .arg(format!("--reuid={}", user.uid))
+                .arg(format!("--regid={}", user.gid))
+                .arg("--clear-groups")
+                .args(args),
+            Duration::from_secs(30),
+        )
+    };
+    // The mountpoint's parent must be reachable for the test to mean anything.
+    std::fs::set_permissions(m.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = as_user(&["stat", m.path("lib/lib/guava.jar").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    // With --allow-other the same user may read (and still not write).
+    let m2 = Mount::fixture(&[("lib", JAR_TREE)], &["--allow-other"]);
+    std::fs::set_permissions(m2.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = as_user(&["sha256sum", m2.path("lib/lib/guava.jar").to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(GUAVA.split('-').next().unwrap()));
+    let out = as_user(&["touch", m2.path("lib/new").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{out:?}"
+    );
+}
