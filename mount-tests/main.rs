@@ -5,6 +5,7 @@
 mod common;
 mod faults;
 mod harness;
+mod packaging;
 mod views;
 
 use std::collections::BTreeMap;

@@ -25,6 +25,7 @@ pub fn report_ready(res: Result<(), String>) {
     if !is_child() {
         if res.is_ok() {
             log::info!("mounted; unmount with `digestfs unmount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`");
+            notify_systemd();
         }
         return;
     }
@@ -80,4 +81,23 @@ pub fn spawn_and_wait() -> Result<(), String> {
     Err(format!(
         "the daemon exited ({status}) before the mount was ready"
     ))
+}
+
+/// Tells systemd (Type=notify units) that the mount answers, if it is listening.
+fn notify_systemd() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let msg = format!("READY=1\nMAINPID={}\n", std::process::id());
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(msg.as_bytes(), &a));
+    if let Err(e) = sent {
+        log::warn!("could not notify systemd at {path}: {e}");
+    }
 }

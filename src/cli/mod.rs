@@ -1,6 +1,7 @@
 //! The command line: argument parsing and dispatch, nothing else.
 
 mod daemon;
+mod doctor;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -102,6 +103,16 @@ enum Command {
     Which {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+    /// Write the man pages and shell completions into DIR (for packaging)
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
+    /// Check what mounting needs (FUSE, fusermount3, kernel, store, mountpoint), with fixes
+    Doctor {
+        /// Also check that --allow-other is permitted
+        #[arg(long)]
+        allow_other: bool,
+        mountpoint: Option<PathBuf>,
     },
     /// Unmount a digestfs mount (like fusermount3 -u)
     Unmount {
@@ -343,6 +354,17 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Which { paths } => which(&paths),
+        Command::GenerateAssets { dir } => generate_assets(&dir),
+        Command::Doctor {
+            allow_other,
+            mountpoint,
+        } => {
+            if doctor::run(cli.store.clone(), mountpoint.as_deref(), allow_other) {
+                Ok(())
+            } else {
+                Err(Failure("some checks failed (see the fixes above)".into()))
+            }
+        }
         Command::Unmount { lazy, mountpoint } => {
             if mount::mount_state(&mountpoint)? == mount::MountState::Free {
                 return Err(Failure(format!("{} is not mounted", mountpoint.display())));
@@ -392,6 +414,35 @@ fn which(paths: &[PathBuf]) -> CliResult {
             "{failed} of {} paths could not be resolved",
             paths.len()
         )));
+    }
+    Ok(())
+}
+
+/// Man pages (one per command) and completions, generated from the clap definitions.
+fn generate_assets(dir: &Path) -> CliResult {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let cmd = Cli::command();
+    let mut pages = vec![(cmd.get_name().to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        // clap names are 'static; this process is short-lived, so leaking a few is fine.
+        let name: &'static str = Box::leak(format!("digestfs-{}", sub.get_name()).into_boxed_str());
+        pages.push((name.to_string(), sub.clone().name(name)));
+    }
+    for (name, page) in pages {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        std::fs::write(man.join(format!("{name}.1")), out)?;
+    }
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut Cli::command(), "digestfs", &completions)?;
     }
     Ok(())
 }

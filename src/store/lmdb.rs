@@ -182,6 +182,36 @@ impl Shards {
         Ok(present)
     }
 
+    /// Checks the first keys of every present shard against Pants' key schema.
+    pub fn schema_check(&self) -> Result<usize, StoreError> {
+        use lmdb::Cursor;
+        let mut checked = 0;
+        for shard in 0..16 {
+            let Some(s) = self.shard(shard, false)? else {
+                continue;
+            };
+            let txn = s
+                .env
+                .begin_ro_txn()
+                .map_err(lmdb_err(format!("reading {}", self.dir.display())))?;
+            let mut cursor = txn
+                .open_ro_cursor(s.content)
+                .map_err(lmdb_err(format!("reading {}", self.dir.display())))?;
+            for (key, _) in cursor.iter().take(4).flatten() {
+                if key.len() != 33 || key[32] != 0x02 {
+                    return Err(StoreError::Other(format!(
+                        "{}/{shard:x}: a key of {} bytes ending in {:#04x}; this is not Pants' schema version 2",
+                        self.dir.display(),
+                        key.len(),
+                        key.last().copied().unwrap_or(0)
+                    )));
+                }
+                checked += 1;
+            }
+        }
+        Ok(checked)
+    }
+
     /// The lease end recorded for a blob, if any.
     pub fn lease(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let Some(s) = self.shard(digest.shard(), false)? else {

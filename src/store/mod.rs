@@ -410,6 +410,12 @@ impl Store {
         &self.directories
     }
 
+    /// Checks that the keys of the store follow Pants' schema (33 bytes, version byte 2), on up
+    /// to a few keys per shard; returns how many were checked.
+    pub fn schema_check(&self) -> Result<usize> {
+        Ok(self.files.schema_check()? + self.directories.schema_check()?)
+    }
+
     /// The lease end of a blob, in seconds since the epoch: the LMDB lease, or a large file's
     /// mtime. `None` if it has none.
     pub fn lease(&self, digest: &Digest, directory: bool) -> Result<Option<u64>> {

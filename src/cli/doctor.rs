@@ -1,0 +1,181 @@
+//! `digestfs doctor`: checks what a mount needs, each failure with a one-line fix.
+
+use std::path::{Path, PathBuf};
+
+use crate::fuse::mount::{self, MountState};
+use crate::store::{self, Store};
+
+/// One check's outcome.
+struct Check {
+    ok: bool,
+    what: String,
+    fix: Option<String>,
+}
+
+fn pass(what: impl Into<String>) -> Check {
+    Check {
+        ok: true,
+        what: what.into(),
+        fix: None,
+    }
+}
+
+fn fail(what: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check {
+        ok: false,
+        what: what.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+fn dev_fuse() -> Check {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => pass("/dev/fuse is present and usable"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => fail(
+            "/dev/fuse is missing",
+            "load the module: sudo modprobe fuse",
+        ),
+        Err(e) => fail(
+            format!("/dev/fuse cannot be opened: {e}"),
+            "sudo chmod 0666 /dev/fuse (most distributions ship it so)",
+        ),
+    }
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn fusermount() -> Check {
+    match find_in_path("fusermount3") {
+        Some(p) => pass(format!("fusermount3 is at {}", p.display())),
+        None => fail("fusermount3 is missing", "sudo apt-get install fuse3"),
+    }
+}
+
+fn allow_other() -> Check {
+    let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    let enabled = conf.lines().any(|l| l.trim() == "user_allow_other");
+    if enabled || unsafe { libc::geteuid() } == 0 {
+        pass("--allow-other is permitted")
+    } else {
+        fail(
+            "--allow-other needs user_allow_other in /etc/fuse.conf",
+            "echo user_allow_other | sudo tee -a /etc/fuse.conf",
+        )
+    }
+}
+
+fn kernel() -> Vec<Check> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let root = unsafe { libc::geteuid() } == 0;
+    let passthrough = if version < (6, 9) {
+        format!("FUSE passthrough is unavailable (needs Linux 6.9+, this is {release})")
+    } else if root {
+        "FUSE passthrough is usable (--passthrough on)".to_string()
+    } else {
+        "FUSE passthrough needs CAP_SYS_ADMIN; as this user the ordinary read path is used"
+            .to_string()
+    };
+    vec![pass(format!("kernel {release}")), pass(passthrough)]
+}
+
+fn store_check(dir: &Path) -> Check {
+    if !dir.is_dir() {
+        return fail(
+            format!("no store at {}", dir.display()),
+            "run a Pants build first, or pass --store DIR",
+        );
+    }
+    let shards: Vec<PathBuf> = ["files", "directories"]
+        .iter()
+        .flat_map(|kind| {
+            (0..16).map(move |i| dir.join(kind).join(format!("{i:x}")).join("data.mdb"))
+        })
+        .filter(|p| p.exists())
+        .collect();
+    if shards.is_empty() {
+        return fail(
+            format!(
+                "{} holds no LMDB shards (files/<0-f>, directories/<0-f>)",
+                dir.display()
+            ),
+            "point --store at Pants' lmdb_store directory",
+        );
+    }
+    match Store::open(dir).and_then(|s| s.schema_check()) {
+        Ok(n) => pass(format!(
+            "store {} is readable: {} shards, schema version 2 ({n} keys checked)",
+            dir.display(),
+            shards.len()
+        )),
+        Err(e) => fail(
+            format!("store {}: {e}", dir.display()),
+            "check the path and its permissions",
+        ),
+    }
+}
+
+fn mountpoint_check(mp: &Path) -> Check {
+    match mount::mount_state(mp) {
+        Ok(MountState::Free) if mp.is_dir() => pass(format!("{} is free", mp.display())),
+        Ok(MountState::Free) => fail(
+            format!("{} is not a directory", mp.display()),
+            format!("mkdir -p {}", mp.display()),
+        ),
+        Ok(MountState::Live) => {
+            match mount::find_digestfs_mount(&mount::absolute(mp).unwrap_or_default()) {
+                Ok(Some((m, _))) if m == mount::absolute(mp).unwrap_or_default() => {
+                    pass(format!("{} is a live digestfs mount", mp.display()))
+                }
+                _ => fail(
+                    format!("{} is mounted by something else", mp.display()),
+                    "choose another mountpoint",
+                ),
+            }
+        }
+        Ok(MountState::Stale) => fail(
+            format!("{} is a stale mount (its daemon died)", mp.display()),
+            format!(
+                "fusermount3 -u -z {}  (or just mount again: digestfs recovers it)",
+                mp.display()
+            ),
+        ),
+        Err(e) => fail(format!("{}: {e}", mp.display()), "check the path"),
+    }
+}
+
+/// Runs every check, prints one line each, and returns whether all passed.
+pub fn run(store_dir: Option<PathBuf>, mountpoint: Option<&Path>, want_allow_other: bool) -> bool {
+    let mut checks = vec![dev_fuse(), fusermount()];
+    if want_allow_other {
+        checks.push(allow_other());
+    }
+    checks.extend(kernel());
+    checks.push(store_check(
+        &store_dir.unwrap_or_else(store::default_store_dir),
+    ));
+    if let Some(mp) = mountpoint {
+        checks.push(mountpoint_check(mp));
+    }
+    for c in &checks {
+        match &c.fix {
+            None => println!("ok    {}", c.what),
+            Some(fix) => println!("FAIL  {}\n      fix: {fix}", c.what),
+        }
+    }
+    checks.iter().all(|c| c.ok)
+}
