@@ -41,6 +41,15 @@ pub fn statfs(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Unmounts a mount that no [`Mount`] owns (one made by `mount --daemon`, say) when dropped.
+pub struct UnmountOnDrop<'a>(pub &'a Path);
+
+impl Drop for UnmountOnDrop<'_> {
+    fn drop(&mut self) {
+        teardown(self.0);
+    }
+}
+
 fn teardown(mnt: &Path) {
     for args in [&["-u"][..], &["-u", "-z"][..]] {
         if !is_mounted(mnt) {

@@ -429,17 +429,7 @@ fn daemon_mode_returns_once_the_mount_answers() {
             .arg(&mnt),
         T,
     );
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("fusermount3").arg("-u").arg(self.0).status();
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(self.0)
-                .status();
-        }
-    }
-    let _guard = Unmount(&mnt);
+    let _guard = harness::UnmountOnDrop(&mnt);
     assert!(
         out.status.success(),
         "{}",

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
-use crate::harness::{statfs, Mount};
+use crate::harness::{statfs, Mount, UnmountOnDrop};
 
 fn doctor(store: &Path, extra: &[&str], path_env: Option<&str>) -> (i32, String) {
     let mut cmd = Command::new(bin());
@@ -108,17 +108,7 @@ fn systemd_is_told_when_the_mount_answers() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    struct Guard<'a>(&'a Path);
-    impl Drop for Guard<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("fusermount3").arg("-u").arg(self.0).status();
-            let _ = Command::new("fusermount3")
-                .args(["-u", "-z"])
-                .arg(self.0)
-                .status();
-        }
-    }
-    let _guard = Guard(&mnt);
+    let _guard = UnmountOnDrop(&mnt);
     let mut buf = [0u8; 256];
     let n = sock
         .recv(&mut buf)

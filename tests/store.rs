@@ -414,6 +414,10 @@ fn reading_while_another_process_imports() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        assert!(
+            out.stderr.is_empty(),
+            "no progress bar when stderr is not a terminal"
+        );
         digests.push(String::from_utf8(out.stdout).unwrap());
     }
     assert_eq!(digests[0], digests[1]);
@@ -552,4 +556,27 @@ fn a_map_grown_by_another_process_is_adopted_while_readers_read() {
     for r in readers {
         assert!(r.join().unwrap() > 0);
     }
+}
+
+#[test]
+fn long_operations_show_progress_on_a_terminal() {
+    // `script` gives the command a pseudo-terminal, as a user's shell would.
+    let tmp = fixture_store();
+    let root = tmp.path().join("store");
+    let dest = tmp.path().join("dest");
+    let cmd = format!(
+        "{} --store {} materialize {JAR_TREE} {}",
+        bin().display(),
+        root.display(),
+        dest.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("materializing"), "{screen}");
+    assert!(screen.contains("MiB"), "{screen}");
+    assert!(dest.join("lib/guava.jar").exists());
 }

@@ -2,6 +2,7 @@
 
 mod daemon;
 mod doctor;
+mod progress;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -262,13 +263,20 @@ fn run(cli: Cli) -> CliResult {
         Command::Import { path } => {
             let dir = cli.store.clone().unwrap_or_else(store::default_store_dir);
             let store = Store::create(dir)?;
-            let digest = Importer::new(&store).import_path(&path)?;
+            let bar = progress::bytes(|| progress::disk_size(&path), "importing");
+            let digest = Importer::new(&store)
+                .with_progress(|n| bar.inc(n))
+                .import_path(&path)?;
+            bar.finish_and_clear();
             println!("{digest}");
             Ok(())
         }
         Command::Materialize { digest, dest } => {
             let digest = parse_digest(&digest)?;
-            store::materialize(&*open_store(&cli.store)?, &digest, &dest)?;
+            let store = open_store(&cli.store)?;
+            let bar = progress::bytes(|| progress::tree_size(&store, &digest), "materializing");
+            store::materialize_with_progress(&store, &digest, &dest, &mut |n| bar.inc(n))?;
+            bar.finish_and_clear();
             Ok(())
         }
         Command::Mount(args) => mount_cmd(&cli.store, args),

@@ -185,7 +185,6 @@ pub struct DigestFs {
     files: Mutex<HashMap<u64, Blob>>,
     /// Open blobs for reads that come without a handle.
     blobs: Mutex<LruCache<Digest, Blob>>,
-    dirs: Mutex<HashMap<u64, Arc<Children>>>,
     next_fh: AtomicU64,
     logged: Mutex<HashSet<Digest>>,
     /// Blobs whose content was hashed and found right (with `verify`).
@@ -211,7 +210,6 @@ impl DigestFs {
             bind_lock: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
             blobs: Mutex::new(LruCache::new(NonZeroUsize::new(256).expect("non-zero"))),
-            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             logged: Mutex::new(HashSet::new()),
             verified: Mutex::new(HashSet::new()),
@@ -253,7 +251,7 @@ impl DigestFs {
     }
 
     pub fn open_handles(&self) -> usize {
-        lock(&self.files).len() + lock(&self.dirs).len()
+        lock(&self.files).len()
     }
 
     pub fn cached_entries(&self) -> usize {
@@ -590,39 +588,21 @@ impl DigestFs {
         lock(&self.files).remove(&fh);
     }
 
-    /// Opens a directory, snapshotting its entries so offsets stay valid across rebinds.
-    /// Returns whether the listing is immutable (so the kernel may cache it).
-    pub fn opendir(&self, ino: u64) -> FsResult<(u64, bool)> {
-        let node = self.node(ino)?;
-        if !node.is_dir() {
-            return Err(FsError::NotDir);
-        }
-        let children = self.children(ino, &node)?;
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.dirs).insert(fh, children);
-        Ok((fh, matches!(node, Node::Tree(_) | Node::Merged(_))))
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        lock(&self.dirs).remove(&fh);
-    }
-
     /// Lists entries from `offset` until `add` says the reply is full. With `plus`, each entry
     /// carries attributes and counts as a kernel lookup, taken back if it did not fit.
+    /// Directories are opened without a message (the kernel caches their listings), so there is
+    /// no handle: a namespace directory that a bind changes between two calls lists its new
+    /// entries from the same offset.
     pub fn readdir(
         &self,
         ino: u64,
-        fh: u64,
         offset: u64,
         plus: bool,
         mut add: impl FnMut(&DirEntryOut) -> bool,
     ) -> FsResult<()> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let node = self.node(ino)?;
-        let children = match lock(&self.dirs).get(&fh).cloned() {
-            Some(c) => c,
-            None => self.children(ino, &node)?,
-        };
+        let children = self.children(ino, &node)?;
         let parent_ino = lock(&self.inodes).parent(ino);
         let total = children.len() as u64 + 2;
         for i in offset..total {

@@ -78,14 +78,12 @@ fn lookup_path(fs: &DigestFs, path: &str) -> FsResult<Attr> {
 }
 
 fn names(fs: &DigestFs, ino: u64, plus: bool) -> Vec<String> {
-    let (fh, _) = fs.opendir(ino).unwrap();
     let mut out = Vec::new();
-    fs.readdir(ino, fh, 0, plus, |e| {
+    fs.readdir(ino, 0, plus, |e| {
         out.push(e.name.to_string());
         false
     })
     .unwrap();
-    fs.releasedir(fh);
     out
 }
 
@@ -211,16 +209,15 @@ fn readdirplus_that_does_not_fit_takes_no_reference() {
     f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
     let lib = lookup_path(&f.fs, "v/lib").unwrap();
     let base = f.fs.inode_count();
-    let (fh, _) = f.fs.opendir(lib.ino).unwrap();
     let mut seen = 0;
-    f.fs.readdir(lib.ino, fh, 0, true, |_| {
+    f.fs.readdir(lib.ino, 0, true, |_| {
         seen += 1;
         seen == 3 // ".", "..", then the first entry does not fit
     })
     .unwrap();
     assert_eq!(f.fs.inode_count(), base);
     let mut rest = Vec::new();
-    f.fs.readdir(lib.ino, fh, 2, true, |e| {
+    f.fs.readdir(lib.ino, 2, true, |e| {
         rest.push(e.name.to_string());
         false
     })

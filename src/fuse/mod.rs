@@ -278,11 +278,11 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let res = self.core.readdir(ino.0, fh.0, offset, false, |e| {
+        let res = self.core.readdir(ino.0, offset, false, |e| {
             reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), e.name)
         });
         match res {
@@ -295,12 +295,12 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let ttl = self.ttl;
-        let res = self.core.readdir(ino.0, fh.0, offset, true, |e| {
+        let res = self.core.readdir(ino.0, offset, true, |e| {
             let attr = file_attr(&e.attr.expect("readdirplus entries carry attributes"));
             reply.add(
                 INodeNo(e.ino),
@@ -321,11 +321,10 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.releasedir(fh.0);
         reply.ok();
     }
 

@@ -19,6 +19,8 @@ pub struct Importer<'a> {
     files: Vec<Vec<(Digest, Vec<u8>)>>,
     directories: Vec<Vec<(Digest, Vec<u8>)>>,
     pending_bytes: usize,
+    /// Told the size of each file once it is stored.
+    progress: Option<Box<dyn FnMut(u64) + 'a>>,
 }
 
 fn io_err(context: String) -> impl FnOnce(io::Error) -> StoreError {
@@ -32,7 +34,14 @@ impl<'a> Importer<'a> {
             files: vec![Vec::new(); 16],
             directories: vec![Vec::new(); 16],
             pending_bytes: 0,
+            progress: None,
         }
+    }
+
+    /// Calls `f` with the size of each file as it is imported (for a progress bar).
+    pub fn with_progress(mut self, f: impl FnMut(u64) + 'a) -> Importer<'a> {
+        self.progress = Some(Box::new(f));
+        self
     }
 
     /// Imports a directory (giving its tree digest) or a single file (giving its file digest).
@@ -74,8 +83,12 @@ impl<'a> Importer<'a> {
             } else if meta.is_dir() {
                 EntryKind::Dir(self.import_dir(&path)?)
             } else if meta.is_file() {
+                let digest = self.import_file(&path, &meta)?;
+                if let Some(progress) = self.progress.as_mut() {
+                    progress(meta.len());
+                }
                 EntryKind::File {
-                    digest: self.import_file(&path, &meta)?,
+                    digest,
                     executable: meta.mode() & 0o100 != 0,
                 }
             } else {

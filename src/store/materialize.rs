@@ -19,9 +19,19 @@ fn io_err(context: String) -> impl FnOnce(io::Error) -> StoreError {
 /// Materializes the tree `digest` into `dest`, creating it if needed. Returns the number of files
 /// written.
 pub fn materialize(store: &Store, digest: &Digest, dest: &Path) -> Result<u64, StoreError> {
+    materialize_with_progress(store, digest, dest, &mut |_| {})
+}
+
+/// [`materialize`], calling `progress` with the size of each file once it is written.
+pub fn materialize_with_progress(
+    store: &Store,
+    digest: &Digest,
+    dest: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64, StoreError> {
     make_dir(dest)?;
     let mut files = 0;
-    write_dir(store, digest, dest, &mut files)?;
+    write_dir(store, digest, dest, &mut files, progress)?;
     Ok(files)
 }
 
@@ -38,6 +48,7 @@ fn write_dir(
     digest: &Digest,
     dir: &Path,
     files: &mut u64,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<(), StoreError> {
     let listing = store.load_directory(digest)?;
     for entry in &listing.entries {
@@ -45,11 +56,12 @@ fn write_dir(
         match &entry.kind {
             EntryKind::Dir(sub) => {
                 make_dir(&path)?;
-                write_dir(store, sub, &path, files)?;
+                write_dir(store, sub, &path, files, progress)?;
             }
             EntryKind::File { digest, executable } => {
                 write_file(store, digest, *executable, dir, &path)?;
                 *files += 1;
+                progress(digest.size);
             }
             EntryKind::Symlink(target) => {
                 let ctx = || format!("writing {}", path.display());

@@ -20,7 +20,7 @@ use std::sync::Arc;
 pub use self::digest::{Digest, DigestParseError, LARGE_BLOB_THRESHOLD};
 pub use self::import::Importer;
 pub use self::lmdb::LEASE_SECS;
-pub use self::materialize::materialize;
+pub use self::materialize::{materialize, materialize_with_progress};
 pub use self::tree::{check_name, Entry, EntryKind, Listing, NAME_MAX};
 
 const GIB: usize = 1 << 30;
