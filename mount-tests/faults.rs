@@ -143,12 +143,7 @@ fn the_store_briefly_gone_is_eio_then_serves_again() {
 
 #[test]
 fn a_client_hanging_up_mid_request_changes_nothing() {
-    let ctl = tempfile::tempdir().unwrap();
-    let socket = ctl.path().join("ctl.sock");
-    let m = Mount::fixture(
-        &[("lib", JAR_TREE)],
-        &["--control", socket.to_str().unwrap()],
-    );
+    let (m, socket) = Mount::fixture_with_control(&[("lib", JAR_TREE)], &[]);
     for partial in [
         &br#"{"v":1,"op":"bind","path":"x","dig"#[..],
         b"",
@@ -179,16 +174,7 @@ fn a_client_hanging_up_mid_request_changes_nothing() {
 fn the_mount_is_private_to_its_owner() {
     let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
     let user = crate::views::TempUser::create();
-    let as_user = |args: &[&str]| {
-        run_timeout(
-            Command::new("setpriv")
-                .arg(format!("--reuid={}", user.uid))
-                .arg(format!("--regid={}", user.gid))
-                .arg("--clear-groups")
-                .args(args),
-            Duration::from_secs(30),
-        )
-    };
+    let as_user = |args: &[&str]| user.run(args[0], &args[1..]);
     // The mountpoint's parent must be reachable for the test to mean anything.
     std::fs::set_permissions(m.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = as_user(&["stat", m.path("lib/lib/guava.jar").to_str().unwrap()]);

@@ -71,6 +71,17 @@ impl Mount {
         Mount::over(tmp, binds, extra)
     }
 
+    /// Like [`Mount::fixture`], with the control socket at a path of the test's choosing
+    /// (`<tmp>/ctl/ctl.sock`, returned) instead of the default under the runtime directory.
+    pub fn fixture_with_control(binds: &[(&str, &str)], extra: &[&str]) -> (Mount, PathBuf) {
+        let tmp = fixture_store();
+        let socket = tmp.path().join("ctl").join("ctl.sock");
+        std::fs::create_dir(socket.parent().unwrap()).unwrap();
+        let mut args = extra.to_vec();
+        args.extend(["--control", socket.to_str().unwrap()]);
+        (Mount::over(tmp, binds, &args), socket)
+    }
+
     /// Mounts the store at `tmp/store` on `tmp/mnt`, in the foreground as a child process.
     pub fn over(tmp: tempfile::TempDir, binds: &[(&str, &str)], extra: &[&str]) -> Mount {
         let mnt = tmp.path().join("mnt");

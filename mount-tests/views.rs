@@ -361,9 +361,7 @@ fn raw(socket: &Path, lines: &[&[u8]]) -> Vec<String> {
 
 #[test]
 fn conflicts_and_bad_input_leave_the_view_unchanged() {
-    let ctl = tempfile::tempdir().unwrap();
-    let socket = ctl.path().join("ctl.sock");
-    let m = Mount::fixture(&[], &["--control", socket.to_str().unwrap()]);
+    let (m, socket) = Mount::fixture_with_control(&[], &[]);
     let mnt = m.mnt.to_str().unwrap().to_string();
     let sock = socket.to_str().unwrap();
     let a = m.tmp.path().join("a");
@@ -525,6 +523,21 @@ impl TempUser {
     }
 }
 
+impl TempUser {
+    /// Runs `program args…` as this user, with a time limit.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        run_timeout(
+            Command::new("setpriv")
+                .arg(format!("--reuid={}", self.uid))
+                .arg(format!("--regid={}", self.gid))
+                .arg("--clear-groups")
+                .arg(program)
+                .args(args),
+            Duration::from_secs(60),
+        )
+    }
+}
+
 static USERADD: Mutex<()> = Mutex::new(());
 
 impl Drop for TempUser {
@@ -537,24 +550,10 @@ impl Drop for TempUser {
 #[test]
 fn another_uid_is_refused_by_the_control_socket() {
     use std::os::unix::fs::PermissionsExt;
-    let ctl = tempfile::tempdir().unwrap();
-    let socket = ctl.path().join("ctl.sock");
-    let m = Mount::fixture(
-        &[("lib", JAR_TREE)],
-        &["--control", socket.to_str().unwrap()],
-    );
+    let (m, socket) = Mount::fixture_with_control(&[("lib", JAR_TREE)], &[]);
     let user = TempUser::create();
-    let as_user = |args: &[&str]| {
-        run_timeout(
-            Command::new("setpriv")
-                .arg(format!("--reuid={}", user.uid))
-                .arg(format!("--regid={}", user.gid))
-                .arg("--clear-groups")
-                .arg(bin())
-                .args(args),
-            Duration::from_secs(60),
-        )
-    };
+    let bin = bin();
+    let as_user = |args: &[&str]| user.run(bin.to_str().unwrap(), args);
     let mnt = m.mnt.to_str().unwrap();
     let sock = socket.to_str().unwrap();
     assert_eq!(
@@ -565,7 +564,9 @@ fn another_uid_is_refused_by_the_control_socket() {
     let out = as_user(&["status", mnt, "--control", sock]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     // Even with the modes opened up, the daemon checks the peer's uid.
-    std::fs::set_permissions(ctl.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [m.tmp.path(), socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = as_user(&["bind", mnt, "--control", sock, "x", JAR_TREE]);
     let err = String::from_utf8_lossy(&out.stderr);
