@@ -487,16 +487,7 @@ impl DigestFs {
     /// so a missing or wrong-sized blob fails here with EIO rather than on some later read.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, Blob)> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        if flags & libc::O_ACCMODE != libc::O_RDONLY
-            || flags & (libc::O_TRUNC | libc::O_APPEND) != 0
-        {
-            return Err(FsError::ReadOnly);
-        }
-        let digest = match self.node(ino)? {
-            Node::File { digest, .. } => digest,
-            Node::Symlink(_) => return Err(FsError::NotFound),
-            _ => return Err(FsError::IsDir),
-        };
+        let digest = self.readable_file(ino, flags)?;
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
         let blob = self
             .open_checked(&digest)
@@ -509,13 +500,19 @@ impl DigestFs {
     /// Checks that `ino` may be opened with `flags` (a readable file), without opening it.
     pub fn check_open(&self, ino: u64, flags: i32) -> FsResult<()> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.readable_file(ino, flags).map(|_| ())
+    }
+
+    /// The digest of `ino` if it is a file that `flags` open for reading only; anything that
+    /// could write is EROFS.
+    fn readable_file(&self, ino: u64, flags: i32) -> FsResult<Digest> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY
             || flags & (libc::O_TRUNC | libc::O_APPEND) != 0
         {
             return Err(FsError::ReadOnly);
         }
         match self.node(ino)? {
-            Node::File { .. } => Ok(()),
+            Node::File { digest, .. } => Ok(digest),
             Node::Symlink(_) => Err(FsError::NotFound),
             _ => Err(FsError::IsDir),
         }
@@ -551,12 +548,10 @@ impl DigestFs {
             return Ok(blob);
         }
         let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        let mut offset = 0;
-        while offset < digest.size {
-            let chunk = self.store.read_blob(&blob, offset, 1 << 20)?;
-            sha2::Digest::update(&mut hasher, &chunk);
-            offset += chunk.len() as u64;
-        }
+        self.store.for_each_chunk(&blob, |chunk| {
+            sha2::Digest::update(&mut hasher, chunk);
+            Ok::<_, StoreError>(())
+        })?;
         let hash: [u8; 32] = sha2::Digest::finalize(hasher).into();
         if hash != digest.hash {
             return Err(StoreError::HashMismatch { digest: *digest });

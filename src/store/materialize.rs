@@ -10,8 +10,6 @@ use std::path::Path;
 
 use super::{Digest, EntryKind, Store, StoreError};
 
-const CHUNK: usize = 1 << 20;
-
 fn io_err(context: String) -> impl FnOnce(io::Error) -> StoreError {
     move |source| StoreError::Io { context, source }
 }
@@ -89,12 +87,7 @@ fn write_file(
         .prefix(".digestfs-")
         .tempfile_in(dir)
         .map_err(io_err(ctx()))?;
-    let mut offset = 0;
-    while offset < digest.size {
-        let chunk = store.read_blob(&blob, offset, CHUNK)?;
-        tmp.write_all(&chunk).map_err(io_err(ctx()))?;
-        offset += chunk.len() as u64;
-    }
+    store.for_each_chunk(&blob, |chunk| tmp.write_all(chunk).map_err(io_err(ctx())))?;
     let mode = if executable { 0o555 } else { 0o444 };
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))

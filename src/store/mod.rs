@@ -302,6 +302,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Calls `f` on the blob's bytes in order, 1 MiB at a time, never holding the whole blob.
+    pub fn for_each_chunk<E: From<StoreError>>(
+        &self,
+        blob: &Blob,
+        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let size = blob.digest().size;
+        let mut offset = 0;
+        while offset < size {
+            let chunk = self.read_blob(blob, offset, 1 << 20)?;
+            f(&chunk)?;
+            offset += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
     /// A whole small blob, or any blob via the file path; for the CLI and tests.
     pub fn read_all(&self, digest: &Digest) -> Result<Vec<u8>> {
         let blob = self.open_blob(digest)?;
