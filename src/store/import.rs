@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
@@ -146,39 +146,24 @@ impl<'a> Importer<'a> {
     }
 
     fn write_large(&self, digest: &Digest, src: &mut dyn Read) -> Result<(), StoreError> {
-        let dest = self.store.large_blob_path(digest);
-        if let Ok(existing) = fs::metadata(&dest) {
-            if existing.len() == digest.size {
-                // Already stored: renew its lease, which for large blobs is the mtime.
-                let _ = super::set_lease_mtime(&dest, super::lease_until());
-                return Ok(());
+        let Some(mut w) = self.store.large_blob_writer(digest)? else {
+            return Ok(());
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => w.write(&buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(format!("reading the content of {digest}"))(e)),
             }
         }
-        let dir = dest.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let ctx = || format!("writing {}", dest.display());
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!("{}.", digest.hex()))
-            .suffix(".tmp")
-            .tempfile_in(dir)
-            .map_err(io_err(ctx()))?;
-        let written = copy_hashing(src, tmp.as_file_mut()).map_err(io_err(ctx()))?;
-        if written != *digest {
-            return Err(StoreError::Other(format!(
-                "the content changed while it was imported (expected {digest}, read {written})"
-            )));
-        }
-        tmp.as_file().sync_all().map_err(io_err(ctx()))?;
-        tmp.as_file()
-            .set_permissions(fs::Permissions::from_mode(0o555))
-            .map_err(io_err(ctx()))?;
-        tmp.as_file()
-            .set_modified(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(super::lease_until()),
-            )
-            .map_err(io_err(ctx()))?;
-        tmp.persist(&dest).map_err(|e| io_err(ctx())(e.error))?;
-        Ok(())
+        w.commit().map_err(|e| match e {
+            StoreError::HashMismatch { .. } | StoreError::SizeMismatch { .. } => StoreError::Other(
+                format!("the content changed while it was imported (expected {digest})"),
+            ),
+            e => e,
+        })
     }
 
     fn maybe_flush(&mut self) -> Result<(), StoreError> {
@@ -206,6 +191,93 @@ impl<'a> Importer<'a> {
             }
         }
         self.pending_bytes = 0;
+        Ok(())
+    }
+}
+
+/// Writes one large file blob as Pants does: a temporary file beside its final name, hashed as it
+/// is written, then fsynced, made 0555, given its lease as mtime and renamed into place, only if
+/// its bytes match the digest.
+pub struct LargeBlobWriter {
+    digest: Digest,
+    dest: PathBuf,
+    tmp: tempfile::NamedTempFile,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl LargeBlobWriter {
+    pub(super) fn new(
+        dest: PathBuf,
+        digest: Digest,
+    ) -> Result<Option<LargeBlobWriter>, StoreError> {
+        if let Ok(existing) = fs::metadata(&dest) {
+            if existing.len() == digest.size {
+                // Already stored: renew its lease, which for large blobs is the mtime.
+                let _ = super::set_lease_mtime(&dest, super::lease_until());
+                return Ok(None);
+            }
+        }
+        let dir = dest.parent().expect("blob path has a parent");
+        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{}.", digest.hex()))
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(io_err(format!("writing {}", dest.display())))?;
+        Ok(Some(LargeBlobWriter {
+            digest,
+            dest,
+            tmp,
+            hasher: Sha256::new(),
+            written: 0,
+        }))
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.written += data.len() as u64;
+        if self.written > self.digest.size {
+            return Err(StoreError::SizeMismatch {
+                digest: self.digest,
+                actual: self.written,
+            });
+        }
+        self.hasher.update(data);
+        self.tmp
+            .as_file_mut()
+            .write_all(data)
+            .map_err(io_err(format!("writing {}", self.dest.display())))
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Checks the bytes against the digest and, if they match, puts the blob in place.
+    pub fn commit(self) -> Result<(), StoreError> {
+        let digest = self.digest;
+        if self.written != digest.size {
+            return Err(StoreError::SizeMismatch {
+                digest,
+                actual: self.written,
+            });
+        }
+        if <[u8; 32]>::from(self.hasher.finalize()) != digest.hash {
+            return Err(StoreError::HashMismatch { digest });
+        }
+        let ctx = || format!("writing {}", self.dest.display());
+        let file = self.tmp.as_file();
+        file.sync_all().map_err(io_err(ctx()))?;
+        file.set_permissions(fs::Permissions::from_mode(0o555))
+            .map_err(io_err(ctx()))?;
+        file.set_modified(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(super::lease_until()),
+        )
+        .map_err(io_err(ctx()))?;
+        self.tmp
+            .persist(&self.dest)
+            .map_err(|e| io_err(ctx())(e.error))?;
         Ok(())
     }
 }

@@ -11,6 +11,9 @@ mod materialize;
 pub mod proto;
 mod tree;
 
+#[cfg(test)]
+mod backfill_tests;
+
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -18,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use self::digest::{Digest, DigestParseError, LARGE_BLOB_THRESHOLD};
-pub use self::import::Importer;
+pub use self::import::{Importer, LargeBlobWriter};
 pub use self::lmdb::LEASE_SECS;
 pub use self::materialize::{materialize, materialize_with_progress};
 pub use self::tree::{check_name, Entry, EntryKind, Listing, NAME_MAX};
@@ -58,6 +61,12 @@ pub enum StoreError {
         #[source]
         source: ::lmdb::Error,
     },
+    #[error("fetching {kind} {digest} from the remote CAS: {reason}")]
+    Remote {
+        digest: Digest,
+        kind: &'static str,
+        reason: String,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -86,10 +95,52 @@ pub fn default_store_dir() -> PathBuf {
     cache.join("pants").join("lmdb_store")
 }
 
+/// A handle on one store; clones share its LMDB environments (LMDB forbids opening one
+/// environment twice in a process).
+#[derive(Clone)]
 pub struct Store {
     root: PathBuf,
-    files: lmdb::Shards,
-    directories: lmdb::Shards,
+    files: Arc<lmdb::Shards>,
+    directories: Arc<lmdb::Shards>,
+    backfill: Option<Arc<dyn Backfill>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlobKind {
+    File,
+    Directory,
+}
+
+impl BlobKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BlobKind::File => "file",
+            BlobKind::Directory => "directory",
+        }
+    }
+}
+
+/// Where blobs missing from the local store come from (a remote CAS). `fetch` writes the blob
+/// into `store`, verified, before it returns `Ok(true)`; `Ok(false)` means the source lacks it too.
+pub trait Backfill: Send + Sync {
+    fn fetch(&self, store: &Store, digest: &Digest, kind: BlobKind) -> Result<bool>;
+    /// Whether the source has a file blob, without fetching it.
+    fn contains(&self, digest: &Digest) -> Result<bool>;
+    /// Whether reads of a large blob may be answered by ranges from the source while the whole
+    /// blob is fetched (and only then verified) in the background.
+    fn serves_ranges(&self) -> bool {
+        false
+    }
+    /// Starts fetching a blob into `store` without waiting for it.
+    fn start_fetch(&self, _store: &Store, _digest: &Digest) {}
+    /// Exactly `len` bytes of the blob at `offset` (fewer only at its end), straight from the
+    /// source.
+    fn read_range(&self, digest: &Digest, _offset: u64, _len: usize) -> Result<Vec<u8>> {
+        Err(StoreError::Missing {
+            digest: *digest,
+            kind: "file",
+        })
+    }
 }
 
 /// An open file blob. Small blobs are re-read from LMDB per call (a short transaction each);
@@ -99,6 +150,15 @@ pub enum Blob {
     Empty,
     Lmdb(Digest),
     Large(Digest, Arc<File>),
+    /// A large blob still being fetched: read by ranges from the backfill until it is local.
+    Fetching(Arc<FetchingBlob>),
+}
+
+#[derive(Debug)]
+pub struct FetchingBlob {
+    digest: Digest,
+    /// The local file, once the fetch has put it in place.
+    local: std::sync::OnceLock<Arc<File>>,
 }
 
 impl Blob {
@@ -106,6 +166,7 @@ impl Blob {
         match self {
             Blob::Empty => Digest::EMPTY,
             Blob::Lmdb(d) | Blob::Large(d, _) => *d,
+            Blob::Fetching(f) => f.digest,
         }
     }
 
@@ -148,9 +209,48 @@ impl Store {
 
     fn new_unchecked(root: PathBuf) -> Store {
         Store {
-            files: lmdb::Shards::new(root.join("files"), FILES_MAP_SIZE),
-            directories: lmdb::Shards::new(root.join("directories"), DIRECTORIES_MAP_SIZE),
+            files: Arc::new(lmdb::Shards::new(root.join("files"), FILES_MAP_SIZE)),
+            directories: Arc::new(lmdb::Shards::new(
+                root.join("directories"),
+                DIRECTORIES_MAP_SIZE,
+            )),
             root,
+            backfill: None,
+        }
+    }
+
+    /// Reads of blobs this store lacks will ask `backfill` for them first.
+    pub fn with_backfill(mut self, backfill: Arc<dyn Backfill>) -> Store {
+        self.backfill = Some(backfill);
+        self
+    }
+
+    /// The same store, reading only what is local (for the backfill's own writes and checks).
+    pub fn local_only(&self) -> Store {
+        Store {
+            backfill: None,
+            ..self.clone()
+        }
+    }
+
+    /// After a local miss: fetches the blob if a backfill is set; true when it is now local.
+    fn backfill(&self, digest: &Digest, kind: BlobKind) -> Result<bool> {
+        match &self.backfill {
+            Some(b) => b.fetch(&self.local_only(), digest, kind),
+            None => Ok(false),
+        }
+    }
+
+    /// Runs a local read, and once more after fetching the blob if it was missing.
+    fn local_or_fetched<T>(
+        &self,
+        digest: &Digest,
+        kind: BlobKind,
+        read: impl Fn() -> Result<T>,
+    ) -> Result<T> {
+        match read() {
+            Err(e) if e.is_missing() && self.backfill(digest, kind)? => read(),
+            other => other,
         }
     }
 
@@ -173,6 +273,12 @@ impl Store {
         if *digest == Digest::EMPTY {
             return Ok(Listing::default());
         }
+        self.local_or_fetched(digest, BlobKind::Directory, || {
+            self.load_local_directory(digest)
+        })
+    }
+
+    fn load_local_directory(&self, digest: &Digest) -> Result<Listing> {
         let decoded = self.directories.with_value(digest, |bytes| {
             if Digest::of_bytes(bytes) != *digest {
                 return Err(StoreError::HashMismatch { digest: *digest });
@@ -190,16 +296,40 @@ impl Store {
         if *digest == Digest::EMPTY {
             return Ok(Vec::new());
         }
-        self.directories
-            .with_value(digest, |b| b.to_vec())?
-            .ok_or(StoreError::Missing {
-                digest: *digest,
-                kind: "directory",
-            })
+        self.local_or_fetched(digest, BlobKind::Directory, || {
+            self.directories
+                .with_value(digest, |b| b.to_vec())?
+                .ok_or(StoreError::Missing {
+                    digest: *digest,
+                    kind: "directory",
+                })
+        })
     }
 
-    /// Opens a file blob after checking that it is present and of the right length.
+    /// Opens a file blob after checking that it is present and of the right length. A missing
+    /// blob is fetched first, or, for large blobs from a backfill that serves ranges, opened
+    /// for ranged reads while it is fetched.
     pub fn open_blob(&self, digest: &Digest) -> Result<Blob> {
+        if let Some(b) = self
+            .backfill
+            .as_ref()
+            .filter(|b| digest.is_large() && b.serves_ranges())
+        {
+            return match self.open_local_blob(digest) {
+                Err(e) if e.is_missing() => {
+                    b.start_fetch(&self.local_only(), digest);
+                    Ok(Blob::Fetching(Arc::new(FetchingBlob {
+                        digest: *digest,
+                        local: std::sync::OnceLock::new(),
+                    })))
+                }
+                other => other,
+            };
+        }
+        self.local_or_fetched(digest, BlobKind::File, || self.open_local_blob(digest))
+    }
+
+    fn open_local_blob(&self, digest: &Digest) -> Result<Blob> {
         if digest.is_empty() {
             return if *digest == Digest::EMPTY {
                 Ok(Blob::Empty)
@@ -276,25 +406,41 @@ impl Store {
                     });
                 }
             }
-            Blob::Large(d, file) => {
-                out.resize(want, 0);
-                let mut done = 0;
-                while done < want {
-                    match file.read_at(&mut out[done..], offset + done as u64) {
-                        Ok(0) => {
-                            return Err(StoreError::SizeMismatch {
-                                digest: *d,
-                                actual: offset + done as u64,
-                            })
+            Blob::Large(d, file) => pread_exact(d, file, offset, want, &mut out)?,
+            Blob::Fetching(f) => {
+                if f.local.get().is_none() {
+                    match self.open_local_blob(&f.digest) {
+                        Ok(Blob::Large(_, file)) => {
+                            let _ = f.local.set(file);
                         }
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(source) => {
-                            return Err(StoreError::Io {
-                                context: format!("reading blob {d}"),
-                                source,
-                            })
+                        Err(e) if !e.is_missing() => return Err(e),
+                        _ => {}
+                    }
+                }
+                if let (None, Some(b)) = (f.local.get(), &self.backfill) {
+                    // Restarts a fetch that failed; joins the one under way otherwise.
+                    b.start_fetch(&self.local_only(), &f.digest);
+                }
+                match (f.local.get(), &self.backfill) {
+                    (Some(file), _) => pread_exact(&f.digest, file, offset, want, &mut out)?,
+                    (None, Some(b)) => {
+                        out = b.read_range(&f.digest, offset, want)?;
+                        if out.len() != want {
+                            return Err(StoreError::Remote {
+                                digest: f.digest,
+                                kind: "file",
+                                reason: format!(
+                                    "asked for {want} bytes at {offset}, got {}",
+                                    out.len()
+                                ),
+                            });
                         }
+                    }
+                    (None, None) => {
+                        return Err(StoreError::Missing {
+                            digest: f.digest,
+                            kind: "file",
+                        })
                     }
                 }
             }
@@ -324,13 +470,51 @@ impl Store {
         self.read_blob(&blob, 0, digest.size as usize)
     }
 
-    /// Whether a file blob is present, without reading it.
+    /// Whether a file blob is present (or, with a backfill, can be fetched), without reading it.
     pub fn has_file(&self, digest: &Digest) -> Result<bool> {
-        match self.open_blob(digest) {
+        match self.open_local_blob(digest) {
             Ok(_) => Ok(true),
-            Err(e) if e.is_missing() => Ok(false),
+            Err(e) if e.is_missing() => match &self.backfill {
+                Some(b) => b.contains(digest),
+                None => Ok(false),
+            },
             Err(e) => Err(e),
         }
+    }
+
+    /// Stores a blob that arrived from elsewhere, after checking it hashes to `digest`. Small
+    /// blobs go to LMDB, large file blobs to `immutable/files`, as Pants would write them.
+    pub fn put_verified(&self, kind: BlobKind, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        if bytes.len() as u64 != digest.size {
+            return Err(StoreError::SizeMismatch {
+                digest: *digest,
+                actual: bytes.len() as u64,
+            });
+        }
+        if Digest::of_bytes(bytes) != *digest {
+            return Err(StoreError::HashMismatch { digest: *digest });
+        }
+        if digest.is_empty() {
+            return Ok(());
+        }
+        match kind {
+            BlobKind::Directory => self.put_directories(digest.shard(), &[(*digest, bytes)]),
+            BlobKind::File if digest.is_large() => match self.large_blob_writer(digest)? {
+                Some(mut w) => {
+                    w.write(bytes)?;
+                    w.commit()
+                }
+                None => Ok(()),
+            },
+            BlobKind::File => self.put_small_files(digest.shard(), &[(*digest, bytes)]),
+        }
+    }
+
+    /// A writer for a large file blob, or `None` if the blob is already stored (its lease is
+    /// renewed then). Nothing is visible under the blob's name until `commit` has checked the
+    /// bytes against the digest.
+    pub fn large_blob_writer(&self, digest: &Digest) -> Result<Option<LargeBlobWriter>> {
+        LargeBlobWriter::new(self.large_blob_path(digest), *digest)
     }
 
     pub(crate) fn put_small_files(&self, shard: usize, blobs: &[(Digest, &[u8])]) -> Result<()> {
@@ -447,6 +631,32 @@ impl Store {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_secs()))
     }
+}
+
+/// Fills `out` with `want` bytes of a large blob's file at `offset`; a file that ends early
+/// (truncated under us) is an error, never a short read.
+fn pread_exact(d: &Digest, file: &File, offset: u64, want: usize, out: &mut Vec<u8>) -> Result<()> {
+    out.resize(want, 0);
+    let mut done = 0;
+    while done < want {
+        match file.read_at(&mut out[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(StoreError::SizeMismatch {
+                    digest: *d,
+                    actual: offset + done as u64,
+                })
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    context: format!("reading blob {d}"),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A large blob's lease is its mtime, set to when the lease ends.
