@@ -10,7 +10,6 @@ use std::time::Duration;
 use crate::common::*;
 use crate::harness::Mount;
 
-const JANSI: &str = "b56b71ae02b2451dfedd660d890d4e13b71b81b46f988475bf8af0a04c8ea0d5-94545";
 const COMMONS_LANG3: &str =
     "eb2667f24a588f6c87f4875fed97e5aa7303eb6cfa4f32d0691dfd2ed4cf64d2-595165";
 
@@ -64,20 +63,8 @@ fn blobs_deleted_while_open_and_while_not() {
 
 #[test]
 fn a_small_blob_deleted_from_lmdb_is_eio() {
-    use lmdb::Transaction;
     let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
-    let d: digestfs::store::Digest = JANSI.parse().unwrap();
-    // Delete it the way Pants' GC does: from another process's handle on the environment.
-    {
-        let env = lmdb::Environment::new()
-            .set_max_dbs(2)
-            .open(&m.store.join(format!("files/{:x}", d.shard())))
-            .unwrap();
-        let db = env.open_db(Some("content-versioned")).unwrap();
-        let mut txn = env.begin_rw_txn().unwrap();
-        txn.del(db, &d.lmdb_key(), None).unwrap();
-        txn.commit().unwrap();
-    }
+    delete_small_blob(&m.store, JANSI);
     let err = cat(&m.path("lib/lib/jansi.jar")).unwrap_err();
     assert!(err.contains("Input/output error"), "{err}");
     assert!(cat(&m.path("lib/lib/guava.jar")).is_ok());

@@ -6,6 +6,7 @@ mod common;
 mod faults;
 mod harness;
 mod packaging;
+mod remote;
 mod views;
 
 use std::collections::BTreeMap;

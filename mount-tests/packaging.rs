@@ -144,3 +144,34 @@ fn systemd_is_told_when_the_mount_answers() {
     .unwrap();
     assert!(unit.contains("Type=notify") && unit.contains("ExecStart=/usr/bin/digestfs mount %I"));
 }
+
+#[test]
+fn a_bind_shows_its_check_on_a_terminal_and_stays_quiet_when_piped() {
+    let (m, socket) = Mount::fixture_with_control(&[], &[]);
+    let bind = |path: &str| {
+        format!(
+            "{} bind --control {} {} {path} {JAR_TREE}",
+            bin().display(),
+            socket.display(),
+            m.mnt.display()
+        )
+    };
+    // `script` gives the command a pseudo-terminal, as a user's shell would.
+    let out = run_timeout(
+        Command::new("script").args(["-qec", &bind("a"), "/dev/null"]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        screen.contains(&format!("checking {JAR_TREE}")) && screen.contains("directories"),
+        "{screen}"
+    );
+    let out = run_timeout(
+        Command::new("sh").args(["-c", &bind("b")]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.is_empty() && out.stdout.is_empty(), "{out:?}");
+    assert!(m.path("a/lib/guava.jar").exists() && m.path("b/lib/guava.jar").exists());
+}

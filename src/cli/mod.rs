@@ -3,6 +3,7 @@
 mod daemon;
 mod doctor;
 mod progress;
+mod remote;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -16,13 +17,16 @@ use crate::control::{self, protocol::Request, protocol::Response, protocol::Whic
 use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
 use crate::fuse::mount::{self, MountConfig};
 use crate::fuse::Passthrough;
+use crate::remote::Remote;
 use crate::store::{self, Digest, EntryKind, Importer, Store};
+use remote::RemoteArgs;
 
 const EXAMPLES: &str = "\
 Examples:
   digestfs import ./lib                        # store a directory, print its digest
   digestfs ls -R 93091a24…cd1-78               # list a tree
   digestfs mount --bind jvm/resolves/jvm-default/lib=<digest> --daemon /mnt/view
+  digestfs mount --remote-store-address grpc://cache:8980 --bind lib=<digest> /mnt/view
   digestfs unmount /mnt/view
 
 Logging: RUST_LOG=debug digestfs …  (default: info for digestfs, warn otherwise)
@@ -47,13 +51,35 @@ enum Command {
         recursive: bool,
         /// A Directory digest, <64 hex>-<size> or <64 hex>/<size>
         digest: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Write a file blob to stdout
-    Cat { digest: String },
+    Cat {
+        digest: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Put a directory (or file) from disk into the store; prints its digest
     Import { path: PathBuf },
     /// Copy a tree out of the store (the fallback where FUSE is unavailable)
-    Materialize { digest: String, dest: PathBuf },
+    Materialize {
+        digest: String,
+        dest: PathBuf,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Upload trees from the local store to a remote CAS (only the blobs it lacks)
+    #[command(
+        after_help = "Example:\n  digestfs push --remote-store-address grpc://cache.internal:8980 <digest>"
+    )]
+    Push {
+        /// Directory digests of the trees to upload
+        #[arg(required = true)]
+        digests: Vec<String>,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
     /// Mount a read-only view of the store
     #[command(
         after_help = "Example:\n  digestfs mount --bind jvm/resolves/jvm-default/lib=<digest> --daemon /mnt/view"
@@ -197,7 +223,13 @@ struct MountArgs {
     /// With --daemon, append logs to this file (otherwise they are discarded)
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
+    /// After each bind, fetch the tree's missing files from the remote CAS in the background
+    /// (progress in `digestfs status`); without it, files are fetched on first read
+    #[arg(long, requires = "remote_store_address")]
+    prefetch: bool,
     mountpoint: PathBuf,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 /// A failure reported as one line; exit code 1.
@@ -244,8 +276,24 @@ fn init_logging(file: Option<&Path>) {
 }
 
 fn open_store(cli_store: &Option<PathBuf>) -> Result<Arc<Store>, Failure> {
+    Ok(open_store_with_remote(cli_store, None)?.0)
+}
+
+/// The local store, reading through to the remote CAS if one is given. With a remote the local
+/// store may start empty, so it is created if need be.
+fn open_store_with_remote(
+    cli_store: &Option<PathBuf>,
+    remote: Option<&RemoteArgs>,
+) -> Result<(Arc<Store>, Option<Arc<Remote>>), Failure> {
     let dir = cli_store.clone().unwrap_or_else(store::default_store_dir);
-    Ok(Arc::new(Store::open(dir)?))
+    match remote.map(RemoteArgs::config).transpose()?.flatten() {
+        None => Ok((Arc::new(Store::open(dir)?), None)),
+        Some(cfg) => {
+            let remote = Remote::new(cfg)?;
+            let store = Store::create(dir)?.with_backfill(remote.clone());
+            Ok((Arc::new(store), Some(remote)))
+        }
+    }
 }
 
 fn parse_digest(s: &str) -> Result<Digest, Failure> {
@@ -254,12 +302,36 @@ fn parse_digest(s: &str) -> Result<Digest, Failure> {
 
 fn run(cli: Cli) -> CliResult {
     match cli.command {
-        Command::Ls { recursive, digest } => ls(
-            &*open_store(&cli.store)?,
+        Command::Ls {
+            recursive,
+            digest,
+            remote,
+        } => ls(
+            &open_store_with_remote(&cli.store, Some(&remote))?.0,
             &parse_digest(&digest)?,
             recursive,
         ),
-        Command::Cat { digest } => cat(&*open_store(&cli.store)?, &parse_digest(&digest)?),
+        Command::Cat { digest, remote } => cat(
+            &open_store_with_remote(&cli.store, Some(&remote))?.0,
+            &parse_digest(&digest)?,
+        ),
+        Command::Push { digests, remote } => {
+            let digests = digests
+                .iter()
+                .map(|d| parse_digest(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            let store = open_store(&cli.store)?;
+            let cfg = remote
+                .config()?
+                .ok_or_else(|| Failure("push needs --remote-store-address".into()))?;
+            let address = cfg.address.clone();
+            let report = Remote::new(cfg)?.push(&store, &digests)?;
+            println!(
+                "{address}: {} of {} blobs were missing, uploaded {} bytes",
+                report.missing, report.blobs, report.bytes_sent
+            );
+            Ok(())
+        }
         Command::Import { path } => {
             let dir = cli.store.clone().unwrap_or_else(store::default_store_dir);
             let store = Store::create(dir)?;
@@ -271,9 +343,13 @@ fn run(cli: Cli) -> CliResult {
             println!("{digest}");
             Ok(())
         }
-        Command::Materialize { digest, dest } => {
+        Command::Materialize {
+            digest,
+            dest,
+            remote,
+        } => {
             let digest = parse_digest(&digest)?;
-            let store = open_store(&cli.store)?;
+            let store = open_store_with_remote(&cli.store, Some(&remote))?.0;
             let bar = progress::bytes(|| progress::tree_size(&store, &digest), "materializing");
             store::materialize_with_progress(&store, &digest, &dest, &mut |n| bar.inc(n))?;
             bar.finish_and_clear();
@@ -288,12 +364,27 @@ fn run(cli: Cli) -> CliResult {
             no_verify,
         } => {
             parse_digest(&digest)?;
-            let resp = target.call(Request::Bind {
+            let socket = target.socket()?;
+            // The daemon checks every Directory of the tree (fetching any from a remote CAS):
+            // on a terminal, count them from its status while the bind is under way.
+            let checked = || {
+                control::call(&socket, &Request::Status)
+                    .ok()
+                    .and_then(|r| r.status)
+                    .map(|s| s.verified_dirs)
+            };
+            let what = format!("checking {digest}");
+            let request = Request::Bind {
                 path,
                 digest,
                 layer,
                 verify: !no_verify,
-            })?;
+            };
+            let resp = if no_verify {
+                target.call(request)
+            } else {
+                progress::counting(&what, "directories", checked, || target.call(request))
+            }?;
             if resp.changed == Some(false) {
                 eprintln!("digestfs: already bound; nothing changed");
             }
@@ -358,6 +449,9 @@ fn run(cli: Cli) -> CliResult {
                     s.lease_last_missing,
                     s.lease_rounds
                 );
+            }
+            if let Some(r) = &s.remote {
+                remote::print_status(r);
             }
             Ok(())
         }
@@ -521,7 +615,7 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
     // Before any thread starts, so that only the mount's signal thread ever takes SIGTERM.
     mount::block_signals();
     let run = || -> CliResult {
-        let store = open_store(cli_store)?;
+        let (store, remote) = open_store_with_remote(cli_store, Some(&args.remote))?;
         let core = Arc::new(DigestFs::new(
             store,
             FsConfig {
@@ -530,6 +624,9 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
                 ..FsConfig::default()
             },
         ));
+        if let (true, Some(remote)) = (args.prefetch, &remote) {
+            remote::spawn_prefetcher(&core, remote.clone())?;
+        }
         for bind in &args.binds {
             let (path, digest) = bind
                 .rsplit_once('=')
@@ -560,12 +657,14 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
                 mountpoint: mountpoint.clone(),
                 store: core.store().root().to_path_buf(),
                 started: std::time::Instant::now(),
+                remote: remote.clone(),
             },
         )?;
         log::info!("control socket at {}", socket.display());
         if args.lease_interval > 0 {
             let (poke, wake) = crossbeam_channel::bounded(64);
-            core.set_lease_poke(poke);
+            // If the keeper is behind, its next full round covers a bound tree too.
+            core.watch_binds(poke);
             crate::lease::spawn(core.clone(), Duration::from_secs(args.lease_interval), wake)?;
         }
         let cfg = MountConfig {

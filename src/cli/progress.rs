@@ -28,6 +28,45 @@ pub fn bytes(total: impl FnOnce() -> Option<u64>, what: &'static str) -> Progres
     bar
 }
 
+/// Runs `work` while a spinner on a terminal shows how far `poll` (a counter kept elsewhere, such
+/// as the daemon's) has moved since it started. Nothing is polled or drawn when stderr is not a
+/// terminal.
+pub fn counting<T>(
+    what: &str,
+    unit: &str,
+    poll: impl Fn() -> Option<u64> + Sync,
+    work: impl FnOnce() -> T,
+) -> T {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return work();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(&format!("{{spinner}} {{msg}}: {{pos}} {unit}"))
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar.tick();
+    let start = poll().unwrap_or(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(n) = poll() {
+                    bar.set_position(n.saturating_sub(start));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let out = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        out
+    });
+    bar.finish_and_clear();
+    out
+}
+
 /// Bytes in the regular files under `path` (or of `path` itself); `None` if it cannot be read.
 pub fn disk_size(path: &Path) -> Option<u64> {
     let meta = std::fs::symlink_metadata(path).ok()?;

@@ -132,6 +132,7 @@ pub struct MountInfo {
     pub mountpoint: PathBuf,
     pub store: PathBuf,
     pub started: Instant,
+    pub remote: Option<std::sync::Arc<crate::remote::Remote>>,
 }
 
 fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
@@ -284,6 +285,8 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
                     lease_last_unix: load(&s.lease_last_unix),
                     lease_last_renewed: load(&s.lease_last_renewed),
                     lease_last_missing: load(&s.lease_last_missing),
+                    verified_dirs: load(&s.verified_dirs),
+                    remote: info.remote.as_ref().map(|r| r.status()),
                 }),
                 ..Response::ok()
             }

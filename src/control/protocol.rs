@@ -77,6 +77,12 @@ pub struct StatusInfo {
     pub lease_last_unix: u64,
     pub lease_last_renewed: u64,
     pub lease_last_missing: u64,
+    /// `Directory`s checked by binds since the mount started.
+    #[serde(default)]
+    pub verified_dirs: u64,
+    /// Present when the mount reads through to a remote CAS.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub remote: Option<crate::remote::RemoteStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

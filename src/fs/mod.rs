@@ -149,6 +149,8 @@ pub struct Stats {
     pub read_bytes: AtomicU64,
     pub opens: AtomicU64,
     pub errors: AtomicU64,
+    /// `Directory`s checked by binds, for the client's progress display.
+    pub verified_dirs: AtomicU64,
     pub lease_rounds: AtomicU64,
     pub lease_last_unix: AtomicU64,
     pub lease_last_renewed: AtomicU64,
@@ -191,7 +193,7 @@ pub struct DigestFs {
     verified: Mutex<HashSet<Digest>>,
     invalidator: OnceLock<Box<dyn Invalidator>>,
     /// Tells the lease keeper about each newly bound tree.
-    lease_poke: OnceLock<crossbeam_channel::Sender<Digest>>,
+    bind_watchers: Mutex<Vec<crossbeam_channel::Sender<Digest>>>,
     pub stats: Stats,
 }
 
@@ -214,7 +216,7 @@ impl DigestFs {
             logged: Mutex::new(HashSet::new()),
             verified: Mutex::new(HashSet::new()),
             invalidator: OnceLock::new(),
-            lease_poke: OnceLock::new(),
+            bind_watchers: Mutex::default(),
             config,
             stats: Stats::default(),
         }
@@ -225,9 +227,10 @@ impl DigestFs {
         let _ = self.invalidator.set(inv);
     }
 
-    /// Where binds announce themselves to the lease keeper.
-    pub fn set_lease_poke(&self, poke: crossbeam_channel::Sender<Digest>) {
-        let _ = self.lease_poke.set(poke);
+    /// Every successful bind sends its tree's digest here (the lease keeper, the prefetcher).
+    /// A full channel drops the message: watchers must not hold up binds.
+    pub fn watch_binds(&self, watcher: crossbeam_channel::Sender<Digest>) {
+        lock(&self.bind_watchers).push(watcher);
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -266,7 +269,8 @@ impl DigestFs {
             | StoreError::SizeMismatch { digest, .. }
             | StoreError::HashMismatch { digest }
             | StoreError::CorruptDirectory { digest, .. }
-            | StoreError::BadName { digest, .. } => Some(*digest),
+            | StoreError::BadName { digest, .. }
+            | StoreError::Remote { digest, .. } => Some(*digest),
             _ => None,
         };
         let first = match digest {
@@ -717,9 +721,8 @@ impl DigestFs {
         }
         let next = current.with_view(&parts, Some(view))?;
         let change = self.swap(&current, next, &parts);
-        if let Some(poke) = self.lease_poke.get() {
-            // If the keeper is behind, its next full round covers this tree too.
-            let _ = poke.try_send(digest);
+        for watcher in lock(&self.bind_watchers).iter() {
+            let _ = watcher.try_send(digest);
         }
         Ok(change)
     }
@@ -809,6 +812,7 @@ impl DigestFs {
                 continue;
             }
             let listing = self.store.load_directory(&d).map_err(|e| e.to_string())?;
+            self.stats.verified_dirs.fetch_add(1, Ordering::Relaxed);
             for e in listing.entries {
                 if let EntryKind::Dir(sub) = e.kind {
                     todo.push(sub);

@@ -14,6 +14,7 @@ pub const SRC_FOLLOWED: &str =
     "d1809efb519708d7ad9680803b5fc005e9f92f119e04e8d96937fcee03a75ee4-669";
 pub const SRC_SYMLINKS: &str =
     "9d647aac3d36f1a59c80f778864ee2e8f2a00e2527f0e7d5dfd221298da279e6-634";
+pub const JANSI: &str = "b56b71ae02b2451dfedd660d890d4e13b71b81b46f988475bf8af0a04c8ea0d5-94545";
 pub const GUAVA: &str = "1d4ca0e3ee66921e8cb6521b62ecce32cc62abad391bf70b2fd14d40e7681f3a-2920436";
 
 pub fn bin() -> PathBuf {
@@ -182,6 +183,21 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         stdout: t_out.join().unwrap(),
         stderr: t_err.join().unwrap(),
     }
+}
+
+/// Deletes a small file blob from the store's LMDB shard the way Pants' GC does: from another
+/// handle on the environment than any reader's.
+pub fn delete_small_blob(store: &Path, digest: &str) {
+    use lmdb::Transaction;
+    let d: digestfs::store::Digest = digest.parse().unwrap();
+    let env = lmdb::Environment::new()
+        .set_max_dbs(2)
+        .open(&store.join(format!("files/{:x}", d.shard())))
+        .unwrap();
+    let db = env.open_db(Some("content-versioned")).unwrap();
+    let mut txn = env.begin_rw_txn().unwrap();
+    txn.del(db, &d.lmdb_key(), None).unwrap();
+    txn.commit().unwrap();
 }
 
 /// Runs `digestfs --store STORE ARGS…` with a 60 s limit.

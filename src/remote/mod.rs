@@ -1,0 +1,732 @@
+//! Blobs the local store lacks, fetched from a remote REAPI CAS (Buildbarn, BuildGrid,
+//! bazel-remote, ...). Every fetched blob is checked against its digest before it is written into
+//! the local store in Pants' format, and only then served; concurrent requests for one blob share
+//! one fetch. The store layer sees this only as a [`Backfill`].
+
+pub mod client;
+pub mod proto;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::client::{Client, RemoteConfig, RemoteError};
+use crate::store::{Backfill, BlobKind, Digest, EntryKind, Store, StoreError};
+
+/// What a server takes in one batch call when it does not say (REAPI's usual 4 MiB, less room
+/// for the message around the data).
+const DEFAULT_MAX_BATCH: u64 = 4 * 1024 * 1024 - 64 * 1024;
+const REFUSED: &str = "the remote CAS sent bytes that do not match the digest; refused";
+/// FindMissingBlobs asks about this many digests per call.
+const FIND_MISSING_CHUNK: usize = 1000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One fetch that any number of readers wait for.
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Result<bool, String>>>,
+    /// Bytes received so far: waiters give up only when this stops moving.
+    progress: AtomicU64,
+    done: Condvar,
+}
+
+impl Flight {
+    fn finish(&self, res: Result<bool, String>) {
+        *lock(&self.result) = Some(res);
+        self.done.notify_all();
+    }
+
+    /// The fetch's result, or `None` once it has made no progress for `idle`.
+    fn wait(&self, idle: Duration) -> Option<Result<bool, String>> {
+        let mut guard = lock(&self.result);
+        let mut seen = self.progress.load(Ordering::Relaxed);
+        loop {
+            if let Some(r) = guard.as_ref() {
+                return Some(r.clone());
+            }
+            let (g, timeout) = self
+                .done
+                .wait_timeout(guard, idle)
+                .unwrap_or_else(|p| p.into_inner());
+            guard = g;
+            if timeout.timed_out() && guard.is_none() {
+                let now = self.progress.load(Ordering::Relaxed);
+                if now == seen {
+                    return None;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    blobs_fetched: AtomicU64,
+    bytes_fetched: AtomicU64,
+    refused_corrupt: AtomicU64,
+    fetch_failures: AtomicU64,
+    joined: AtomicU64,
+    ranged_reads: AtomicU64,
+    ranged_bytes: AtomicU64,
+    prefetch_running: AtomicU64,
+    prefetch_trees: AtomicU64,
+    prefetch_blobs_total: AtomicU64,
+    prefetch_blobs_done: AtomicU64,
+    prefetch_blobs_failed: AtomicU64,
+    prefetch_bytes_total: AtomicU64,
+    prefetch_bytes_done: AtomicU64,
+}
+
+struct Shared {
+    client: Client,
+    counters: Counters,
+    flights: Mutex<HashMap<(Digest, BlobKind), Arc<Flight>>>,
+    get_tree_unsupported: AtomicBool,
+    max_batch: AtomicU64,
+    /// Blobs the remote sent corrupt; ranged reads of them are refused from then on.
+    refused: Mutex<HashSet<Digest>>,
+}
+
+/// The remote CAS as the daemon and the CLI use it: blocking calls over a small runtime of its own.
+pub struct Remote {
+    rt: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    cfg: RemoteConfig,
+}
+
+/// The remote's part of `digestfs status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteStatus {
+    pub address: String,
+    pub instance_name: String,
+    /// "ok" (the last call got an answer), "failing" (the last call failed), or "unknown".
+    pub health: String,
+    pub last_error: Option<String>,
+    pub last_ok_unix: u64,
+    pub last_failure_unix: u64,
+    pub calls: u64,
+    pub call_failures: u64,
+    pub retries: u64,
+    pub find_missing_calls: u64,
+    pub batch_reads: u64,
+    pub bytestream_reads: u64,
+    pub get_tree_calls: u64,
+    pub bytes_received: u64,
+    /// Blobs fetched, verified and written into the local store.
+    pub blobs_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Blobs whose bytes did not match their digest; never stored or served.
+    pub refused_corrupt: u64,
+    pub fetch_failures: u64,
+    /// Requests that waited for a fetch another request had started.
+    pub joined_fetches: u64,
+    /// Reads answered by a ranged `ByteStream.Read` before the whole blob was local
+    /// (`--remote-ranged-reads`), and their bytes.
+    pub ranged_reads: u64,
+    pub ranged_bytes: u64,
+    pub prefetch: PrefetchStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchStatus {
+    pub running: u64,
+    pub trees: u64,
+    pub blobs_total: u64,
+    pub blobs_done: u64,
+    pub blobs_failed: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+}
+
+/// What `push` did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PushReport {
+    pub blobs: usize,
+    pub missing: usize,
+    pub bytes_sent: u64,
+}
+
+impl Remote {
+    /// Sets up the client; connects on first use. Checks the server's capabilities in the
+    /// background, so `status` shows its health from the start.
+    pub fn new(cfg: RemoteConfig) -> Result<Arc<Remote>, RemoteError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("digestfs-remote")
+            .enable_all()
+            .build()
+            .map_err(|e| RemoteError::Config(format!("starting the remote client: {e}")))?;
+        let client = {
+            let _guard = rt.enter();
+            Client::new(&cfg)?
+        };
+        let remote = Arc::new(Remote {
+            rt,
+            shared: Arc::new(Shared {
+                client,
+                counters: Counters::default(),
+                flights: Mutex::default(),
+                get_tree_unsupported: AtomicBool::new(false),
+                max_batch: AtomicU64::new(DEFAULT_MAX_BATCH),
+                refused: Mutex::default(),
+            }),
+            cfg,
+        });
+        let shared = remote.shared.clone();
+        let address = remote.cfg.address.clone();
+        remote.rt.spawn(async move {
+            match shared.client.capabilities().await {
+                Ok(caps) => shared.adopt(&caps, &address),
+                Err(e) => log::warn!("remote CAS {address}: {e}"),
+            }
+        });
+        Ok(remote)
+    }
+
+    pub fn config(&self) -> &RemoteConfig {
+        &self.cfg
+    }
+
+    /// Fetches one blob into `store`, joining a fetch of it already under way. Gives up (an error,
+    /// EIO to a reader) once the fetch has made no progress for the timeout.
+    pub fn fetch(
+        &self,
+        store: &Store,
+        digest: &Digest,
+        kind: BlobKind,
+    ) -> Result<bool, StoreError> {
+        let flight = self.flight(store, digest, kind, true);
+        let remote_err = |reason: String| StoreError::Remote {
+            digest: *digest,
+            kind: kind.name(),
+            reason,
+        };
+        match flight.wait(self.cfg.timeout) {
+            Some(Ok(found)) => Ok(found),
+            Some(Err(reason)) => Err(remote_err(reason)),
+            None => Err(remote_err(format!(
+                "no progress within {:.1} s",
+                self.cfg.timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// The fetch of a blob: the one under way, or a new one.
+    fn flight(&self, store: &Store, digest: &Digest, kind: BlobKind, waiter: bool) -> Arc<Flight> {
+        let key = (*digest, kind);
+        let (flight, lead) = {
+            let mut flights = lock(&self.shared.flights);
+            match flights.get(&key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    flights.insert(key, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if lead {
+            let shared = self.shared.clone();
+            let store = store.local_only();
+            let f = flight.clone();
+            // The fetch runs on its own, so a reader that gives up does not cancel it for others.
+            self.rt.spawn(async move {
+                let res = shared.fetch_into(&store, key.0, key.1, &f).await;
+                if let Err(e) = &res {
+                    shared
+                        .counters
+                        .fetch_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    // Callers report it, naming the path where there is one.
+                    log::debug!("fetching {} {}: {e}", key.1.name(), key.0);
+                }
+                lock(&shared.flights).remove(&key);
+                f.finish(res);
+            });
+        } else if waiter {
+            self.shared.counters.joined.fetch_add(1, Ordering::Relaxed);
+        }
+        flight
+    }
+
+    /// Bytes of a large blob straight from the remote, unverified, for `--remote-ranged-reads`.
+    /// Refused once the blob's full fetch has found it corrupt.
+    pub fn read_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        let err = |reason: String| StoreError::Remote {
+            digest: *digest,
+            kind: "file",
+            reason,
+        };
+        if lock(&self.shared.refused).contains(digest) {
+            return Err(err(REFUSED.into()));
+        }
+        let c = &self.shared.counters;
+        c.ranged_reads.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(len);
+        let mut sink = |data: &[u8]| {
+            out.extend_from_slice(data);
+            Ok(())
+        };
+        let read = self
+            .shared
+            .client
+            .read_blob(digest, offset, len as u64, &mut sink);
+        let found = self.within_timeout(read).map_err(|e| err(e.to_string()))?;
+        if !found {
+            return Err(StoreError::Missing {
+                digest: *digest,
+                kind: "file",
+            });
+        }
+        c.ranged_bytes
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Runs a call for a waiting reader: it gets an answer within the timeout, retries or not.
+    fn within_timeout<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, RemoteError>>,
+    ) -> Result<T, RemoteError> {
+        let secs = self.cfg.timeout.as_secs_f64();
+        self.rt
+            .block_on(async { tokio::time::timeout(self.cfg.timeout, call).await })
+            .unwrap_or(Err(RemoteError::Timeout {
+                op: "remote call",
+                secs,
+            }))
+    }
+
+    /// Whether the remote has a blob, by `FindMissingBlobs`.
+    pub fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {
+        self.within_timeout(self.shared.client.find_missing(&[*digest]))
+            .map(|missing| missing.is_empty())
+            .map_err(|e| StoreError::Remote {
+                digest: *digest,
+                kind: "file",
+                reason: e.to_string(),
+            })
+    }
+
+    /// Fetches every file of the tree at `root` that the local store lacks, a few at a time,
+    /// counting progress for `status`. `store` must have this remote as its backfill, so that
+    /// missing `Directory`s are fetched on the way.
+    pub fn prefetch(&self, store: &Store, root: &Digest) -> Result<(), StoreError> {
+        let c = &self.shared.counters;
+        c.prefetch_running.fetch_add(1, Ordering::Relaxed);
+        let res = self.prefetch_inner(store, root);
+        c.prefetch_running.fetch_sub(1, Ordering::Relaxed);
+        c.prefetch_trees.fetch_add(1, Ordering::Relaxed);
+        res
+    }
+
+    fn prefetch_inner(&self, store: &Store, root: &Digest) -> Result<(), StoreError> {
+        let c = &self.shared.counters;
+        let local = store.local_only();
+        let (files, _) = tree_blobs(store, root)?;
+        let mut todo = Vec::new();
+        for d in files {
+            if !local.has_file(&d)? {
+                todo.push(d);
+            }
+        }
+        c.prefetch_blobs_total
+            .fetch_add(todo.len() as u64, Ordering::Relaxed);
+        c.prefetch_bytes_total
+            .fetch_add(todo.iter().map(|d| d.size).sum(), Ordering::Relaxed);
+        let queue = Mutex::new(todo.into_iter());
+        let workers = self.cfg.concurrency.clamp(1, 8);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let Some(d) = lock(&queue).next() else { break };
+                    match self.fetch(&local, &d, BlobKind::File) {
+                        Ok(true) => {
+                            c.prefetch_blobs_done.fetch_add(1, Ordering::Relaxed);
+                            c.prefetch_bytes_done.fetch_add(d.size, Ordering::Relaxed);
+                        }
+                        Ok(false) => {
+                            log::warn!("prefetch: file {d} is not in the remote CAS");
+                            c.prefetch_blobs_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            log::warn!("prefetch: {e}");
+                            c.prefetch_blobs_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// Uploads every blob of the trees at `roots` that the remote lacks (`Directory`s and files),
+    /// reading them from `store`.
+    pub fn push(&self, store: &Store, roots: &[Digest]) -> Result<PushReport, String> {
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        for root in roots {
+            let (f, d) = tree_blobs(store, root).map_err(|e| e.to_string())?;
+            files.extend(f);
+            dirs.extend(d);
+        }
+        let kinds: HashMap<Digest, BlobKind> = files
+            .iter()
+            .map(|d| (*d, BlobKind::File))
+            .chain(dirs.iter().map(|d| (*d, BlobKind::Directory)))
+            .filter(|(d, _)| !d.is_empty())
+            .collect();
+        let all: Vec<Digest> = kinds.keys().copied().collect();
+        let client = &self.shared.client;
+        let mut missing = Vec::new();
+        for chunk in all.chunks(FIND_MISSING_CHUNK) {
+            missing.extend(
+                self.rt
+                    .block_on(client.find_missing(chunk))
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let mut report = PushReport {
+            blobs: all.len(),
+            missing: missing.len(),
+            bytes_sent: 0,
+        };
+        let max_batch = self.shared.max_batch.load(Ordering::Relaxed);
+        let mut batch: Vec<(Digest, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0;
+        let flush = |batch: &mut Vec<(Digest, Vec<u8>)>| -> Result<(), String> {
+            if !batch.is_empty() {
+                self.rt
+                    .block_on(client.batch_update(std::mem::take(batch)))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        for d in &missing {
+            let read = |offset: u64, len: usize| -> Result<Vec<u8>, String> {
+                match kinds.get(d) {
+                    Some(BlobKind::Directory) => store.directory_bytes(d),
+                    _ => store
+                        .open_blob(d)
+                        .and_then(|b| store.read_blob(&b, offset, len)),
+                }
+                .map_err(|e| e.to_string())
+            };
+            report.bytes_sent += d.size;
+            if d.size + 1024 > max_batch {
+                self.rt
+                    .block_on(client.write_blob(d, &read))
+                    .map_err(|e| e.to_string())?;
+                continue;
+            }
+            if batch_bytes + d.size + 1024 > max_batch {
+                flush(&mut batch)?;
+                batch_bytes = 0;
+            }
+            batch_bytes += d.size + 1024;
+            batch.push((*d, read(0, d.size as usize)?));
+        }
+        flush(&mut batch)?;
+        Ok(report)
+    }
+
+    pub fn status(&self) -> RemoteStatus {
+        let k = &self.shared.client.counters;
+        let c = &self.shared.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (ok, failed) = (load(&k.last_ok_unix), load(&k.last_failure_unix));
+        RemoteStatus {
+            address: self.cfg.address.clone(),
+            instance_name: self.cfg.instance_name.clone(),
+            health: match (ok, failed) {
+                (0, 0) => "unknown",
+                (ok, failed) if failed > ok => "failing",
+                _ => "ok",
+            }
+            .into(),
+            last_error: lock(&k.last_error).clone(),
+            last_ok_unix: ok,
+            last_failure_unix: failed,
+            calls: load(&k.calls),
+            call_failures: load(&k.failures),
+            retries: load(&k.retries),
+            find_missing_calls: load(&k.find_missing),
+            batch_reads: load(&k.batch_reads),
+            bytestream_reads: load(&k.bytestream_reads),
+            get_tree_calls: load(&k.get_trees),
+            bytes_received: load(&k.bytes_received),
+            blobs_fetched: load(&c.blobs_fetched),
+            bytes_fetched: load(&c.bytes_fetched),
+            refused_corrupt: load(&c.refused_corrupt),
+            fetch_failures: load(&c.fetch_failures),
+            joined_fetches: load(&c.joined),
+            ranged_reads: load(&c.ranged_reads),
+            ranged_bytes: load(&c.ranged_bytes),
+            prefetch: PrefetchStatus {
+                running: load(&c.prefetch_running),
+                trees: load(&c.prefetch_trees),
+                blobs_total: load(&c.prefetch_blobs_total),
+                blobs_done: load(&c.prefetch_blobs_done),
+                blobs_failed: load(&c.prefetch_blobs_failed),
+                bytes_total: load(&c.prefetch_bytes_total),
+                bytes_done: load(&c.prefetch_bytes_done),
+            },
+        }
+    }
+}
+
+impl Backfill for Remote {
+    fn serves_ranges(&self) -> bool {
+        self.cfg.ranged_reads
+    }
+
+    fn start_fetch(&self, store: &Store, digest: &Digest) {
+        if lock(&self.shared.refused).contains(digest) {
+            return;
+        }
+        self.flight(store, digest, BlobKind::File, false);
+    }
+
+    fn read_range(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        Remote::read_range(self, digest, offset, len)
+    }
+
+    fn fetch(&self, store: &Store, digest: &Digest, kind: BlobKind) -> Result<bool, StoreError> {
+        Remote::fetch(self, store, digest, kind)
+    }
+
+    fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {
+        Remote::contains(self, digest)
+    }
+}
+
+impl Shared {
+    fn adopt(&self, caps: &proto::ServerCapabilities, address: &str) {
+        let Some(cache) = &caps.cache_capabilities else {
+            log::warn!("remote CAS {address} reports no cache capabilities");
+            return;
+        };
+        if !cache.digest_functions.is_empty() && !cache.digest_functions.contains(&proto::SHA256) {
+            log::error!(
+                "remote CAS {address} does not offer SHA256, the digest function Pants uses"
+            );
+        }
+        if cache.max_batch_total_size_bytes > 0 {
+            let max = (cache.max_batch_total_size_bytes as u64).saturating_sub(64 * 1024);
+            self.max_batch.store(max.max(1024), Ordering::Relaxed);
+        }
+        log::debug!(
+            "remote CAS {address}: batch calls up to {} bytes",
+            self.max_batch.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Checks a blob received whole and writes it into the store; refuses corrupt bytes.
+    fn store_verified(
+        &self,
+        store: &Store,
+        kind: BlobKind,
+        digest: &Digest,
+        bytes: &[u8],
+    ) -> Result<(), String> {
+        match store.put_verified(kind, digest, bytes) {
+            Ok(()) => {
+                self.fetched(digest.size);
+                Ok(())
+            }
+            Err(e @ (StoreError::HashMismatch { .. } | StoreError::SizeMismatch { .. })) => {
+                Err(self.refused(digest, e))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn fetched(&self, bytes: u64) {
+        self.counters.blobs_fetched.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_fetched
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn refused(&self, digest: &Digest, e: StoreError) -> String {
+        self.counters
+            .refused_corrupt
+            .fetch_add(1, Ordering::Relaxed);
+        lock(&self.refused).insert(*digest);
+        log::debug!("refused {digest}: {e}");
+        REFUSED.to_string()
+    }
+
+    async fn fetch_into(
+        &self,
+        store: &Store,
+        digest: Digest,
+        kind: BlobKind,
+        flight: &Flight,
+    ) -> Result<bool, String> {
+        // Another request may have fetched it between our miss and now.
+        let present = match kind {
+            BlobKind::Directory => store.directory_bytes(&digest).map(|_| ()),
+            BlobKind::File => store.open_blob(&digest).map(|_| ()),
+        };
+        match present {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is_missing() => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match kind {
+            BlobKind::Directory => self.fetch_directory(store, &digest).await,
+            BlobKind::File if digest.is_large() => self.fetch_large(store, &digest, flight).await,
+            BlobKind::File => self.fetch_small(store, kind, &digest).await,
+        }
+    }
+
+    async fn fetch_small(
+        &self,
+        store: &Store,
+        kind: BlobKind,
+        digest: &Digest,
+    ) -> Result<bool, String> {
+        let bytes = if digest.size + 1024 <= self.max_batch.load(Ordering::Relaxed) {
+            let got = self
+                .client
+                .batch_read(&[*digest])
+                .await
+                .map_err(|e| e.to_string())?;
+            match got.into_iter().find(|(d, _)| d == digest) {
+                Some((_, Some(bytes))) => bytes,
+                _ => return Ok(false),
+            }
+        } else {
+            let mut bytes = Vec::with_capacity(digest.size as usize);
+            let found = self
+                .client
+                .read_blob(digest, 0, 0, &mut |data| {
+                    bytes.extend_from_slice(data);
+                    Ok(())
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            if !found {
+                return Ok(false);
+            }
+            bytes
+        };
+        self.store_verified(store, kind, digest, &bytes)?;
+        Ok(true)
+    }
+
+    /// Streams a large blob into a temporary file beside its final place, hashing as it goes;
+    /// it takes its name only if the hash matches.
+    async fn fetch_large(
+        &self,
+        store: &Store,
+        digest: &Digest,
+        flight: &Flight,
+    ) -> Result<bool, String> {
+        let Some(mut writer) = store.large_blob_writer(digest).map_err(|e| e.to_string())? else {
+            return Ok(true);
+        };
+        let found = self
+            .client
+            .read_blob(digest, 0, 0, &mut |data| {
+                flight
+                    .progress
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                writer.write(data).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if !found {
+            return Ok(false);
+        }
+        match writer.commit() {
+            Ok(()) => {
+                self.fetched(digest.size);
+                Ok(true)
+            }
+            Err(e @ (StoreError::HashMismatch { .. } | StoreError::SizeMismatch { .. })) => {
+                Err(self.refused(digest, e))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Fetches a `Directory`, and with `GetTree` every `Directory` below it in the same call.
+    async fn fetch_directory(&self, store: &Store, digest: &Digest) -> Result<bool, String> {
+        if !self.get_tree_unsupported.load(Ordering::Relaxed) {
+            match self.client.get_tree(digest).await {
+                Ok(Some(dirs)) => {
+                    let mut found = false;
+                    let mut by_shard: Vec<Vec<(Digest, &[u8])>> = vec![Vec::new(); 16];
+                    for bytes in &dirs {
+                        // Stored under the hash of what arrived, so nothing can be misfiled.
+                        let d = Digest::of_bytes(bytes);
+                        found |= d == *digest;
+                        if !d.is_empty() {
+                            by_shard[d.shard()].push((d, bytes));
+                        }
+                    }
+                    for (shard, batch) in by_shard.iter().enumerate() {
+                        if !batch.is_empty() {
+                            store
+                                .put_directories(shard, batch)
+                                .map_err(|e| e.to_string())?;
+                            for (d, _) in batch {
+                                self.fetched(d.size);
+                            }
+                        }
+                    }
+                    if found {
+                        return Ok(true);
+                    }
+                    log::debug!("GetTree {digest} did not return the root itself; reading it");
+                }
+                Ok(None) => {
+                    log::info!("the remote CAS has no GetTree; reading Directories one by one");
+                    self.get_tree_unsupported.store(true, Ordering::Relaxed);
+                }
+                Err(e) if e.is_not_found() => return Ok(false),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        self.fetch_small(store, BlobKind::Directory, digest).await
+    }
+}
+
+/// The distinct file and `Directory` digests of a tree, fetching missing `Directory`s if `store`
+/// has a backfill.
+fn tree_blobs(store: &Store, root: &Digest) -> Result<(Vec<Digest>, Vec<Digest>), StoreError> {
+    let mut files = HashSet::new();
+    let mut dirs = Vec::new();
+    let mut seen = HashSet::new();
+    let mut todo = vec![*root];
+    while let Some(d) = todo.pop() {
+        if !seen.insert(d) {
+            continue;
+        }
+        dirs.push(d);
+        for e in store.load_directory(&d)?.entries {
+            match e.kind {
+                EntryKind::File { digest, .. } if !digest.is_empty() => {
+                    files.insert(digest);
+                }
+                EntryKind::Dir(sub) => todo.push(sub),
+                _ => {}
+            }
+        }
+    }
+    Ok((files.into_iter().collect(), dirs))
+}
