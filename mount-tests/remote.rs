@@ -642,6 +642,8 @@ fn prefetch_fetches_a_bound_tree_in_the_background() {
         "{status:?}"
     );
     assert_eq!(p.bytes_done, p.bytes_total);
+    // Small blobs go many to a call.
+    assert!(status.batch_reads * 2 < p.blobs_total, "{status:?}");
     // Every blob is local without a single read through the mount.
     assert_all_local(&m.store, JAR_TREE);
     let status_text = ok(dfs(&[

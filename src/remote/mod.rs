@@ -346,30 +346,79 @@ impl Remote {
             .fetch_add(todo.len() as u64, Ordering::Relaxed);
         c.prefetch_bytes_total
             .fetch_add(todo.iter().map(|d| d.size).sum(), Ordering::Relaxed);
-        let queue = Mutex::new(todo.into_iter());
+        // Large blobs one stream each; small ones many to a BatchReadBlobs call.
+        let max_batch = self.shared.max_batch.load(Ordering::Relaxed);
+        let (large, small): (Vec<Digest>, Vec<Digest>) =
+            todo.into_iter().partition(|d| d.size + 1024 > max_batch);
+        let mut jobs: Vec<Vec<Digest>> = large.into_iter().map(|d| vec![d]).collect();
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for d in small {
+            if batch_bytes + d.size + 1024 > max_batch {
+                jobs.push(std::mem::take(&mut batch));
+                batch_bytes = 0;
+            }
+            batch_bytes += d.size + 1024;
+            batch.push(d);
+        }
+        if !batch.is_empty() {
+            jobs.push(batch);
+        }
+        let queue = Mutex::new(jobs.into_iter());
         let workers = self.cfg.concurrency.clamp(1, 8);
         std::thread::scope(|s| {
             for _ in 0..workers {
                 s.spawn(|| loop {
-                    let Some(d) = lock(&queue).next() else { break };
-                    match self.fetch(&local, &d, BlobKind::File) {
-                        Ok(true) => {
-                            c.prefetch_blobs_done.fetch_add(1, Ordering::Relaxed);
-                            c.prefetch_bytes_done.fetch_add(d.size, Ordering::Relaxed);
-                        }
-                        Ok(false) => {
-                            log::warn!("prefetch: file {d} is not in the remote CAS");
-                            c.prefetch_blobs_failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            log::warn!("prefetch: {e}");
-                            c.prefetch_blobs_failed.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = lock(&queue).next() else {
+                        break;
+                    };
+                    for (d, res) in self.prefetch_job(&local, &job) {
+                        match res {
+                            Ok(true) => {
+                                c.prefetch_blobs_done.fetch_add(1, Ordering::Relaxed);
+                                c.prefetch_bytes_done.fetch_add(d.size, Ordering::Relaxed);
+                            }
+                            Ok(false) => {
+                                log::warn!("prefetch: file {d} is not in the remote CAS");
+                                c.prefetch_blobs_failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                log::warn!("prefetch: file {d}: {e}");
+                                c.prefetch_blobs_failed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                 });
             }
         });
         Ok(())
+    }
+
+    /// Fetches one prefetch job: a single blob through the shared fetch (which a reader may
+    /// join), or a batch of small ones in one call.
+    fn prefetch_job(&self, store: &Store, job: &[Digest]) -> Vec<(Digest, Result<bool, String>)> {
+        if let [d] = job {
+            let res = self.fetch(store, d, BlobKind::File);
+            return vec![(*d, res.map_err(|e| e.to_string()))];
+        }
+        let got = match self.within_timeout(self.shared.client.batch_read(job)) {
+            Ok(got) => got,
+            Err(e) => return job.iter().map(|d| (*d, Err(e.to_string()))).collect(),
+        };
+        let mut got: HashMap<Digest, Option<Vec<u8>>> = got.into_iter().collect();
+        job.iter()
+            .map(|d| {
+                let res = match got.remove(d) {
+                    Some(Some(bytes)) => self
+                        .shared
+                        .store_verified(store, BlobKind::File, d, &bytes)
+                        .map(|()| true),
+                    Some(None) => Ok(false),
+                    None => Err("the server's answer left it out".to_string()),
+                };
+                (*d, res)
+            })
+            .collect()
     }
 
     /// Uploads every blob of the trees at `roots` that the remote lacks (`Directory`s and files),
