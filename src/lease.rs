@@ -4,7 +4,6 @@
 //! interval, and each tree again as it is bound. Unbinding stops it, since each round renews what
 //! is bound then.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::fs::DigestFs;
-use crate::store::{Digest, EntryKind};
+use crate::store::Digest;
 
 /// Every blob of every bound tree: (file blobs, `Directory` blobs), each once.
 pub fn bound_blobs(core: &DigestFs) -> (Vec<Digest>, Vec<Digest>) {
@@ -25,30 +24,15 @@ pub fn bound_blobs(core: &DigestFs) -> (Vec<Digest>, Vec<Digest>) {
     tree_blobs(core, roots)
 }
 
-/// Every blob of the trees `roots`: (file blobs, `Directory` blobs), each once.
-fn tree_blobs(core: &DigestFs, mut todo: Vec<Digest>) -> (Vec<Digest>, Vec<Digest>) {
-    let mut dirs = HashSet::new();
-    let mut files = HashSet::new();
-    while let Some(d) = todo.pop() {
-        if !dirs.insert(d) {
-            continue;
-        }
-        match core.store().load_directory(&d) {
-            Ok(listing) => {
-                for e in listing.entries {
-                    match e.kind {
-                        EntryKind::File { digest, .. } => {
-                            files.insert(digest);
-                        }
-                        EntryKind::Dir(sub) => todo.push(sub),
-                        EntryKind::Symlink(_) => {}
-                    }
-                }
-            }
-            Err(e) => log::warn!("lease renewal: {e}"),
-        }
-    }
-    (files.into_iter().collect(), dirs.into_iter().collect())
+/// Every blob of the trees `roots`: (file blobs, `Directory` blobs), each once. What cannot be
+/// read is logged and skipped: the rest still needs renewing.
+fn tree_blobs(core: &DigestFs, roots: Vec<Digest>) -> (Vec<Digest>, Vec<Digest>) {
+    core.store()
+        .tree_digests(&roots, &mut |e| {
+            log::warn!("lease renewal: {e}");
+            Ok(())
+        })
+        .unwrap_or_default()
 }
 
 /// One round: renews everything bound now and records it in the core's statistics.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use self::client::{Client, RemoteConfig, RemoteError};
-use crate::store::{Backfill, BlobKind, Digest, EntryKind, Store, StoreError};
+use crate::store::{Backfill, BlobKind, Digest, Store, StoreError};
 
 /// What a server takes in one batch call when it does not say (REAPI's usual 4 MiB, less room
 /// for the message around the data).
@@ -758,24 +758,7 @@ impl Shared {
 /// The distinct file and `Directory` digests of a tree, fetching missing `Directory`s if `store`
 /// has a backfill.
 fn tree_blobs(store: &Store, root: &Digest) -> Result<(Vec<Digest>, Vec<Digest>), StoreError> {
-    let mut files = HashSet::new();
-    let mut dirs = Vec::new();
-    let mut seen = HashSet::new();
-    let mut todo = vec![*root];
-    while let Some(d) = todo.pop() {
-        if !seen.insert(d) {
-            continue;
-        }
-        dirs.push(d);
-        for e in store.load_directory(&d)?.entries {
-            match e.kind {
-                EntryKind::File { digest, .. } if !digest.is_empty() => {
-                    files.insert(digest);
-                }
-                EntryKind::Dir(sub) => todo.push(sub),
-                _ => {}
-            }
-        }
-    }
-    Ok((files.into_iter().collect(), dirs))
+    let (mut files, dirs) = store.tree_digests(&[*root], &mut Err)?;
+    files.retain(|d| !d.is_empty());
+    Ok((files, dirs))
 }

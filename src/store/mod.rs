@@ -556,6 +556,40 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The distinct file and `Directory` digests of the trees at `roots`. A `Directory` that
+    /// cannot be loaded goes to `on_error`, which either skips it (`Ok`) or ends the walk.
+    pub fn tree_digests(
+        &self,
+        roots: &[Digest],
+        on_error: &mut dyn FnMut(StoreError) -> Result<()>,
+    ) -> Result<(Vec<Digest>, Vec<Digest>)> {
+        let mut dirs = std::collections::HashSet::new();
+        let mut files = std::collections::HashSet::new();
+        let mut todo = roots.to_vec();
+        while let Some(d) = todo.pop() {
+            if !dirs.insert(d) {
+                continue;
+            }
+            match self.load_directory(&d) {
+                Ok(listing) => {
+                    for e in listing.entries {
+                        match e.kind {
+                            EntryKind::File { digest, .. } => {
+                                files.insert(digest);
+                            }
+                            EntryKind::Dir(sub) => todo.push(sub),
+                            EntryKind::Symlink(_) => {}
+                        }
+                    }
+                }
+                Err(e) => on_error(e)?,
+            }
+        }
+        Ok((files.into_iter().collect(), dirs.into_iter().collect()))
+    }
+}
+
 /// What one lease renewal found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeaseReport {
