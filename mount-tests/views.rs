@@ -480,6 +480,19 @@ fn which_names_the_digest_behind_each_path() {
     assert_eq!(out.status.code(), Some(1));
     let out = dfs(&["which", "/tmp"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not inside a digestfs mount"));
+
+    // A mount with a control socket of its own is reached through --control.
+    let (m, socket) = Mount::fixture_with_control(&[("a", JAR_TREE)], &[]);
+    let guava = m.path("a/lib/guava.jar");
+    let out = dfs(&["which", guava.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "the default socket is not this mount's");
+    let out = dfs_ok(&[
+        "which",
+        "--control",
+        socket.to_str().unwrap(),
+        guava.to_str().unwrap(),
+    ]);
+    assert!(out.starts_with(GUAVA), "{out}");
 }
 
 /// A throwaway user, removed again however the test ends.

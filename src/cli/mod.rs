@@ -130,6 +130,9 @@ enum Command {
     Which {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// The mount's control socket, if it was mounted with --control
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
     },
     /// Write the man pages and shell completions into DIR (for packaging)
     #[command(hide = true)]
@@ -455,7 +458,7 @@ fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
-        Command::Which { paths } => which(&paths),
+        Command::Which { paths, control } => which(&paths, control.as_deref()),
         Command::GenerateAssets { dir } => generate_assets(&dir),
         Command::Doctor {
             allow_other,
@@ -479,7 +482,7 @@ fn run(cli: Cli) -> CliResult {
 }
 
 /// Prints `<digest>\t<path>` for each path, asking the daemon of the mount it lies in.
-fn which(paths: &[PathBuf]) -> CliResult {
+fn which(paths: &[PathBuf], control: Option<&Path>) -> CliResult {
     let mut failed = 0;
     for path in paths {
         let res = (|| -> Result<String, Failure> {
@@ -488,11 +491,10 @@ fn which(paths: &[PathBuf]) -> CliResult {
                 Failure(format!("{} is not inside a digestfs mount", path.display()))
             })?;
             let rel = rel.to_string_lossy().into_owned();
-            let resp = control::call(
-                &control::default_socket(&mountpoint),
-                &Request::Which { path: rel },
-            )
-            .map_err(Failure)?;
+            let socket = control
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| control::default_socket(&mountpoint));
+            let resp = control::call(&socket, &Request::Which { path: rel }).map_err(Failure)?;
             if !resp.ok {
                 return Err(Failure(resp.error.unwrap_or_default()));
             }
