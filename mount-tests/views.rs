@@ -485,7 +485,11 @@ fn which_names_the_digest_behind_each_path() {
     let (m, socket) = Mount::fixture_with_control(&[("a", JAR_TREE)], &[]);
     let guava = m.path("a/lib/guava.jar");
     let out = dfs(&["which", guava.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "the default socket is not this mount's");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the default socket is not this mount's"
+    );
     let out = dfs_ok(&[
         "which",
         "--control",
