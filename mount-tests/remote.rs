@@ -480,6 +480,11 @@ fn ranged_reads_answer_the_tail_of_a_large_blob_before_it_is_local() {
     let at = big.len() - tail.len();
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, at as u64).unwrap();
     assert!(tail == big[at..], "the tail's bytes");
+    // Then entries in the middle (a range that ends before the blob does).
+    let mut entry = vec![0u8; 16 << 10];
+    let at = 5 << 20;
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut entry, at as u64).unwrap();
+    assert!(entry == big[at..at + entry.len()], "an entry's bytes");
     let status = remote_status(&socket);
     assert!(status.ranged_reads >= 1, "{status:?}");
     // The whole blob arrives, verified, in the background; then it is served locally.
