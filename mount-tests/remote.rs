@@ -49,7 +49,12 @@ fn free_port() -> u16 {
 
 impl BuildGrid {
     fn start() -> BuildGrid {
-        BuildGrid::start_with(tempfile::tempdir().unwrap(), "insecure-mode: true", "grpc")
+        BuildGrid::start_with(
+            tempfile::tempdir().unwrap(),
+            "insecure-mode: true",
+            "grpc",
+            "method: none",
+        )
     }
 
     /// Serves TLS with a certificate for localhost signed by a throwaway CA; returns the CA.
@@ -119,10 +124,39 @@ impl BuildGrid {
             p("server.pem").display()
         );
         let ca = p("ca.pem");
-        (BuildGrid::start_with(dir, &channel, "grpcs"), ca)
+        (
+            BuildGrid::start_with(dir, &channel, "grpcs", "method: none"),
+            ca,
+        )
     }
 
-    fn start_with(dir: tempfile::TempDir, channel: &str, scheme: &str) -> BuildGrid {
+    /// Requires a JWT signed with `secret` (HS256) on every call; returns such a token.
+    fn start_jwt(secret: &str) -> (BuildGrid, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwt-secret");
+        std::fs::write(&path, secret).unwrap();
+        let auth = format!(
+            "method: jwt\n  secret: {}\n  algorithm: hs256",
+            path.display()
+        );
+        // PyJWT comes with BuildGrid.
+        let python = bgd().with_file_name("python");
+        let out = run_timeout(
+            Command::new(python).args([
+                "-c",
+                "import jwt, sys, time; print(jwt.encode({'exp': int(time.time()) + 3600, 'sub': 'digestfs-test'}, sys.argv[1], algorithm='HS256'))",
+                secret,
+            ]),
+            T,
+        );
+        let token = ok(out).trim().to_string();
+        (
+            BuildGrid::start_with(dir, "insecure-mode: true", "grpc", &auth),
+            token,
+        )
+    }
+
+    fn start_with(dir: tempfile::TempDir, channel: &str, scheme: &str, auth: &str) -> BuildGrid {
         let port = free_port();
         let config = format!(
             r#"server:
@@ -130,7 +164,7 @@ impl BuildGrid {
     address: "127.0.0.1:{port}"
     {channel}
 authorization:
-  method: none
+  {auth}
 storages:
   - !lru-storage &memory
     size: 512MB
@@ -704,6 +738,42 @@ fn grpcs_with_the_servers_ca_works_and_without_it_is_refused() {
         String::from_utf8_lossy(&out.stderr).contains("certificate"),
         "{out:?}"
     );
+}
+
+#[test]
+fn headers_carry_the_token_a_server_requires() {
+    let (bg, token) = BuildGrid::start_jwt("digestfs-test-secret");
+    let fixture = fixture_store();
+    let store = fixture.path().join("store");
+    let bearer = format!("authorization=Bearer {token}");
+    let push = |extra: &[&str]| {
+        let mut args = vec![
+            "--store",
+            store.to_str().unwrap(),
+            "push",
+            "--remote-store-address",
+            &bg.address,
+            "--remote-retries",
+            "0",
+        ];
+        args.extend(extra);
+        args.push(JAR_TREE);
+        dfs(&args)
+    };
+    let refused = push(&[]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"),
+        "{refused:?}"
+    );
+    assert!(ok(push(&["--remote-header", &bearer])).contains("uploaded"));
+    // And reads carry it too: a mount over an empty store with the header.
+    let (m, _socket) = mount_remote(
+        &bg.address,
+        &[("lib", JAR_TREE)],
+        &["--remote-header", &bearer],
+    );
+    assert_eq!(read_hashed(&m.path("lib/lib/guava.jar")), GUAVA);
 }
 
 #[test]
