@@ -94,9 +94,19 @@ pub fn spawn(
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
+                release_freed_memory();
             }
         })?;
     Ok(())
+}
+
+/// A round over a large tree allocates its digest sets and frees them at once; hand that memory
+/// back to the system rather than keep it for a round an interval away.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]
