@@ -66,6 +66,36 @@ impl Flight {
     }
 }
 
+/// Ends a fetch however its task ends: with its result, or an error if the task was dropped
+/// before it had one (a panic, the runtime shutting down), so no waiter hangs on it and the next
+/// request starts afresh.
+struct Landing<'a> {
+    shared: &'a Shared,
+    key: (Digest, BlobKind),
+    flight: &'a Flight,
+    result: Option<Result<bool, String>>,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        let (digest, kind) = self.key;
+        let res = self
+            .result
+            .take()
+            .unwrap_or_else(|| Err("the fetch was abandoned".into()));
+        if let Err(e) = &res {
+            self.shared
+                .counters
+                .fetch_failures
+                .fetch_add(1, Ordering::Relaxed);
+            // Callers report it, naming the path where there is one.
+            log::debug!("fetching {} {digest}: {e}", kind.name());
+        }
+        lock(&self.shared.flights).remove(&self.key);
+        self.flight.finish(res);
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     blobs_fetched: AtomicU64,
@@ -238,17 +268,13 @@ impl Remote {
             let f = flight.clone();
             // The fetch runs on its own, so a reader that gives up does not cancel it for others.
             self.rt.spawn(async move {
-                let res = shared.fetch_into(&store, key.0, key.1, &f).await;
-                if let Err(e) = &res {
-                    shared
-                        .counters
-                        .fetch_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    // Callers report it, naming the path where there is one.
-                    log::debug!("fetching {} {}: {e}", key.1.name(), key.0);
-                }
-                lock(&shared.flights).remove(&key);
-                f.finish(res);
+                let mut landing = Landing {
+                    shared: &shared,
+                    key,
+                    flight: &f,
+                    result: None,
+                };
+                landing.result = Some(shared.fetch_into(&store, key.0, key.1, &f).await);
             });
         } else if waiter {
             self.shared.counters.joined.fetch_add(1, Ordering::Relaxed);
