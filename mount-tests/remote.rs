@@ -361,6 +361,23 @@ fn a_tree_only_the_remote_has_is_served_verified_and_kept_locally() {
         &[JAR_TREE, SRC_SYMLINKS],
     );
     assert!(report.contains("uploaded"), "{report}");
+    let doctor = |address: &str| {
+        dfs(&[
+            "--store",
+            fixture.path().join("store").to_str().unwrap(),
+            "doctor",
+            "--remote-store-address",
+            address,
+            "--remote-timeout-ms",
+            "2000",
+        ])
+    };
+    let out = doctor(&bg.address);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("answers and offers SHA256"),
+        "{out:?}"
+    );
 
     // Bound at startup: the Directories come by GetTree while the bind is checked.
     let (m, socket) = mount_remote(&bg.address, &[("lib", JAR_TREE)], &[]);
@@ -420,6 +437,13 @@ fn a_tree_only_the_remote_has_is_served_verified_and_kept_locally() {
     // With the server gone, what was fetched still reads (a new mount, so nothing comes from
     // the kernel's cache), and what was never fetched fails with EIO, without hanging.
     bg.stop();
+    let out = doctor(&bg.address);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("FAIL  remote CAS {}", bg.address)) && text.contains("fix:"),
+        "{text}"
+    );
     let (m, socket) = mount_store(
         tmp,
         &bg.address,

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::fuse::mount::{self, MountState};
+use crate::remote::{Remote, RemoteConfig};
 use crate::store::{self, Store};
 
 /// One check's outcome.
@@ -159,7 +160,25 @@ fn mountpoint_check(mp: &Path) -> Check {
 }
 
 /// Runs every check, prints one line each, and returns whether all passed.
-pub fn run(store_dir: Option<PathBuf>, mountpoint: Option<&Path>, want_allow_other: bool) -> bool {
+fn remote_check(cfg: RemoteConfig) -> Check {
+    let what = format!("remote CAS {}", cfg.address);
+    let fix = "check the address and port; grpcs:// needs --remote-ca-certs unless the system \
+               trusts the server, and a cache that wants a token needs --remote-header";
+    match Remote::new(cfg)
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.check())
+    {
+        Ok(summary) => pass(format!("{what} {summary}")),
+        Err(e) => fail(format!("{what}: {e}"), fix),
+    }
+}
+
+pub fn run(
+    store_dir: Option<PathBuf>,
+    mountpoint: Option<&Path>,
+    want_allow_other: bool,
+    remote: Option<RemoteConfig>,
+) -> bool {
     let mut checks = vec![dev_fuse(), fusermount()];
     if want_allow_other {
         checks.push(allow_other());
@@ -170,6 +189,9 @@ pub fn run(store_dir: Option<PathBuf>, mountpoint: Option<&Path>, want_allow_oth
     ));
     if let Some(mp) = mountpoint {
         checks.push(mountpoint_check(mp));
+    }
+    if let Some(cfg) = remote {
+        checks.push(remote_check(cfg));
     }
     for c in &checks {
         match &c.fix {

@@ -137,12 +137,15 @@ enum Command {
     /// Write the man pages and shell completions into DIR (for packaging)
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
-    /// Check what mounting needs (FUSE, fusermount3, kernel, store, mountpoint), with fixes
+    /// Check what mounting needs (FUSE, fusermount3, kernel, store, mountpoint, remote CAS), with fixes
     Doctor {
         /// Also check that --allow-other is permitted
         #[arg(long)]
         allow_other: bool,
         mountpoint: Option<PathBuf>,
+        /// With --remote-store-address, also check that the remote CAS answers
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Unmount a digestfs mount (like fusermount3 -u)
     Unmount {
@@ -463,8 +466,15 @@ fn run(cli: Cli) -> CliResult {
         Command::Doctor {
             allow_other,
             mountpoint,
+            remote,
         } => {
-            if doctor::run(cli.store.clone(), mountpoint.as_deref(), allow_other) {
+            let remote = remote.config()?;
+            if doctor::run(
+                cli.store.clone(),
+                mountpoint.as_deref(),
+                allow_other,
+                remote,
+            ) {
                 Ok(())
             } else {
                 Err(Failure("some checks failed (see the fixes above)".into()))

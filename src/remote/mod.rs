@@ -220,8 +220,21 @@ impl Remote {
         Ok(remote)
     }
 
-    pub fn config(&self) -> &RemoteConfig {
-        &self.cfg
+    /// Asks the server for its capabilities now: a one-line summary, or why it failed.
+    pub fn check(&self) -> Result<String, String> {
+        let caps = self
+            .within_timeout(self.shared.client.capabilities())
+            .map_err(|e| e.to_string())?;
+        let cache = caps
+            .cache_capabilities
+            .ok_or("it answers, but offers no CAS (no cache capabilities)")?;
+        if !cache.digest_functions.is_empty() && !cache.digest_functions.contains(&proto::SHA256) {
+            return Err("it does not offer SHA256, the digest function Pants uses".into());
+        }
+        Ok(match cache.max_batch_total_size_bytes {
+            0 => "answers and offers SHA256".to_string(),
+            n => format!("answers and offers SHA256, batches up to {n} bytes"),
+        })
     }
 
     /// Fetches one blob into `store`, joining a fetch of it already under way. Gives up (an error,
