@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Semaphore;
+use tonic::client::Grpc;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -294,13 +295,9 @@ impl Client {
     {
         self.retrying(op, || {
             let req = self.request(msg.clone());
-            let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+            let channel = self.channel.clone();
             async move {
-                grpc.ready().await.map_err(|e| RemoteError::Rpc {
-                    op,
-                    code: Code::Unavailable,
-                    message: e.to_string(),
-                })?;
+                let mut grpc = ready(channel, op).await?;
                 let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
                 grpc.unary(req, PathAndQuery::from_static(path), codec)
                     .await
@@ -400,13 +397,9 @@ impl Client {
             let res = self
                 .retrying("GetTree", || {
                     let req = self.request(req.clone());
-                    let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+                    let channel = self.channel.clone();
                     async move {
-                        grpc.ready().await.map_err(|e| RemoteError::Rpc {
-                            op: "GetTree",
-                            code: Code::Unavailable,
-                            message: e.to_string(),
-                        })?;
+                        let mut grpc = ready(channel, "GetTree").await?;
                         let codec = tonic_prost::ProstCodec::<_, proto::GetTreeResponse>::default();
                         let mut stream = grpc
                             .server_streaming(req, PathAndQuery::from_static(GET_TREE), codec)
@@ -512,15 +505,9 @@ impl Client {
             read_offset: *got as i64,
             read_limit: (end - *got) as i64,
         });
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        tokio::time::timeout(self.timeout, grpc.ready())
+        let mut grpc = tokio::time::timeout(self.timeout, ready(self.channel.clone(), OP))
             .await
-            .map_err(timeout)?
-            .map_err(|e| RemoteError::Rpc {
-                op: OP,
-                code: Code::Unavailable,
-                message: e.to_string(),
-            })?;
+            .map_err(timeout)??;
         let codec = tonic_prost::ProstCodec::<_, proto::ReadResponse>::default();
         let call = grpc.server_streaming(req, PathAndQuery::from_static(BYTESTREAM_READ), codec);
         let mut stream = tokio::time::timeout(self.timeout, call)
@@ -628,13 +615,9 @@ impl Client {
         }
         self.retrying(OP, || {
             let req = self.request(tokio_stream::iter(messages.clone()));
-            let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+            let channel = self.channel.clone();
             async move {
-                grpc.ready().await.map_err(|e| RemoteError::Rpc {
-                    op: OP,
-                    code: Code::Unavailable,
-                    message: e.to_string(),
-                })?;
+                let mut grpc = ready(channel, OP).await?;
                 let codec = tonic_prost::ProstCodec::<_, proto::WriteResponse>::default();
                 grpc.client_streaming(req, PathAndQuery::from_static(BYTESTREAM_WRITE), codec)
                     .await
@@ -654,6 +637,17 @@ impl TryFrom<&proto::Digest> for Digest {
     fn try_from(d: &proto::Digest) -> Result<Digest, Self::Error> {
         Digest::from_parts(&d.hash, d.size_bytes)
     }
+}
+
+/// A client on the shared channel, once the channel can take a call.
+async fn ready(channel: Channel, op: &'static str) -> Result<Grpc<Channel>, RemoteError> {
+    let mut grpc = Grpc::new(channel);
+    grpc.ready().await.map_err(|e| RemoteError::Rpc {
+        op,
+        code: Code::Unavailable,
+        message: e.to_string(),
+    })?;
+    Ok(grpc)
 }
 
 fn rpc_error(op: &'static str, s: Status) -> RemoteError {

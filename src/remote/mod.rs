@@ -20,6 +20,8 @@ use crate::store::{Backfill, BlobKind, Digest, Store, StoreError};
 /// for the message around the data).
 const DEFAULT_MAX_BATCH: u64 = 4 * 1024 * 1024 - 64 * 1024;
 const REFUSED: &str = "the remote CAS sent bytes that do not match the digest; refused";
+/// The room one blob takes in a batch call besides its bytes (digest and framing), generously.
+const BATCH_ENTRY_OVERHEAD: u64 = 1024;
 /// FindMissingBlobs asks about this many digests per call.
 const FIND_MISSING_CHUNK: usize = 1000;
 
@@ -386,23 +388,7 @@ impl Remote {
         c.prefetch_bytes_total
             .fetch_add(todo.iter().map(|d| d.size).sum(), Ordering::Relaxed);
         // Large blobs one stream each; small ones many to a BatchReadBlobs call.
-        let max_batch = self.shared.max_batch.load(Ordering::Relaxed);
-        let (large, small): (Vec<Digest>, Vec<Digest>) =
-            todo.into_iter().partition(|d| d.size + 1024 > max_batch);
-        let mut jobs: Vec<Vec<Digest>> = large.into_iter().map(|d| vec![d]).collect();
-        let mut batch = Vec::new();
-        let mut batch_bytes = 0;
-        for d in small {
-            if batch_bytes + d.size + 1024 > max_batch {
-                jobs.push(std::mem::take(&mut batch));
-                batch_bytes = 0;
-            }
-            batch_bytes += d.size + 1024;
-            batch.push(d);
-        }
-        if !batch.is_empty() {
-            jobs.push(batch);
-        }
+        let jobs = self.shared.batches(todo);
         let queue = Mutex::new(jobs.into_iter());
         let workers = self.cfg.concurrency.clamp(1, 8);
         std::thread::scope(|s| {
@@ -491,19 +477,8 @@ impl Remote {
             missing: missing.len(),
             bytes_sent: 0,
         };
-        let max_batch = self.shared.max_batch.load(Ordering::Relaxed);
-        let mut batch: Vec<(Digest, Vec<u8>)> = Vec::new();
-        let mut batch_bytes = 0;
-        let flush = |batch: &mut Vec<(Digest, Vec<u8>)>| -> Result<(), String> {
-            if !batch.is_empty() {
-                self.rt
-                    .block_on(client.batch_update(std::mem::take(batch)))
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        };
-        for d in &missing {
-            let read = |offset: u64, len: usize| -> Result<Vec<u8>, String> {
+        for group in self.shared.batches(missing) {
+            let read = |d: &Digest, offset: u64, len: usize| -> Result<Vec<u8>, String> {
                 match kinds.get(d) {
                     Some(BlobKind::Directory) => store.directory_bytes(d),
                     _ => store
@@ -512,21 +487,21 @@ impl Remote {
                 }
                 .map_err(|e| e.to_string())
             };
-            report.bytes_sent += d.size;
-            if d.size + 1024 > max_batch {
-                self.rt
-                    .block_on(client.write_blob(d, &read))
-                    .map_err(|e| e.to_string())?;
-                continue;
-            }
-            if batch_bytes + d.size + 1024 > max_batch {
-                flush(&mut batch)?;
-                batch_bytes = 0;
-            }
-            batch_bytes += d.size + 1024;
-            batch.push((*d, read(0, d.size as usize)?));
+            report.bytes_sent += group.iter().map(|d| d.size).sum::<u64>();
+            let call = match group.as_slice() {
+                [d] if !self.shared.fits_batch(d) => self
+                    .rt
+                    .block_on(client.write_blob(d, &|o, l| read(d, o, l))),
+                _ => {
+                    let blobs = group
+                        .iter()
+                        .map(|d| Ok((*d, read(d, 0, d.size as usize)?)))
+                        .collect::<Result<Vec<_>, String>>()?;
+                    self.rt.block_on(client.batch_update(blobs))
+                }
+            };
+            call.map_err(|e| e.to_string())?;
         }
-        flush(&mut batch)?;
         Ok(report)
     }
 
@@ -621,6 +596,33 @@ impl Shared {
         );
     }
 
+    fn fits_batch(&self, digest: &Digest) -> bool {
+        digest.size + BATCH_ENTRY_OVERHEAD <= self.max_batch.load(Ordering::Relaxed)
+    }
+
+    /// Groups blobs for calls: each too large for a batch call alone (for a stream), the rest
+    /// many to a group of at most the server's batch size.
+    fn batches(&self, digests: Vec<Digest>) -> Vec<Vec<Digest>> {
+        let max = self.max_batch.load(Ordering::Relaxed);
+        let (large, small): (Vec<Digest>, Vec<Digest>) =
+            digests.into_iter().partition(|d| !self.fits_batch(d));
+        let mut groups: Vec<Vec<Digest>> = large.into_iter().map(|d| vec![d]).collect();
+        let mut group = Vec::new();
+        let mut bytes = 0;
+        for d in small {
+            if bytes + d.size + BATCH_ENTRY_OVERHEAD > max {
+                groups.push(std::mem::take(&mut group));
+                bytes = 0;
+            }
+            bytes += d.size + BATCH_ENTRY_OVERHEAD;
+            group.push(d);
+        }
+        if !group.is_empty() {
+            groups.push(group);
+        }
+        groups
+    }
+
     /// Checks a blob received whole and writes it into the store; refuses corrupt bytes.
     fn store_verified(
         &self,
@@ -687,7 +689,7 @@ impl Shared {
         kind: BlobKind,
         digest: &Digest,
     ) -> Result<bool, String> {
-        let bytes = if digest.size + 1024 <= self.max_batch.load(Ordering::Relaxed) {
+        let bytes = if self.fits_batch(digest) {
             let got = self
                 .client
                 .batch_read(&[*digest])
