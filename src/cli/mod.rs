@@ -143,7 +143,7 @@ enum Command {
         #[arg(long)]
         allow_other: bool,
         mountpoint: Option<PathBuf>,
-        /// With --remote-store-address, also check that the remote CAS answers
+        // With --remote-store-address, also check that the remote CAS answers.
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -628,6 +628,9 @@ fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
     mount::block_signals();
     let run = || -> CliResult {
         let (store, remote) = open_store_with_remote(cli_store, Some(&args.remote))?;
+        if let Some(r) = &remote {
+            r.probe_in_background();
+        }
         let core = Arc::new(DigestFs::new(
             store,
             FsConfig {

@@ -186,8 +186,7 @@ pub struct PushReport {
 }
 
 impl Remote {
-    /// Sets up the client; connects on first use. Checks the server's capabilities in the
-    /// background, so `status` shows its health from the start.
+    /// Sets up the client; connects on first use.
     pub fn new(cfg: RemoteConfig) -> Result<Arc<Remote>, RemoteError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -211,15 +210,20 @@ impl Remote {
             }),
             cfg,
         });
-        let shared = remote.shared.clone();
-        let address = remote.cfg.address.clone();
-        remote.rt.spawn(async move {
+        Ok(remote)
+    }
+
+    /// Asks for the server's capabilities in the background (its batch size, SHA256), so that a
+    /// daemon's `status` shows the remote's health from the start.
+    pub fn probe_in_background(&self) {
+        let shared = self.shared.clone();
+        let address = self.cfg.address.clone();
+        self.rt.spawn(async move {
             match shared.client.capabilities().await {
                 Ok(caps) => shared.adopt(&caps, &address),
                 Err(e) => log::warn!("remote CAS {address}: {e}"),
             }
         });
-        Ok(remote)
     }
 
     /// Asks the server for its capabilities now: a one-line summary, or why it failed.
@@ -464,6 +468,11 @@ impl Remote {
             .collect();
         let all: Vec<Digest> = kinds.keys().copied().collect();
         let client = &self.shared.client;
+        // The batches below must fit the server's limit.
+        let caps = self
+            .within_timeout(client.capabilities())
+            .map_err(|e| e.to_string())?;
+        self.shared.adopt(&caps, &self.cfg.address);
         let mut missing = Vec::new();
         for chunk in all.chunks(FIND_MISSING_CHUNK) {
             missing.extend(
