@@ -192,7 +192,7 @@ pub struct DigestFs {
     /// Blobs whose content was hashed and found right (with `verify`).
     verified: Mutex<HashSet<Digest>>,
     invalidator: OnceLock<Box<dyn Invalidator>>,
-    /// Tells the lease keeper about each newly bound tree.
+    /// Told of each newly bound tree (the lease keeper, the prefetcher).
     bind_watchers: Mutex<Vec<crossbeam_channel::Sender<Digest>>>,
     pub stats: Stats,
 }
@@ -264,16 +264,7 @@ impl DigestFs {
     /// Logs a store failure once per digest, naming the path, and maps it to EIO.
     fn store_failure(&self, ino: u64, err: StoreError) -> FsError {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let digest = match &err {
-            StoreError::Missing { digest, .. }
-            | StoreError::SizeMismatch { digest, .. }
-            | StoreError::HashMismatch { digest }
-            | StoreError::CorruptDirectory { digest, .. }
-            | StoreError::BadName { digest, .. }
-            | StoreError::Remote { digest, .. } => Some(*digest),
-            _ => None,
-        };
-        let first = match digest {
+        let first = match err.digest() {
             Some(d) => {
                 let mut logged = lock(&self.logged);
                 if logged.len() > 65536 {
@@ -805,21 +796,15 @@ impl DigestFs {
 
     /// Checks that every `Directory` of the tree is present and valid.
     pub fn verify_tree(&self, root: &Digest) -> Result<(), String> {
-        let mut seen = HashSet::new();
-        let mut todo = vec![*root];
-        while let Some(d) = todo.pop() {
-            if !seen.insert(d) {
-                continue;
-            }
-            let listing = self.store.load_directory(&d).map_err(|e| e.to_string())?;
-            self.stats.verified_dirs.fetch_add(1, Ordering::Relaxed);
-            for e in listing.entries {
-                if let EntryKind::Dir(sub) = e.kind {
-                    todo.push(sub);
-                }
-            }
-        }
-        Ok(())
+        self.store
+            .walk_directories(
+                &[*root],
+                &mut |_, _| {
+                    self.stats.verified_dirs.fetch_add(1, Ordering::Relaxed);
+                },
+                &mut Err,
+            )
+            .map_err(|e| e.to_string())
     }
 
     /// Refuses layers that give one name different content, naming the path and both digests.

@@ -76,6 +76,19 @@ impl StoreError {
     pub fn is_missing(&self) -> bool {
         matches!(self, StoreError::Missing { .. })
     }
+
+    /// The blob an error concerns, if it concerns one: the digest to name in logs.
+    pub fn digest(&self) -> Option<Digest> {
+        match self {
+            StoreError::Missing { digest, .. }
+            | StoreError::SizeMismatch { digest, .. }
+            | StoreError::HashMismatch { digest }
+            | StoreError::CorruptDirectory { digest, .. }
+            | StoreError::BadName { digest, .. }
+            | StoreError::Remote { digest, .. } => Some(*digest),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -557,36 +570,55 @@ impl Store {
 }
 
 impl Store {
-    /// The distinct file and `Directory` digests of the trees at `roots`. A `Directory` that
-    /// cannot be loaded goes to `on_error`, which either skips it (`Ok`) or ends the walk.
+    /// Visits each distinct `Directory` of the trees at `roots` once. A `Directory` that cannot
+    /// be loaded goes to `on_error`, which either skips it (`Ok`) or ends the walk.
+    pub fn walk_directories(
+        &self,
+        roots: &[Digest],
+        on_dir: &mut dyn FnMut(&Digest, &Listing),
+        on_error: &mut dyn FnMut(StoreError) -> Result<()>,
+    ) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        let mut todo = roots.to_vec();
+        while let Some(d) = todo.pop() {
+            if !seen.insert(d) {
+                continue;
+            }
+            match self.load_directory(&d) {
+                Ok(listing) => {
+                    on_dir(&d, &listing);
+                    todo.extend(listing.entries.iter().filter_map(|e| match e.kind {
+                        EntryKind::Dir(sub) => Some(sub),
+                        _ => None,
+                    }));
+                }
+                Err(e) => on_error(e)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The distinct file and `Directory` digests of the trees at `roots`, with `on_error` as in
+    /// [`Store::walk_directories`].
     pub fn tree_digests(
         &self,
         roots: &[Digest],
         on_error: &mut dyn FnMut(StoreError) -> Result<()>,
     ) -> Result<(Vec<Digest>, Vec<Digest>)> {
-        let mut dirs = std::collections::HashSet::new();
+        let mut dirs = Vec::new();
         let mut files = std::collections::HashSet::new();
-        let mut todo = roots.to_vec();
-        while let Some(d) = todo.pop() {
-            if !dirs.insert(d) {
-                continue;
-            }
-            match self.load_directory(&d) {
-                Ok(listing) => {
-                    for e in listing.entries {
-                        match e.kind {
-                            EntryKind::File { digest, .. } => {
-                                files.insert(digest);
-                            }
-                            EntryKind::Dir(sub) => todo.push(sub),
-                            EntryKind::Symlink(_) => {}
-                        }
-                    }
-                }
-                Err(e) => on_error(e)?,
-            }
-        }
-        Ok((files.into_iter().collect(), dirs.into_iter().collect()))
+        self.walk_directories(
+            roots,
+            &mut |d, listing| {
+                dirs.push(*d);
+                files.extend(listing.entries.iter().filter_map(|e| match e.kind {
+                    EntryKind::File { digest, .. } => Some(digest),
+                    _ => None,
+                }));
+            },
+            on_error,
+        )?;
+        Ok((files.into_iter().collect(), dirs))
     }
 }
 
