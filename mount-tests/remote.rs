@@ -310,6 +310,31 @@ fn remote_status(socket: &Path) -> RemoteStatus {
         .expect("status has a remote part")
 }
 
+/// The status once `done` holds of it; fails the test if that takes longer than `T`.
+fn wait_for_status(socket: &Path, done: impl Fn(&RemoteStatus) -> bool) -> RemoteStatus {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = remote_status(socket);
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "still waiting: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `digestfs bind` on a live mount with its own control socket.
+fn bind(m: &Mount, socket: &Path, path: &str, digest: &str) {
+    ok(dfs(&[
+        "bind",
+        "--control",
+        socket.to_str().unwrap(),
+        m.mnt.to_str().unwrap(),
+        path,
+        digest,
+    ]));
+}
+
 fn file_digests(tree: &str) -> Vec<(String, String)> {
     manifest()[tree]
         .iter()
@@ -410,14 +435,7 @@ fn a_tree_only_the_remote_has_is_served_verified_and_kept_locally() {
         "every file once, plus the two Directories: {after:?}"
     );
     // Bound live, by the control socket: the root Directory is fetched too.
-    ok(dfs(&[
-        "bind",
-        "--control",
-        socket.to_str().unwrap(),
-        m.mnt.to_str().unwrap(),
-        "src",
-        SRC_SYMLINKS,
-    ]));
+    bind(&m, &socket, "src", SRC_SYMLINKS);
     assert_eq!(
         std::fs::read_link(m.path("src/nested/link_to_src_dir")).unwrap(),
         Path::new("../src")
@@ -553,11 +571,9 @@ fn ranged_reads_answer_the_tail_of_a_large_blob_before_it_is_local() {
     let d: Digest = format!("{}-{}", sha256_hex(&big), big.len())
         .parse()
         .unwrap();
-    let deadline = Instant::now() + T;
-    while !Store::open(&m.store).unwrap().has_file(&d).unwrap() {
-        assert!(Instant::now() < deadline, "{:?}", remote_status(&socket));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_status(&socket, |_| {
+        Store::open(&m.store).unwrap().has_file(&d).unwrap()
+    });
     let s = remote_status(&socket);
     assert_eq!(
         s.bytestream_reads,
@@ -660,11 +676,7 @@ fn corrupt_bytes_from_the_remote_are_refused_never_served() {
     let f = std::fs::File::open(m.path("lib/lib/guava.jar")).unwrap();
     let mut tail = vec![0u8; 64 << 10];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, 2920436 - (64 << 10)).unwrap();
-    let deadline = Instant::now() + T;
-    while remote_status(&socket).refused_corrupt == 0 {
-        assert!(Instant::now() < deadline, "{:?}", remote_status(&socket));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_status(&socket, |s| s.refused_corrupt > 0);
     let mut head = vec![0u8; 64 << 10];
     let err = std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 1 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
@@ -678,23 +690,10 @@ fn prefetch_fetches_a_bound_tree_in_the_background() {
     let fixture = fixture_store();
     push(&bg, "", &fixture.path().join("store"), &[JAR_TREE]);
     let (m, socket) = mount_remote(&bg.address, &[], &["--prefetch"]);
-    ok(dfs(&[
-        "bind",
-        "--control",
-        socket.to_str().unwrap(),
-        m.mnt.to_str().unwrap(),
-        "lib",
-        JAR_TREE,
-    ]));
-    let deadline = Instant::now() + T;
-    let status = loop {
-        let s = remote_status(&socket);
-        if s.prefetch.trees == 1 && s.prefetch.running == 0 {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "prefetch did not finish: {s:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    bind(&m, &socket, "lib", JAR_TREE);
+    let status = wait_for_status(&socket, |s| {
+        s.prefetch.trees == 1 && s.prefetch.running == 0
+    });
     let files = file_digests(JAR_TREE);
     let distinct: std::collections::HashSet<_> = files.iter().map(|(_, d)| d).collect();
     let p = &status.prefetch;
