@@ -259,17 +259,26 @@ fn ok(out: Output) -> String {
 
 /// Uploads trees from `store` to the server's `instance` with `digestfs push`.
 fn push(bg: &BuildGrid, instance: &str, store: &Path, trees: &[&str]) -> String {
+    ok(push_with(
+        bg,
+        store,
+        &["--remote-instance-name", instance],
+        trees,
+    ))
+}
+
+/// `digestfs push` with options of the caller's, whatever its outcome.
+fn push_with(bg: &BuildGrid, store: &Path, extra: &[&str], trees: &[&str]) -> Output {
     let mut args = vec![
         "--store",
         store.to_str().unwrap(),
         "push",
         "--remote-store-address",
         &bg.address,
-        "--remote-instance-name",
-        instance,
     ];
+    args.extend(extra);
     args.extend(trees);
-    ok(dfs(&args))
+    dfs(&args)
 }
 
 /// A mount over an empty local store that reads through to `address`.
@@ -723,16 +732,12 @@ fn grpcs_with_the_servers_ca_works_and_without_it_is_refused() {
     let (bg, ca) = BuildGrid::start_tls();
     let fixture = fixture_store();
     let store = fixture.path().join("store");
-    let out = dfs(&[
-        "--store",
-        store.to_str().unwrap(),
-        "push",
-        "--remote-store-address",
-        &bg.address,
-        "--remote-ca-certs",
-        ca.to_str().unwrap(),
-        JAR_TREE,
-    ]);
+    let out = push_with(
+        &bg,
+        &store,
+        &["--remote-ca-certs", ca.to_str().unwrap()],
+        &[JAR_TREE],
+    );
     assert!(ok(out).contains("uploaded"));
     // Each read into a store of its own, so that nothing is local yet.
     let cat = |extra: &[&str]| {
@@ -770,18 +775,9 @@ fn headers_carry_the_token_a_server_requires() {
     let store = fixture.path().join("store");
     let bearer = format!("authorization=Bearer {token}");
     let push = |extra: &[&str]| {
-        let mut args = vec![
-            "--store",
-            store.to_str().unwrap(),
-            "push",
-            "--remote-store-address",
-            &bg.address,
-            "--remote-retries",
-            "0",
-        ];
-        args.extend(extra);
-        args.push(JAR_TREE);
-        dfs(&args)
+        let mut all = vec!["--remote-retries", "0"];
+        all.extend(extra);
+        push_with(&bg, &store, &all, &[JAR_TREE])
     };
     let refused = push(&[]);
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
