@@ -160,7 +160,7 @@ fn a_client_hanging_up_mid_request_changes_nothing() {
 #[test]
 fn the_mount_is_private_to_its_owner() {
     let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
-    let user = crate::views::TempUser::create();
+    let user = crate::harness::TempUser::create();
     let as_user = |args: &[&str]| user.run(args[0], &args[1..]);
     // The mountpoint's parent must be reachable for the test to mean anything.
     std::fs::set_permissions(m.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

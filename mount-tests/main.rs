@@ -5,6 +5,8 @@
 mod common;
 mod faults;
 mod harness;
+mod hostile;
+mod lifecycle;
 mod packaging;
 mod remote;
 mod views;
@@ -17,19 +19,6 @@ use std::time::Duration;
 
 use common::*;
 use harness::{is_mounted, Mount};
-
-const T: Duration = Duration::from_secs(120);
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = run_timeout(cmd, T);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 fn all_trees() -> Vec<(&'static str, &'static str)> {
     vec![
@@ -387,7 +376,7 @@ fn a_blob_deleted_after_mounting_is_eio_and_the_rest_reads() {
 fn unmount_leaves_no_mount_and_no_process() {
     // Our own unmount command.
     let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
-    run_ok(Command::new(bin()).arg("unmount").arg(&m.mnt));
+    dfs_ok(&["unmount", m.mnt.to_str().unwrap()]);
     let status = m.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status}: {}", m.log_text());
     assert!(!is_mounted(&m.mnt));
@@ -404,8 +393,7 @@ fn unmount_leaves_no_mount_and_no_process() {
     assert!(status.success(), "{status}: {}", m.log_text());
     assert!(!is_mounted(&m.mnt));
     // Unmounting what is not mounted is an error.
-    let out = run_timeout(Command::new(bin()).arg("unmount").arg(&m.mnt), T);
-    assert_eq!(out.status.code(), Some(1));
+    dfs_err(&["unmount", m.mnt.to_str().unwrap()]);
 }
 
 #[test]
@@ -462,15 +450,12 @@ fn daemon_mode_returns_once_the_mount_answers() {
         "{again:?}"
     );
 
-    run_ok(Command::new(bin()).arg("unmount").arg(&mnt));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while process_alive(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "daemon {pid} still alive after unmount"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    dfs_ok(&["unmount", mnt.to_str().unwrap()]);
+    wait_until(
+        "the daemon to exit after unmount",
+        Duration::from_secs(10),
+        || (!process_alive(pid)).then_some(()),
+    );
     assert!(!is_mounted(&mnt));
     assert!(std::fs::read_to_string(&log).unwrap().contains("serving"));
     let socket = digestfs::control::default_socket(&mnt);
@@ -478,6 +463,12 @@ fn daemon_mode_returns_once_the_mount_answers() {
         !socket.exists(),
         "the control socket {} is removed on exit",
         socket.display()
+    );
+    let state = digestfs::control::state::state_path(&socket);
+    assert!(
+        !state.exists(),
+        "a clean unmount forgets the views ({})",
+        state.display()
     );
 }
 

@@ -124,17 +124,11 @@ fn systemd_is_told_when_the_mount_answers() {
     );
     // systemd stops the unit with SIGTERM: clean unmount, exit 0.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_until(
+        "the daemon to exit on SIGTERM",
+        Duration::from_secs(10),
+        || child.try_wait().unwrap(),
+    );
     assert!(status.success());
     assert!(!crate::harness::is_mounted(&mnt));
     // The unit file waits for exactly this.

@@ -1,265 +1,23 @@
 //! Reading through to a remote REAPI CAS: a real BuildGrid server on loopback (installed by
 //! `scripts/install-deps --tests`), mounts over an empty local store, real readers.
 
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use digestfs::control::protocol::Request;
 use digestfs::remote::RemoteStatus;
 use digestfs::store::{Digest, EntryKind, Store};
 
 use crate::common::*;
+use crate::harness::buildgrid::{BuildGrid, CORRUPT};
 use crate::harness::Mount;
-
-const T: Duration = Duration::from_secs(120);
-/// The instance whose storage is a directory the tests can tamper with.
-const CORRUPT: &str = "corrupt";
-
-/// A BuildGrid server on a free loopback port: instance "" keeps blobs in memory, instance
-/// "corrupt" on disk. Killed with its whole process group when dropped.
-struct BuildGrid {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    address: String,
-}
-
-fn bgd() -> PathBuf {
-    let path = std::env::var_os("DIGESTFS_BGD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/buildgrid/bin/bgd"));
-    assert!(
-        path.exists(),
-        "BuildGrid's bgd not found at {} (run scripts/install-deps --tests, or set DIGESTFS_BGD)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl BuildGrid {
-    fn start() -> BuildGrid {
-        BuildGrid::start_with(
-            tempfile::tempdir().unwrap(),
-            "insecure-mode: true",
-            "grpc",
-            "method: none",
-        )
-    }
-
-    /// Serves TLS with a certificate for localhost signed by a throwaway CA; returns the CA.
-    fn start_tls() -> (BuildGrid, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let p = |name: &str| dir.path().join(name);
-        let openssl = |args: &[&str]| {
-            let out = run_timeout(
-                Command::new("openssl").args(args).current_dir(dir.path()),
-                T,
-            );
-            assert!(out.status.success(), "openssl {args:?}: {out:?}");
-        };
-        openssl(
-            &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-            ]
-            .iter()
-            .chain(&[
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=digestfs test CA",
-            ])
-            .copied()
-            .collect::<Vec<_>>(),
-        );
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        std::fs::write(
-            p("ext.cnf"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-        let channel = format!(
-            "insecure-mode: false\n    credentials:\n      tls-server-key: {}\n      tls-server-cert: {}",
-            p("server.key").display(),
-            p("server.pem").display()
-        );
-        let ca = p("ca.pem");
-        (
-            BuildGrid::start_with(dir, &channel, "grpcs", "method: none"),
-            ca,
-        )
-    }
-
-    /// Requires a JWT signed with `secret` (HS256) on every call; returns such a token.
-    fn start_jwt(secret: &str) -> (BuildGrid, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("jwt-secret");
-        std::fs::write(&path, secret).unwrap();
-        let auth = format!(
-            "method: jwt\n  secret: {}\n  algorithm: hs256",
-            path.display()
-        );
-        // PyJWT comes with BuildGrid.
-        let python = bgd().with_file_name("python");
-        let out = run_timeout(
-            Command::new(python).args([
-                "-c",
-                "import jwt, sys, time; print(jwt.encode({'exp': int(time.time()) + 3600, 'sub': 'digestfs-test'}, sys.argv[1], algorithm='HS256'))",
-                secret,
-            ]),
-            T,
-        );
-        let token = ok(out).trim().to_string();
-        (
-            BuildGrid::start_with(dir, "insecure-mode: true", "grpc", &auth),
-            token,
-        )
-    }
-
-    fn start_with(dir: tempfile::TempDir, channel: &str, scheme: &str, auth: &str) -> BuildGrid {
-        let port = free_port();
-        let config = format!(
-            r#"server:
-  - !channel
-    address: "127.0.0.1:{port}"
-    {channel}
-authorization:
-  {auth}
-storages:
-  - !lru-storage &memory
-    size: 512MB
-  - !disk-storage &disk
-    path: {disk}
-instances:
-  - name: ""
-    services:
-      - !cas
-        storage: *memory
-      - !bytestream
-        storage: *memory
-  - name: {CORRUPT}
-    services:
-      - !cas
-        storage: *disk
-      - !bytestream
-        storage: *disk
-"#,
-            disk = dir.path().join("disk").display()
-        );
-        std::fs::write(dir.path().join("bgd.yml"), config).unwrap();
-        let child = Command::new(bgd())
-            .args(["server", "start"])
-            .arg(dir.path().join("bgd.yml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("bgd.log")).unwrap())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let mut bg = BuildGrid {
-            child: Some(child),
-            dir,
-            address: format!("{scheme}://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = bg.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("bgd exited ({status}):\n{}", bg.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bgd not listening in 60 s:\n{}",
-                bg.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bg
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("bgd.log")).unwrap_or_default()
-    }
-
-    /// Where the disk instance keeps a blob.
-    fn disk_object(&self, digest: &str) -> PathBuf {
-        let hex = digest.split('-').next().unwrap();
-        self.dir
-            .path()
-            .join("disk/cas/objects")
-            .join(&hex[..2])
-            .join(&hex[2..])
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for BuildGrid {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn dfs(args: &[&str]) -> Output {
-    run_timeout(Command::new(bin()).args(args), T)
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Uploads trees from `store` to the server's `instance` with `digestfs push`.
 fn push(bg: &BuildGrid, instance: &str, store: &Path, trees: &[&str]) -> String {
-    ok(push_with(
+    stdout_ok(push_with(
         bg,
         store,
         &["--remote-instance-name", instance],
@@ -321,27 +79,22 @@ fn remote_status(socket: &Path) -> RemoteStatus {
 
 /// The status once `done` holds of it; fails the test if that takes longer than `T`.
 fn wait_for_status(socket: &Path, done: impl Fn(&RemoteStatus) -> bool) -> RemoteStatus {
-    let deadline = Instant::now() + T;
-    loop {
+    wait_until("the remote status", T, || {
         let s = remote_status(socket);
-        if done(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "still waiting: {s:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        done(&s).then_some(s)
+    })
 }
 
 /// `digestfs bind` on a live mount with its own control socket.
 fn bind(m: &Mount, socket: &Path, path: &str, digest: &str) {
-    ok(dfs(&[
+    dfs_ok(&[
         "bind",
         "--control",
         socket.to_str().unwrap(),
         m.mnt.to_str().unwrap(),
         path,
         digest,
-    ]));
+    ]);
 }
 
 fn file_digests(tree: &str) -> Vec<(String, String)> {
@@ -542,12 +295,12 @@ fn push_big_tree(bg: &BuildGrid) -> (String, Vec<u8>) {
     }
     std::fs::write(dir.join("big.jar"), &big).unwrap();
     let store = src.path().join("store");
-    let tree = ok(dfs(&[
+    let tree = dfs_ok(&[
         "--store",
         store.to_str().unwrap(),
         "import",
         dir.to_str().unwrap(),
-    ]))
+    ])
     .trim()
     .to_string();
     push(bg, "", &store, &[&tree]);
@@ -717,12 +470,12 @@ fn prefetch_fetches_a_bound_tree_in_the_background() {
     assert!(status.batch_reads * 2 < p.blobs_total, "{status:?}");
     // Every blob is local without a single read through the mount.
     assert_all_local(&m.store, JAR_TREE);
-    let status_text = ok(dfs(&[
+    let status_text = dfs_ok(&[
         "status",
         "--control",
         socket.to_str().unwrap(),
         m.mnt.to_str().unwrap(),
-    ]));
+    ]);
     assert!(status_text.contains("prefetch"), "{status_text}");
     assert!(status_text.contains(&bg.address), "{status_text}");
 }
@@ -738,7 +491,7 @@ fn grpcs_with_the_servers_ca_works_and_without_it_is_refused() {
         &["--remote-ca-certs", ca.to_str().unwrap()],
         &[JAR_TREE],
     );
-    assert!(ok(out).contains("uploaded"));
+    assert!(stdout_ok(out).contains("uploaded"));
     // Each read into a store of its own, so that nothing is local yet.
     let cat = |extra: &[&str]| {
         let empty = tempfile::tempdir().unwrap();
@@ -785,7 +538,7 @@ fn headers_carry_the_token_a_server_requires() {
         String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"),
         "{refused:?}"
     );
-    assert!(ok(push(&["--remote-header", &bearer])).contains("uploaded"));
+    assert!(stdout_ok(push(&["--remote-header", &bearer])).contains("uploaded"));
     // And reads carry it too: a mount over an empty store with the header.
     let (m, _socket) = mount_remote(
         &bg.address,

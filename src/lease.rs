@@ -4,7 +4,7 @@
 //! interval, and each tree again as it is bound. Unbinding stops it, since each round renews what
 //! is bound then.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,47 +13,56 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::fs::DigestFs;
 use crate::store::Digest;
 
-/// Every blob of every bound tree: (file blobs, `Directory` blobs), each once.
-pub fn bound_blobs(core: &DigestFs) -> (Vec<Digest>, Vec<Digest>) {
-    let roots = core
-        .namespace()
+/// What the lease keeper has done, for `digestfs status`.
+#[derive(Default)]
+pub struct LeaseStats {
+    pub rounds: AtomicU64,
+    /// Seconds since the epoch of the last renewal (0: none yet).
+    pub last_unix: AtomicU64,
+    pub last_renewed: AtomicU64,
+    pub last_missing: AtomicU64,
+    /// How long the last renewal took, walk included, in milliseconds.
+    pub last_duration_ms: AtomicU64,
+    /// The longest any LMDB write transaction of the last renewal held its lock, in µs.
+    pub last_longest_txn_us: AtomicU64,
+}
+
+/// The roots of every bound tree (each layer of each view).
+fn bound_roots(core: &DigestFs) -> Vec<Digest> {
+    core.namespace()
         .views()
         .into_iter()
         .flat_map(|(_, v)| v.layers.values().copied().collect::<Vec<_>>())
-        .collect();
-    tree_blobs(core, roots)
+        .collect()
 }
 
-/// Every blob of the trees `roots`: (file blobs, `Directory` blobs), each once. What cannot be
-/// read is logged and skipped: the rest still needs renewing.
-fn tree_blobs(core: &DigestFs, roots: Vec<Digest>) -> (Vec<Digest>, Vec<Digest>) {
-    core.store()
-        .tree_digests(&roots, &mut |e| {
-            log::warn!("lease renewal: {e}");
-            Ok(())
-        })
-        .unwrap_or_default()
-}
-
-/// One round: renews everything bound now and records it in the core's statistics.
-pub fn renew_once(core: &DigestFs) {
-    let (files, dirs) = bound_blobs(core);
-    renew(core, &files, &dirs);
-}
-
-fn renew(core: &DigestFs, files: &[Digest], dirs: &[Digest]) {
-    match core.store().renew_leases(files, dirs) {
+/// One round: renews every blob of the trees at `roots`. What cannot be read is logged and
+/// skipped: the rest still needs renewing.
+fn renew(core: &DigestFs, stats: &LeaseStats, roots: &[Digest]) {
+    let started = Instant::now();
+    let tree = core.cas().tree_blobs(roots);
+    for e in &tree.errors {
+        log::warn!("lease renewal: {e}");
+    }
+    match core.cas().store().renew_leases(&tree.files, &tree.dirs) {
         Ok(report) => {
-            let s = &core.stats;
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            s.lease_rounds.fetch_add(1, Ordering::Relaxed);
-            s.lease_last_unix.store(now, Ordering::Relaxed);
-            s.lease_last_renewed
+            stats.rounds.fetch_add(1, Ordering::Relaxed);
+            stats.last_unix.store(now, Ordering::Relaxed);
+            stats
+                .last_renewed
                 .store(report.renewed as u64, Ordering::Relaxed);
-            s.lease_last_missing
+            stats
+                .last_missing
                 .store(report.missing as u64, Ordering::Relaxed);
+            stats
+                .last_duration_ms
+                .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            stats
+                .last_longest_txn_us
+                .store(report.longest_txn_us, Ordering::Relaxed);
             if report.missing > 0 {
                 log::warn!(
                     "lease renewal: {} bound blobs are missing from the store",
@@ -70,34 +79,38 @@ fn renew(core: &DigestFs, files: &[Digest], dirs: &[Digest]) {
     }
 }
 
+/// One round over everything bound now.
+pub fn renew_once(core: &DigestFs, stats: &LeaseStats) {
+    renew(core, stats, &bound_roots(core));
+}
+
 /// Renews everything bound every `interval`, and each tree that `bound` announces (at bind
 /// time), until `bound` closes.
 pub fn spawn(
     core: Arc<DigestFs>,
     interval: Duration,
     bound: Receiver<Digest>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Arc<LeaseStats>> {
+    let stats = Arc::new(LeaseStats::default());
+    let theirs = stats.clone();
     std::thread::Builder::new()
         .name("leases".into())
         .spawn(move || {
             let mut next = Instant::now();
             loop {
                 if Instant::now() >= next {
-                    renew_once(&core);
+                    renew_once(&core, &theirs);
                     next = Instant::now() + interval;
                 }
                 match bound.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                    Ok(tree) => {
-                        let (files, dirs) = tree_blobs(&core, vec![tree]);
-                        renew(&core, &files, &dirs);
-                    }
+                    Ok(tree) => renew(&core, &theirs, &[tree]),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
                 release_freed_memory();
             }
         })?;
-    Ok(())
+    Ok(stats)
 }
 
 /// A round over a large tree allocates its digest sets and frees them at once; hand that memory
@@ -112,14 +125,19 @@ fn release_freed_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cas::Cas;
     use crate::fs::{FsConfig, DEFAULT_LAYER};
-    use crate::store::{Importer, Store, LEASE_SECS};
+    use crate::store::{BlobKind, Importer, Store, LEASE_SECS};
 
     fn now() -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs()
+    }
+
+    fn core(store: Store) -> DigestFs {
+        DigestFs::new(Arc::new(Cas::local(store)), FsConfig::default())
     }
 
     #[test]
@@ -131,53 +149,45 @@ mod tests {
         std::fs::write(src.join("small.jar"), b"small").unwrap();
         std::fs::write(src.join("sub/big.jar"), vec![3u8; 700 * 1024]).unwrap();
         let tree = Importer::new(&store).import_path(&src).unwrap();
-        let core = DigestFs::new(Arc::new(store), FsConfig::default());
-        let store = core.store().clone();
-        let (files, dirs) = {
-            core.bind("v", DEFAULT_LAYER, tree, true).unwrap();
-            bound_blobs(&core)
-        };
+        let core = core(store.clone());
+        core.bind("v", DEFAULT_LAYER, tree, true).unwrap();
+        let blobs = store.tree_blobs(&[tree]);
+        let (files, dirs) = (blobs.files, blobs.dirs);
         assert_eq!((files.len(), dirs.len()), (2, 2));
         let age = |until: u64| {
             for d in &files {
-                let path = store.large_blob_path(d);
-                if d.is_large() {
-                    crate::store::set_lease_mtime(&path, until).unwrap();
-                } else {
-                    store
-                        .files_for_tests()
-                        .renew_leases(d.shard(), &[*d], until)
-                        .unwrap();
-                }
+                store.set_lease_for_tests(BlobKind::File, d, until);
             }
             for d in &dirs {
-                store
-                    .directories_for_tests()
-                    .renew_leases(d.shard(), &[*d], until)
-                    .unwrap();
+                store.set_lease_for_tests(BlobKind::Directory, d, until);
             }
         };
         let leases = || -> Vec<u64> {
             files
                 .iter()
-                .map(|d| store.lease(d, false).unwrap().unwrap())
-                .chain(dirs.iter().map(|d| store.lease(d, true).unwrap().unwrap()))
+                .map(|d| store.lease(d, BlobKind::File).unwrap().unwrap())
+                .chain(
+                    dirs.iter()
+                        .map(|d| store.lease(d, BlobKind::Directory).unwrap().unwrap()),
+                )
                 .collect()
         };
+        let stats = LeaseStats::default();
         age(5);
         assert!(leases().iter().all(|&l| l == 5));
-        renew_once(&core);
+        renew_once(&core, &stats);
         let floor = now() + LEASE_SECS - 60;
         assert!(leases().iter().all(|&l| l >= floor), "{:?}", leases());
-        assert_eq!(core.stats.lease_last_renewed.load(Ordering::Relaxed), 4);
-        assert_eq!(core.stats.lease_last_missing.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.last_renewed.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.last_missing.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.rounds.load(Ordering::Relaxed), 1);
 
         // Unbound, nothing is renewed any more.
         core.unbind("v", None).unwrap();
         age(5);
-        renew_once(&core);
+        renew_once(&core, &stats);
         assert!(leases().iter().all(|&l| l == 5));
-        assert_eq!(core.stats.lease_last_renewed.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.last_renewed.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -188,11 +198,12 @@ mod tests {
         std::fs::write(src.path().join("big.jar"), vec![1u8; 600 * 1024]).unwrap();
         let tree = Importer::new(&store).import_path(src.path()).unwrap();
         let big = Digest::of_bytes(&vec![1u8; 600 * 1024]);
-        let core = DigestFs::new(Arc::new(store), FsConfig::default());
+        let core = core(store.clone());
         core.bind("v", DEFAULT_LAYER, tree, true).unwrap();
-        std::fs::remove_file(core.store().large_blob_path(&big)).unwrap();
-        renew_once(&core);
-        assert_eq!(core.stats.lease_last_missing.load(Ordering::Relaxed), 1);
-        assert!(!core.store().large_blob_path(&big).exists());
+        std::fs::remove_file(store.large_blob_path(&big)).unwrap();
+        let stats = LeaseStats::default();
+        renew_once(&core, &stats);
+        assert_eq!(stats.last_missing.load(Ordering::Relaxed), 1);
+        assert!(!store.large_blob_path(&big).exists());
     }
 }

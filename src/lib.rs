@@ -1,17 +1,23 @@
-//! digestfs: a read-only FUSE view over the Pants local store.
+//! digestfs: read-only views over the Pants local store, served by FUSE (or NFS).
 //!
-//! - [`store`]: the Pants store format, read and written; no FUSE types.
+//! - [`store`]: the Pants store format, read and written; nothing else.
+//! - [`remote`]: a REAPI CAS client, fetching what the local store lacks into it, verified.
+//! - [`cas`]: what the core reads: the local store, with the remote behind it.
 //! - [`fs`]: the filesystem core (namespace, views, inodes, attributes, reads) as plain functions.
-//! - [`fuse`]: the thin `fuser` adapter and the mount lifecycle.
+//! - [`fuse`]: the thin `fuser` adapter and the FUSE session.
 //! - [`lease`]: keeping bound trees alive against Pants' garbage collection.
-//! - [`remote`]: fetching blobs the local store lacks from a remote REAPI CAS.
-//! - [`control`]: the control socket the build daemon binds views through.
+//! - [`control`]: the control socket the build daemon binds views through, and the state file.
+//! - [`materialize`]: copying a tree out, where no mount is possible.
+//! - [`os`]: what differs between operating systems.
 //! - [`cli`]: the command line.
 
+pub mod cas;
 pub mod cli;
 pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod lease;
+pub mod materialize;
+pub mod os;
 pub mod remote;
 pub mod store;

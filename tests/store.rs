@@ -8,12 +8,15 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use digestfs::store::{Digest, Entry, EntryKind, Importer, Listing, Store, StoreError};
+use digestfs::cas::Cas;
+use digestfs::store::{walk, Digest, Entry, EntryKind, Importer, Listing, Store, StoreError};
 
 fn walk(store: &Store, root: &str) -> BTreeMap<String, Kind> {
     let mut out = BTreeMap::new();
-    store
-        .walk(&root.parse().unwrap(), &mut |path, kind| {
+    walk::walk_paths::<StoreError>(
+        &root.parse().unwrap(),
+        &mut |d| store.load_directory(d),
+        &mut |path, kind| {
             let k = match kind {
                 EntryKind::Dir(d) => Kind::Dir {
                     digest: d.to_string(),
@@ -27,8 +30,9 @@ fn walk(store: &Store, root: &str) -> BTreeMap<String, Kind> {
             };
             out.insert(path.to_string(), k);
             Ok(())
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     out
 }
 
@@ -146,20 +150,19 @@ fn round_trip_reproduces_every_digest_and_proto() {
     for tree in manifest().keys() {
         let digest: Digest = tree.parse().unwrap();
         let dest = tmp.path().join(format!("out-{}", &tree[..8]));
-        digestfs::store::materialize(&fixture, &digest, &dest).unwrap();
+        digestfs::materialize::materialize(
+            &Cas::local(fixture.clone()),
+            &digest,
+            &dest,
+            &mut |_| {},
+        )
+        .unwrap();
         let fresh = Store::create(tmp.path().join(format!("fresh-{}", &tree[..8]))).unwrap();
         let again = Importer::new(&fresh).import_path(&dest).unwrap();
         assert_eq!(again, digest, "tree {tree}");
-        let mut dirs = vec![digest];
-        fixture
-            .walk(&digest, &mut |_, kind| {
-                if let EntryKind::Dir(d) = kind {
-                    dirs.push(*d);
-                }
-                Ok(())
-            })
-            .unwrap();
-        for d in dirs {
+        let walked = fixture.tree_blobs(&[digest]);
+        assert!(walked.errors.is_empty());
+        for d in walked.dirs {
             assert_eq!(
                 fresh.directory_bytes(&d).unwrap(),
                 fixture.directory_bytes(&d).unwrap(),
@@ -267,21 +270,6 @@ fn bad_input_gives_clear_errors() {
 }
 
 /// Writes a raw value into an LMDB shard, bypassing every check.
-fn put_raw(kind_dir: &Path, digest: &Digest, value: &[u8]) {
-    use lmdb::Transaction;
-    let env = lmdb::Environment::new()
-        .set_max_dbs(2)
-        .set_map_size(1 << 30)
-        .open(&kind_dir.join(format!("{:x}", digest.shard())))
-        .unwrap();
-    let db = env
-        .create_db(Some("content-versioned"), lmdb::DatabaseFlags::empty())
-        .unwrap();
-    let mut txn = env.begin_rw_txn().unwrap();
-    txn.put(db, &digest.lmdb_key(), &value, lmdb::WriteFlags::empty())
-        .unwrap();
-    txn.commit().unwrap();
-}
 
 #[test]
 fn concurrent_materialize_never_fails_or_exposes_partial_files() {
@@ -434,87 +422,26 @@ fn reading_while_another_process_imports() {
     );
 }
 
-/// Writes `DIGESTFS_HELPER_COUNT` blobs of 64 KiB into shard 0 of the store at
-/// `DIGESTFS_HELPER_STORE`, opening it with a map of `DIGESTFS_HELPER_MAP` bytes, and prints their
-/// digests. Run as a separate process by the map-growth test; does nothing otherwise.
-#[test]
-fn lmdb_writer_helper() {
-    use lmdb::Transaction;
-    let Ok(store) = std::env::var("DIGESTFS_HELPER_STORE") else {
-        return;
-    };
-    let map: usize = std::env::var("DIGESTFS_HELPER_MAP")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let count: usize = std::env::var("DIGESTFS_HELPER_COUNT")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let seed: u64 = std::env::var("DIGESTFS_HELPER_SEED")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let dir = Path::new(&store).join("files/0");
-    std::fs::create_dir_all(&dir).unwrap();
-    let env = lmdb::Environment::new()
-        .set_flags(lmdb::EnvironmentFlags::NO_SYNC | lmdb::EnvironmentFlags::NO_TLS)
-        .set_max_dbs(2)
-        .set_map_size(map)
-        .open(&dir)
-        .unwrap();
-    let content = env
-        .create_db(Some("content-versioned"), lmdb::DatabaseFlags::empty())
-        .unwrap();
-    env.create_db(Some("leases-versioned"), lmdb::DatabaseFlags::empty())
-        .unwrap();
-    let mut n = seed << 32;
-    let mut written = 0;
-    while written < count {
-        n += 1;
-        let blob: Vec<u8> = n
-            .to_le_bytes()
-            .iter()
-            .cycle()
-            .take(64 * 1024)
-            .copied()
-            .collect();
-        let d = Digest::of_bytes(&blob);
-        if d.shard() != 0 {
-            continue;
-        }
-        let mut txn = env.begin_rw_txn().unwrap();
-        txn.put(content, &d.lmdb_key(), &blob, lmdb::WriteFlags::empty())
-            .unwrap();
-        txn.commit().unwrap();
-        println!("DIGEST {d}");
-        written += 1;
-    }
-}
-
+/// Another process (the store writer, as pantsd would) writes `count` 64 KiB blobs into shard 0,
+/// opening it with a map of `map` bytes; returns their digests.
 fn run_writer(store: &Path, map: usize, count: usize, seed: u64) -> Vec<Digest> {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "lmdb_writer_helper",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("DIGESTFS_HELPER_STORE", store)
-        .env("DIGESTFS_HELPER_MAP", map.to_string())
-        .env("DIGESTFS_HELPER_COUNT", count.to_string())
-        .env("DIGESTFS_HELPER_SEED", seed.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_digestfs-store-writer")).args([
+            "--store",
+            store.to_str().unwrap(),
+            "--shard",
+            "0",
+            "--map-size",
+            &map.to_string(),
+            "--count",
+            &count.to_string(),
+            "--seed",
+            &seed.to_string(),
+        ]),
     );
-    let digests: Vec<Digest> = String::from_utf8(out.stdout)
-        .unwrap()
+    let digests: Vec<Digest> = out
         .lines()
-        .filter_map(|l| l.split_once("DIGEST ").map(|(_, d)| d))
+        .filter_map(|l| l.strip_prefix("DIGEST "))
         .map(|d| d.trim().parse().unwrap())
         .collect();
     assert_eq!(digests.len(), count);
@@ -579,4 +506,46 @@ fn long_operations_show_progress_on_a_terminal() {
     assert!(screen.contains("materializing"), "{screen}");
     assert!(screen.contains("MiB"), "{screen}");
     assert!(dest.join("lib/guava.jar").exists());
+}
+
+#[test]
+fn a_chain_of_100k_directories_is_one_error_line_never_an_abort() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let root = chain_tree(&store, 100_000, b"leaf");
+    // ls -R prints what an OS path can hold, then one line naming the depth.
+    let out = digestfs(&store, &["ls", "-R", &root]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("too deep") && stderr.contains("depth 2049"),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2048);
+    // Plain ls and cat of the leaf are unaffected.
+    assert_eq!(
+        String::from_utf8_lossy(&digestfs(&store, &["ls", &root]).stdout)
+            .lines()
+            .count(),
+        1
+    );
+    // materialize stops with one line naming the depth, before the OS refuses the path.
+    let dest = tmp.path().join("out");
+    let mut args = vec!["--store", store.to_str().unwrap(), "materialize", &root];
+    args.push(dest.to_str().unwrap());
+    let err = dfs_err(&args);
+    assert!(err.contains("too deep") && err.contains("depth"), "{err}");
+    // A chain short enough for the OS materializes whole.
+    let short = chain_tree(&store, 500, b"short");
+    let dest = tmp.path().join("short");
+    dfs_ok(&[
+        "--store",
+        store.to_str().unwrap(),
+        "materialize",
+        &short,
+        dest.to_str().unwrap(),
+    ]);
+    let leaf = dest.join("d/".repeat(500)).join("leaf.txt");
+    assert_eq!(std::fs::read(leaf).unwrap(), b"short");
 }

@@ -43,7 +43,9 @@ pub fn report_ready(res: Result<(), String>) {
     }
 }
 
-pub fn spawn_and_wait() -> Result<(), String> {
+/// Starts the daemon and waits until it reports; its pid, or the reason it gave (a line of text
+/// from the child, hence a `String`).
+pub fn spawn_and_wait() -> Result<u32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding our own executable: {e}"))?;
     let args: Vec<OsString> = std::env::args_os()
         .skip(1)
@@ -70,8 +72,7 @@ pub fn spawn_and_wait() -> Result<(), String> {
     let _ = BufReader::new(stdout).read_line(&mut line);
     let line = line.trim_end();
     if line == READY {
-        println!("{}", child.id());
-        return Ok(());
+        return Ok(child.id());
     }
     if let Some(msg) = line.strip_prefix("ERROR ") {
         let _ = child.wait();

@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::fuse::mount::{self, MountState};
+use super::{outln, Failure};
+use crate::os::{self as mount, MountState};
 use crate::remote::{Remote, RemoteConfig};
 use crate::store::{self, Store};
 
@@ -159,7 +160,6 @@ fn mountpoint_check(mp: &Path) -> Check {
     }
 }
 
-/// Runs every check, prints one line each, and returns whether all passed.
 fn remote_check(cfg: RemoteConfig) -> Check {
     let what = format!("remote CAS {}", cfg.address);
     let fix = "check the address and port; grpcs:// needs --remote-ca-certs unless the system \
@@ -173,12 +173,13 @@ fn remote_check(cfg: RemoteConfig) -> Check {
     }
 }
 
+/// Runs every check, prints one line each, and returns whether all passed.
 pub fn run(
     store_dir: Option<PathBuf>,
     mountpoint: Option<&Path>,
     want_allow_other: bool,
     remote: Option<RemoteConfig>,
-) -> bool {
+) -> Result<bool, Failure> {
     let mut checks = vec![dev_fuse(), fusermount()];
     if want_allow_other {
         checks.push(allow_other());
@@ -195,9 +196,9 @@ pub fn run(
     }
     for c in &checks {
         match &c.fix {
-            None => println!("ok    {}", c.what),
-            Some(fix) => println!("FAIL  {}\n      fix: {fix}", c.what),
+            None => outln!("ok    {}", c.what),
+            Some(fix) => outln!("FAIL  {}\n      fix: {fix}", c.what),
         }
     }
-    checks.iter().all(|c| c.ok)
+    Ok(checks.iter().all(|c| c.ok))
 }

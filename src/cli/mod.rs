@@ -2,6 +2,7 @@
 
 mod daemon;
 mod doctor;
+mod mount;
 mod progress;
 mod remote;
 
@@ -9,14 +10,13 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::cas::{Cas, ReadError};
 use crate::control::{self, protocol::Request, protocol::Response, protocol::WhichInfo};
-use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
-use crate::fuse::mount::{self, MountConfig};
-use crate::fuse::Passthrough;
+use crate::fs::DEFAULT_LAYER;
+use crate::os;
 use crate::remote::Remote;
 use crate::store::{self, Digest, EntryKind, Importer, Store};
 use remote::RemoteArgs;
@@ -25,12 +25,13 @@ const EXAMPLES: &str = "\
 Examples:
   digestfs import ./lib                        # store a directory, print its digest
   digestfs ls -R 93091a24…cd1-78               # list a tree
-  digestfs mount --bind jvm/resolves/jvm-default/lib=<digest> --daemon /mnt/view
-  digestfs mount --remote-store-address grpc://cache:8980 --bind lib=<digest> /mnt/view
-  digestfs unmount /mnt/view
+  digestfs mount --daemon --reuse .pants.d/bsp/jvm/resolves
+  digestfs bind .pants.d/bsp/jvm/resolves jvm-default/lib <digest> --layer modules.src/jvm:lib
+  digestfs unmount .pants.d/bsp/jvm/resolves
 
 Logging: RUST_LOG=debug digestfs …  (default: info for digestfs, warn otherwise)
-Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.";
+Exit codes: 0 success (also when a reader such as `head` closes the output early),
+1 failure (one line on stderr), 2 usage error.";
 
 #[derive(Parser, Debug)]
 #[command(name = "digestfs", version, about = "A read-only FUSE view over the Pants local store", after_help = EXAMPLES)]
@@ -81,22 +82,20 @@ enum Command {
         remote: RemoteArgs,
     },
     /// Mount a read-only view of the store
-    #[command(
-        after_help = "Example:\n  digestfs mount --bind jvm/resolves/jvm-default/lib=<digest> --daemon /mnt/view"
-    )]
-    Mount(MountArgs),
+    Mount(mount::MountArgs),
     /// Set one layer of the view at PATH to a tree, on a live mount
     #[command(
-        after_help = "Example:\n  digestfs bind /mnt/view jvm/resolves/jvm-default/lib <digest> --layer group-a"
+        after_help = "Example:\n  digestfs bind .pants.d/bsp/jvm/resolves jvm-default/lib <digest> --layer modules.src/jvm:lib"
     )]
     Bind {
         #[command(flatten)]
         target: Target,
-        /// Path under the mount root, e.g. jvm/resolves/jvm-default/lib
+        /// Path under the mount root, e.g. jvm-default/lib
         path: String,
         /// The tree's digest
         digest: String,
-        /// The layer to set; a view is the union of its layers
+        /// The layer to set; a view is the union of its layers. Any text up to 1024 bytes
+        /// (Pants uses one per request kind and BSP target, e.g. modules.src/jvm:lib)
         #[arg(long, default_value = DEFAULT_LAYER)]
         layer: String,
         /// Skip checking that every Directory of the tree is in the store
@@ -170,84 +169,60 @@ impl Target {
     fn socket(&self) -> Result<PathBuf, Failure> {
         match &self.control {
             Some(p) => Ok(p.clone()),
-            None => Ok(control::default_socket(&mount::absolute(&self.mountpoint)?)),
+            None => Ok(control::default_socket(&os::absolute(&self.mountpoint)?)),
         }
     }
 
     fn call(&self, req: Request) -> Result<Response, Failure> {
-        let resp = control::call(&self.socket()?, &req).map_err(Failure)?;
-        if resp.ok {
-            Ok(resp)
-        } else {
-            Err(Failure(
-                resp.error
-                    .unwrap_or_else(|| "the daemon refused the request".into()),
-            ))
-        }
+        refused_or(control::call(&self.socket()?, &req)?)
     }
 }
 
-#[derive(clap::Args, Debug)]
-struct MountArgs {
-    /// Show a Directory digest at PATH under the mount root (repeatable)
-    #[arg(long = "bind", value_name = "PATH=DIGEST")]
-    binds: Vec<String>,
-    /// Return once the mount answers, leaving the daemon running in the background
-    #[arg(long, short = 'd')]
-    daemon: bool,
-    /// Kernel entry and attribute cache lifetime, in seconds
-    #[arg(long, default_value_t = 3600, value_name = "SECS")]
-    ttl: u64,
-    /// Request-handling threads
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
-    /// Kernel readahead for the mount in KiB (needs root; 0 keeps the kernel's 128)
-    #[arg(long, default_value_t = 4096, value_name = "KIB")]
-    read_ahead_kb: u32,
-    /// Answer user.pants.digest and user.checksum.sha256 (costs round trips on ls -l)
-    #[arg(long)]
-    xattrs: bool,
-    /// Serve large blobs by FUSE passthrough (Linux 6.9+, root). Off by default: it needs a
-    /// daemon round trip per open, while without it opens cost none; see the README's benchmarks
-    #[arg(long, value_enum, default_value_t = Passthrough::Off)]
-    passthrough: Passthrough,
-    /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)
-    #[arg(long)]
-    allow_other: bool,
-    /// Skip checking that every Directory of a bound tree is in the store
-    #[arg(long)]
-    no_verify: bool,
-    /// Renew the store leases of every bound blob this often, in seconds (0: never)
-    #[arg(long, default_value_t = 1800, value_name = "SECS")]
-    lease_interval: u64,
-    /// Check each blob's sha256 once, on first use, before serving any of it
-    #[arg(long)]
-    verify: bool,
-    /// Control socket path [default: derived from the mountpoint under $XDG_RUNTIME_DIR/digestfs]
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
-    /// With --daemon, append logs to this file (otherwise they are discarded)
-    #[arg(long, value_name = "FILE")]
-    log_file: Option<PathBuf>,
-    /// After each bind, fetch the tree's missing files from the remote CAS in the background
-    /// (progress in `digestfs status`); without it, files are fetched on first read
-    #[arg(long, requires = "remote_store_address")]
-    prefetch: bool,
-    mountpoint: PathBuf,
-    #[command(flatten)]
-    remote: RemoteArgs,
+/// The answer if the daemon accepted the request, else its refusal as a failure.
+fn refused_or(resp: Response) -> Result<Response, Failure> {
+    if resp.ok {
+        Ok(resp)
+    } else {
+        Err(Failure::Msg(
+            resp.error
+                .unwrap_or_else(|| "the daemon refused the request".into()),
+        ))
+    }
 }
 
-/// A failure reported as one line; exit code 1.
-struct Failure(String);
+/// Why a command stopped early.
+enum Failure {
+    /// Reported as one line; exit code 1.
+    Msg(String),
+    /// The reader of our output went away (`digestfs status | head -1`): stop quietly, exit 0,
+    /// as `ls` and `cat` do.
+    Closed,
+}
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Failure {
-        Failure(e.to_string())
+        Failure::Msg(e.to_string())
     }
 }
 
 type CliResult = Result<(), Failure>;
+
+/// Writes one line to stdout; a closed pipe ends the command quietly.
+fn out_line(args: std::fmt::Arguments) -> CliResult {
+    let mut out = io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::BrokenPipe => Failure::Closed,
+            _ => Failure::Msg(format!("writing to stdout: {e}")),
+        })
+}
+
+/// `println!` for commands: a closed pipe ends the command quietly instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::out_line(format_args!($($arg)*))? };
+}
+pub(crate) use outln;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -257,8 +232,8 @@ pub fn main() -> ExitCode {
     };
     init_logging(log_file.as_deref());
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(msg)) => {
+        Ok(()) | Err(Failure::Closed) => ExitCode::SUCCESS,
+        Err(Failure::Msg(msg)) => {
             eprintln!("digestfs: {msg}");
             ExitCode::from(1)
         }
@@ -281,23 +256,23 @@ fn init_logging(file: Option<&Path>) {
     let _ = b.try_init();
 }
 
-fn open_store(cli_store: &Option<PathBuf>) -> Result<Arc<Store>, Failure> {
-    Ok(open_store_with_remote(cli_store, None)?.0)
+fn store_dir(cli_store: &Option<PathBuf>) -> PathBuf {
+    cli_store.clone().unwrap_or_else(store::default_store_dir)
 }
 
 /// The local store, reading through to the remote CAS if one is given. With a remote the local
 /// store may start empty, so it is created if need be.
-fn open_store_with_remote(
+fn open_cas(
     cli_store: &Option<PathBuf>,
     remote: Option<&RemoteArgs>,
-) -> Result<(Arc<Store>, Option<Arc<Remote>>), Failure> {
-    let dir = cli_store.clone().unwrap_or_else(store::default_store_dir);
+) -> Result<(Arc<Cas>, Option<Arc<Remote>>), Failure> {
+    let dir = store_dir(cli_store);
     match remote.map(RemoteArgs::config).transpose()?.flatten() {
-        None => Ok((Arc::new(Store::open(dir)?), None)),
+        None => Ok((Arc::new(Cas::local(Store::open(dir)?)), None)),
         Some(cfg) => {
             let remote = Remote::new(cfg)?;
-            let store = Store::create(dir)?.with_backfill(remote.clone());
-            Ok((Arc::new(store), Some(remote)))
+            let cas = Cas::new(Store::create(dir)?, Some(remote.clone()));
+            Ok((Arc::new(cas), Some(remote)))
         }
     }
 }
@@ -313,12 +288,12 @@ fn run(cli: Cli) -> CliResult {
             digest,
             remote,
         } => ls(
-            &open_store_with_remote(&cli.store, Some(&remote))?.0,
+            &open_cas(&cli.store, Some(&remote))?.0,
             &parse_digest(&digest)?,
             recursive,
         ),
         Command::Cat { digest, remote } => cat(
-            &open_store_with_remote(&cli.store, Some(&remote))?.0,
+            &open_cas(&cli.store, Some(&remote))?.0,
             &parse_digest(&digest)?,
         ),
         Command::Push { digests, remote } => {
@@ -326,27 +301,28 @@ fn run(cli: Cli) -> CliResult {
                 .iter()
                 .map(|d| parse_digest(d))
                 .collect::<Result<Vec<_>, _>>()?;
-            let store = open_store(&cli.store)?;
+            let store = Store::open(store_dir(&cli.store))?;
             let cfg = remote
                 .config()?
-                .ok_or_else(|| Failure("push needs --remote-store-address".into()))?;
+                .ok_or_else(|| Failure::Msg("push needs --remote-store-address".into()))?;
             let address = cfg.address.clone();
             let report = Remote::new(cfg)?.push(&store, &digests)?;
-            println!(
+            outln!(
                 "{address}: {} of {} blobs were missing, uploaded {} bytes",
-                report.missing, report.blobs, report.bytes_sent
+                report.missing,
+                report.blobs,
+                report.bytes_sent
             );
             Ok(())
         }
         Command::Import { path } => {
-            let dir = cli.store.clone().unwrap_or_else(store::default_store_dir);
-            let store = Store::create(dir)?;
+            let store = Store::create(store_dir(&cli.store))?;
             let bar = progress::bytes(|| progress::disk_size(&path), "importing");
             let digest = Importer::new(&store)
                 .with_progress(|n| bar.inc(n))
                 .import_path(&path)?;
             bar.finish_and_clear();
-            println!("{digest}");
+            outln!("{digest}");
             Ok(())
         }
         Command::Materialize {
@@ -355,13 +331,13 @@ fn run(cli: Cli) -> CliResult {
             remote,
         } => {
             let digest = parse_digest(&digest)?;
-            let store = open_store_with_remote(&cli.store, Some(&remote))?.0;
-            let bar = progress::bytes(|| progress::tree_size(&store, &digest), "materializing");
-            store::materialize_with_progress(&store, &digest, &dest, &mut |n| bar.inc(n))?;
+            let cas = open_cas(&cli.store, Some(&remote))?.0;
+            let bar = progress::bytes(|| progress::tree_size(&cas, &digest), "materializing");
+            crate::materialize::materialize(&cas, &digest, &dest, &mut |n| bar.inc(n))?;
             bar.finish_and_clear();
             Ok(())
         }
-        Command::Mount(args) => mount_cmd(&cli.store, args),
+        Command::Mount(args) => mount::run(&cli.store, args),
         Command::Bind {
             target,
             path,
@@ -405,17 +381,16 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Views { target, json } => {
-            let resp = target.call(Request::Views)?;
-            let views = resp.views.unwrap_or_default();
+            let views = target.call(Request::Views)?.views.unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(&views)?);
+                outln!("{}", serde_json::to_string_pretty(&views)?);
                 return Ok(());
             }
             for v in views {
                 let entries = v.entries.map_or("?".to_string(), |n| n.to_string());
-                println!("{}\t{entries} entries", v.path);
+                outln!("{}\t{entries} entries", v.path);
                 for (layer, digest) in v.layers {
-                    println!("  {layer}\t{digest}");
+                    outln!("  {layer}\t{digest}");
                 }
             }
             Ok(())
@@ -424,42 +399,12 @@ fn run(cli: Cli) -> CliResult {
             let s = target
                 .call(Request::Status)?
                 .status
-                .ok_or_else(|| Failure("no status in the answer".into()))?;
+                .ok_or_else(|| Failure::Msg("no status in the answer".into()))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
-            println!("mountpoint     {}", s.mountpoint);
-            println!("store          {}", s.store);
-            println!("pid            {}", s.pid);
-            println!("uptime         {} s", s.uptime_secs);
-            println!("views          {}", s.views);
-            println!(
-                "requests       {} lookups, {} opens, {} reads ({} bytes)",
-                s.lookups, s.opens, s.reads, s.read_bytes
-            );
-            println!("errors         {}", s.errors);
-            println!("open handles   {}", s.open_handles);
-            println!("inodes held    {}", s.inodes);
-            println!("cached entries {}", s.cached_dir_entries);
-            if s.lease_rounds == 0 {
-                println!("leases         not renewed yet");
-            } else {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                println!(
-                    "leases         {} blobs renewed {} s ago ({} missing), {} rounds",
-                    s.lease_last_renewed,
-                    now.saturating_sub(s.lease_last_unix),
-                    s.lease_last_missing,
-                    s.lease_rounds
-                );
-            }
-            if let Some(r) = &s.remote {
-                remote::print_status(r);
-            }
-            Ok(())
+            print_status(&s)
         }
         Command::Which { paths, control } => which(&paths, control.as_deref()),
         Command::GenerateAssets { dir } => generate_assets(&dir),
@@ -474,21 +419,67 @@ fn run(cli: Cli) -> CliResult {
                 mountpoint.as_deref(),
                 allow_other,
                 remote,
-            ) {
+            )? {
                 Ok(())
             } else {
-                Err(Failure("some checks failed (see the fixes above)".into()))
+                Err(Failure::Msg(
+                    "some checks failed (see the fixes above)".into(),
+                ))
             }
         }
         Command::Unmount { lazy, mountpoint } => {
-            if mount::mount_state(&mountpoint)? == mount::MountState::Free {
-                return Err(Failure(format!("{} is not mounted", mountpoint.display())));
+            if os::mount_state(&mountpoint)? == os::MountState::Free {
+                return Err(Failure::Msg(format!(
+                    "{} is not mounted",
+                    mountpoint.display()
+                )));
             }
-            mount::unmount(&mountpoint, lazy)
+            os::unmount(&mountpoint, lazy)
                 .map_err(|e| format!("unmounting {}: {e}", mountpoint.display()))?;
             Ok(())
         }
     }
+}
+
+fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
+    outln!("mountpoint     {}", s.mountpoint);
+    outln!("store          {}", s.store);
+    outln!("pid            {}", s.pid);
+    outln!("uptime         {} s", s.uptime_secs);
+    if let Some(port) = s.nfs_port {
+        outln!("nfs            127.0.0.1 port {port}");
+    }
+    outln!("views          {}", s.views);
+    outln!(
+        "requests       {} lookups, {} opens, {} reads ({} bytes)",
+        s.lookups,
+        s.opens,
+        s.reads,
+        s.read_bytes
+    );
+    outln!("errors         {}", s.errors);
+    outln!("open handles   {}", s.open_handles);
+    outln!("inodes held    {}", s.inodes);
+    outln!("cached entries {}", s.cached_dir_entries);
+    if s.lease_rounds == 0 {
+        outln!("leases         not renewed yet");
+    } else {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        outln!(
+            "leases         {} blobs renewed {} s ago in {} ms ({} missing), {} rounds",
+            s.lease_last_renewed,
+            now.saturating_sub(s.lease_last_unix),
+            s.lease_last_duration_ms,
+            s.lease_last_missing,
+            s.lease_rounds
+        );
+    }
+    if let Some(r) = &s.remote {
+        remote::print_status(r)?;
+    }
+    Ok(())
 }
 
 /// Prints `<digest>\t<path>` for each path, asking the daemon of the mount it lies in.
@@ -496,18 +487,15 @@ fn which(paths: &[PathBuf], control: Option<&Path>) -> CliResult {
     let mut failed = 0;
     for path in paths {
         let res = (|| -> Result<String, Failure> {
-            let abs = mount::absolute(path)?;
-            let (mountpoint, rel) = mount::find_digestfs_mount(&abs)?.ok_or_else(|| {
-                Failure(format!("{} is not inside a digestfs mount", path.display()))
+            let abs = os::absolute(path)?;
+            let (mountpoint, rel) = os::find_digestfs_mount(&abs)?.ok_or_else(|| {
+                Failure::Msg(format!("{} is not inside a digestfs mount", path.display()))
             })?;
             let rel = rel.to_string_lossy().into_owned();
             let socket = control
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| control::default_socket(&mountpoint));
-            let resp = control::call(&socket, &Request::Which { path: rel }).map_err(Failure)?;
-            if !resp.ok {
-                return Err(Failure(resp.error.unwrap_or_default()));
-            }
+            let resp = refused_or(control::call(&socket, &Request::Which { path: rel })?)?;
             Ok(match resp.which {
                 Some(WhichInfo::File { digest, .. }) | Some(WhichInfo::Tree { digest }) => digest,
                 Some(WhichInfo::Merged { digests }) => digests.join("+"),
@@ -516,15 +504,16 @@ fn which(paths: &[PathBuf], control: Option<&Path>) -> CliResult {
             })
         })();
         match res {
-            Ok(d) => println!("{d}\t{}", path.display()),
-            Err(Failure(msg)) => {
+            Ok(d) => outln!("{d}\t{}", path.display()),
+            Err(Failure::Msg(msg)) => {
                 eprintln!("digestfs: {}: {msg}", path.display());
                 failed += 1;
             }
+            Err(closed) => return Err(closed),
         }
     }
     if failed > 0 {
-        return Err(Failure(format!(
+        return Err(Failure::Msg(format!(
             "{failed} of {} paths could not be resolved",
             paths.len()
         )));
@@ -561,17 +550,32 @@ fn generate_assets(dir: &Path) -> CliResult {
     Ok(())
 }
 
-fn ls(store: &Store, root: &Digest, recursive: bool) -> CliResult {
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let mut print = |path: &str, kind: &EntryKind| -> store::Result<()> {
+/// Why `ls` stopped: the store, or the output.
+enum LsError {
+    Read(ReadError),
+    Out(Failure),
+}
+
+impl From<ReadError> for LsError {
+    fn from(e: ReadError) -> LsError {
+        LsError::Read(e)
+    }
+}
+
+impl From<store::StoreError> for LsError {
+    fn from(e: store::StoreError) -> LsError {
+        LsError::Read(e.into())
+    }
+}
+
+fn ls(cas: &Cas, root: &Digest, recursive: bool) -> CliResult {
+    let mut print = |path: &str, kind: &EntryKind| -> Result<(), LsError> {
         let line = match kind {
-            EntryKind::File { digest, executable } => {
-                format!(
-                    "F {} {:>10} {digest} {path}",
-                    if *executable { "x" } else { "-" },
-                    digest.size
-                )
-            }
+            EntryKind::File { digest, executable } => format!(
+                "F {} {:>10} {digest} {path}",
+                if *executable { "x" } else { "-" },
+                digest.size
+            ),
             EntryKind::Dir(d) => format!("D - {:>10} {d} {path}/", d.size),
             EntryKind::Symlink(t) => format!(
                 "L - {:>10} {:<width$} {path} -> {t}",
@@ -580,130 +584,34 @@ fn ls(store: &Store, root: &Digest, recursive: bool) -> CliResult {
                 width = 64 + 1 + 1
             ),
         };
-        writeln!(out, "{line}").map_err(|source| store::StoreError::Io {
-            context: "writing to stdout".into(),
-            source,
-        })
+        out_line(format_args!("{line}")).map_err(LsError::Out)
     };
     let res = if recursive {
-        store.walk(root, &mut print)
+        cas.walk_paths(root, &mut print)
     } else {
-        store
-            .load_directory(root)?
-            .entries
-            .iter()
-            .try_for_each(|e| print(&e.name, &e.kind))
+        cas.load_directory(root)
+            .map_err(LsError::from)
+            .and_then(|l| l.entries.iter().try_for_each(|e| print(&e.name, &e.kind)))
     };
     match res {
-        Err(store::StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => {
-            Ok(())
-        }
-        other => Ok(other?),
+        Ok(()) => Ok(()),
+        Err(LsError::Read(e)) => Err(e.into()),
+        Err(LsError::Out(f)) => Err(f),
     }
 }
 
-fn cat(store: &Store, digest: &Digest) -> CliResult {
-    let blob = store.open_blob(digest)?;
+fn cat(cas: &Cas, digest: &Digest) -> CliResult {
+    let blob = cas.open_blob(digest)?;
     let mut out = io::stdout().lock();
+    let closed = |e: io::Error| match e.kind() {
+        io::ErrorKind::BrokenPipe => Failure::Closed,
+        _ => Failure::Msg(format!("writing to stdout: {e}")),
+    };
     let mut offset = 0;
     while offset < digest.size {
-        let chunk = store.read_blob(&blob, offset, 1 << 20)?;
-        match out.write_all(&chunk) {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-            other => other?,
-        }
+        let chunk = cas.read_blob(&blob, offset, 1 << 20)?;
+        out.write_all(&chunk).map_err(closed)?;
         offset += chunk.len() as u64;
     }
-    match out.flush() {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
-}
-
-fn mount_cmd(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
-    if args.daemon && !daemon::is_child() {
-        return daemon::spawn_and_wait().map_err(Failure);
-    }
-    // Before any thread starts, so that only the mount's signal thread ever takes SIGTERM.
-    mount::block_signals();
-    let run = || -> CliResult {
-        let (store, remote) = open_store_with_remote(cli_store, Some(&args.remote))?;
-        if let Some(r) = &remote {
-            r.probe_in_background();
-        }
-        let core = Arc::new(DigestFs::new(
-            store,
-            FsConfig {
-                xattrs: args.xattrs,
-                verify: args.verify,
-                ..FsConfig::default()
-            },
-        ));
-        if let (true, Some(remote)) = (args.prefetch, &remote) {
-            remote::spawn_prefetcher(&core, remote.clone())?;
-        }
-        for bind in &args.binds {
-            let (path, digest) = bind
-                .rsplit_once('=')
-                .ok_or_else(|| Failure(format!("--bind {bind:?}: expected PATH=DIGEST")))?;
-            let digest = parse_digest(digest)?;
-            core.bind(path, DEFAULT_LAYER, digest, !args.no_verify)
-                .map_err(|e| Failure(format!("--bind {bind}: {e}")))?;
-        }
-        let mountpoint = mount::absolute(&args.mountpoint)
-            .map_err(|e| Failure(format!("{}: {e}", args.mountpoint.display())))?;
-        if mount::mount_state(&mountpoint)? == mount::MountState::Live {
-            return Err(Failure(format!(
-                "{} is already mounted; unmount it first (digestfs unmount {})",
-                mountpoint.display(),
-                mountpoint.display()
-            )));
-        }
-        let socket = args
-            .control
-            .clone()
-            .unwrap_or_else(|| control::default_socket(&mountpoint));
-        let server = control::Server::bind(&socket)
-            .map_err(|e| format!("control socket {}: {e}", socket.display()))?;
-        let _remove_socket = RemoveOnDrop(socket.clone());
-        server.spawn(
-            core.clone(),
-            control::MountInfo {
-                mountpoint: mountpoint.clone(),
-                store: core.store().root().to_path_buf(),
-                started: std::time::Instant::now(),
-                remote: remote.clone(),
-            },
-        )?;
-        log::info!("control socket at {}", socket.display());
-        if args.lease_interval > 0 {
-            let (poke, wake) = crossbeam_channel::bounded(64);
-            // If the keeper is behind, its next full round covers a bound tree too.
-            core.watch_binds(poke);
-            crate::lease::spawn(core.clone(), Duration::from_secs(args.lease_interval), wake)?;
-        }
-        let cfg = MountConfig {
-            mountpoint,
-            ttl: Duration::from_secs(args.ttl),
-            threads: args.threads,
-            allow_other: args.allow_other,
-            passthrough: args.passthrough,
-            read_ahead_kb: args.read_ahead_kb,
-        };
-        mount::serve(core, &cfg, daemon::report_ready)?;
-        Ok(())
-    };
-    let res = run();
-    if let Err(Failure(msg)) = &res {
-        daemon::report_ready(Err(msg.clone()));
-    }
-    res
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    out.flush().map_err(closed)
 }

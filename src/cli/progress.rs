@@ -5,7 +5,8 @@ use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::store::{Digest, EntryKind, Store};
+use crate::cas::{Cas, ReadError};
+use crate::store::{Digest, EntryKind};
 
 /// A bar counting bytes towards `total()` (a spinner when the total is unknown). The total is
 /// computed only when the bar will be seen.
@@ -87,15 +88,14 @@ pub fn disk_size(path: &Path) -> Option<u64> {
 }
 
 /// Bytes in the files of a tree, from its `Directory` protos alone.
-pub fn tree_size(store: &Store, root: &Digest) -> Option<u64> {
+pub fn tree_size(cas: &Cas, root: &Digest) -> Option<u64> {
     let mut total = 0;
-    store
-        .walk(root, &mut |_, kind| {
-            if let EntryKind::File { digest, .. } = kind {
-                total += digest.size;
-            }
-            Ok(())
-        })
-        .ok()?;
+    cas.walk_paths::<ReadError>(root, &mut |_, kind| {
+        if let EntryKind::File { digest, .. } = kind {
+            total += digest.size;
+        }
+        Ok(())
+    })
+    .ok()?;
     Some(total)
 }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CliResult, Failure};
+use super::{outln, CliResult, Failure};
 use crate::fs::DigestFs;
-use crate::remote::{Remote, RemoteConfig, RemoteStatus};
+use crate::remote::{RemoteConfig, RemoteStatus};
 use crate::store::Digest;
 
 /// The remote CAS, named like Pants' own `remote_*` options.
@@ -46,7 +46,7 @@ impl RemoteArgs {
     pub(super) fn config(&self) -> Result<Option<RemoteConfig>, Failure> {
         let Some(address) = &self.remote_store_address else {
             if self.remote_ca_certs.is_some() || !self.remote_headers.is_empty() {
-                return Err(Failure(
+                return Err(Failure::Msg(
                     "--remote-ca-certs and --remote-header need --remote-store-address".into(),
                 ));
             }
@@ -58,7 +58,9 @@ impl RemoteArgs {
             .map(|h| {
                 h.split_once('=')
                     .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                    .ok_or_else(|| Failure(format!("--remote-header {h:?}: expected KEY=VALUE")))
+                    .ok_or_else(|| {
+                        Failure::Msg(format!("--remote-header {h:?}: expected KEY=VALUE"))
+                    })
             })
             .collect::<Result<_, _>>()?;
         Ok(Some(RemoteConfig {
@@ -74,27 +76,27 @@ impl RemoteArgs {
     }
 }
 
-pub(super) fn print_status(r: &RemoteStatus) {
+pub(super) fn print_status(r: &RemoteStatus) -> CliResult {
     let instance = if r.instance_name.is_empty() {
         String::new()
     } else {
         format!(" (instance {})", r.instance_name)
     };
-    println!("remote         {}{instance}: {}", r.address, r.health);
+    outln!("remote         {}{instance}: {}", r.address, r.health);
     if let (Some(e), "failing") = (&r.last_error, r.health.as_str()) {
-        println!("remote error   {e}");
+        outln!("remote error   {e}");
     }
-    println!(
+    outln!(
         "remote calls   {} ({} failed, {} retries): {} FindMissingBlobs, {} BatchReadBlobs, {} ByteStream.Read, {} GetTree",
         r.calls, r.call_failures, r.retries, r.find_missing_calls, r.batch_reads, r.bytestream_reads, r.get_tree_calls
     );
-    println!(
+    outln!(
         "fetched        {} blobs, {} bytes ({} refused as corrupt, {} failed, {} joined a fetch under way)",
         r.blobs_fetched, r.bytes_fetched, r.refused_corrupt, r.fetch_failures, r.joined_fetches
     );
     let p = &r.prefetch;
     if p.trees > 0 || p.running > 0 {
-        println!(
+        outln!(
             "prefetch       {}{} of {} blobs, {} of {} bytes ({} failed), {} trees done",
             if p.running > 0 { "running: " } else { "" },
             p.blobs_done,
@@ -105,18 +107,19 @@ pub(super) fn print_status(r: &RemoteStatus) {
             p.trees
         );
     }
+    Ok(())
 }
 
 /// Prefetches each bound tree in turn, in a thread of its own.
-pub(super) fn spawn_prefetcher(core: &Arc<DigestFs>, remote: Arc<Remote>) -> CliResult {
+pub(super) fn spawn_prefetcher(core: &Arc<DigestFs>) -> CliResult {
     let (tx, rx) = crossbeam_channel::unbounded::<Digest>();
     core.watch_binds(tx);
-    let store = core.store().clone();
+    let cas = core.cas().clone();
     std::thread::Builder::new()
         .name("prefetch".into())
         .spawn(move || {
             for root in rx {
-                match remote.prefetch(&store, &root) {
+                match cas.prefetch(&root) {
                     Ok(()) => log::info!("prefetched tree {root}"),
                     Err(e) => log::warn!("prefetching tree {root}: {e}"),
                 }

@@ -1,12 +1,14 @@
 //! The control socket the build daemon talks to: bind, unbind, views, status, which. One Unix
-//! socket per mount, mode 0600 in a 0700 directory, and peers of another uid are refused
-//! (SO_PEERCRED) even if the file modes were loosened.
+//! socket per mount, mode 0600 in a 0700 directory the user owns; peers of another uid are
+//! refused (their uid read from the socket), and clients likewise refuse a socket served by
+//! another uid before they send anything.
 
 pub mod protocol;
+pub mod state;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +18,10 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 
 use self::protocol::*;
-use crate::fs::{DigestFs, Node};
+use crate::cas::ReadError;
+use crate::fs::{BindError, DigestFs, NamespaceError, Node};
+use crate::lease::LeaseStats;
+use crate::os;
 use crate::store::Digest;
 
 const MAX_CLIENTS: usize = 64;
@@ -44,22 +49,67 @@ pub fn default_socket(mountpoint: &Path) -> PathBuf {
     runtime_dir().join(format!("{}.sock", &hex::encode(hash)[..16]))
 }
 
+fn user_name(uid: u32) -> String {
+    let pw = unsafe { libc::getpwuid(uid) };
+    if pw.is_null() {
+        return format!("uid {uid}");
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) }.to_string_lossy();
+    format!("{name} (uid {uid})")
+}
+
+/// Makes sure `dir`, a directory for our sockets, exists, is ours and is private (0700). In a
+/// shared `/tmp` another user could have created it first; then we refuse, naming the owner,
+/// rather than put a socket where they could replace it.
+pub fn prepare_socket_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_dir() || meta.uid() != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the socket directory {} {} {}, not by you ({}); someone may be trying to \
+                 intercept the control socket. Remove it (sudo rm -r {}), or set \
+                 XDG_RUNTIME_DIR to a private directory",
+                dir.display(),
+                if meta.file_type().is_dir() {
+                    "is owned by"
+                } else {
+                    "is not a directory; it is owned by"
+                },
+                user_name(meta.uid()),
+                user_name(me),
+                dir.display()
+            ),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 pub struct Server {
     listener: UnixListener,
     path: PathBuf,
 }
 
 impl Server {
-    /// Binds the socket, replacing one left by a dead daemon but never one that answers.
+    /// Binds the socket, replacing one left by a dead daemon but never one that answers. The
+    /// default socket directory is created private, or refused if another user owns it.
     pub fn bind(path: &Path) -> io::Result<Server> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-            if dir.ends_with("digestfs")
-                || dir
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("digestfs-"))
-            {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            if dir == runtime_dir() {
+                prepare_socket_dir(dir)?;
             }
         }
         if path.exists() {
@@ -106,7 +156,13 @@ impl Server {
                     };
                     if active.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                         active.fetch_sub(1, Ordering::SeqCst);
-                        let _ = reply(&stream, &Response::error("too many control connections"));
+                        let _ = reply(
+                            &stream,
+                            &Response::refused(
+                                ErrorKind::Unavailable,
+                                "too many control connections",
+                            ),
+                        );
                         continue;
                     }
                     let (core, info, active) = (core.clone(), info.clone(), active.clone());
@@ -130,31 +186,14 @@ impl Server {
 /// What `status` reports about the mount itself.
 pub struct MountInfo {
     pub mountpoint: PathBuf,
+    /// Absolute.
     pub store: PathBuf,
     pub started: Instant,
-    pub remote: Option<std::sync::Arc<crate::remote::Remote>>,
-}
-
-fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cred.uid)
+    pub remote: Option<Arc<crate::remote::Remote>>,
+    pub leases: Option<Arc<LeaseStats>>,
+    /// The NFS front end's port, when it serves one.
+    pub nfs_port: Option<u16>,
+    pub frontend: &'static str,
 }
 
 fn reply(mut stream: &UnixStream, resp: &Response) -> io::Result<()> {
@@ -164,13 +203,13 @@ fn reply(mut stream: &UnixStream, resp: &Response) -> io::Result<()> {
 }
 
 fn serve_conn(stream: &UnixStream, core: &DigestFs, info: &MountInfo) -> io::Result<()> {
-    let uid = peer_uid(stream)?;
+    let uid = os::peer_uid(stream.as_raw_fd())?;
     let me = unsafe { libc::geteuid() };
     if uid != me {
         log::warn!("control socket: refused a client with uid {uid}");
         return reply(
             stream,
-            &Response::error(format!(
+            &Response::bad_request(format!(
                 "permission denied: uid {uid} does not own this mount"
             )),
         );
@@ -191,24 +230,48 @@ fn serve_conn(stream: &UnixStream, core: &DigestFs, info: &MountInfo) -> io::Res
             } else {
                 "request not terminated by a newline; closing".to_string()
             };
-            return reply(stream, &Response::error(msg));
+            return reply(stream, &Response::bad_request(msg));
         }
         let resp = match parse_request(&line) {
             Ok(req) => handle(core, info, req),
-            Err(e) => Response::error(e),
+            Err(e) => Response::bad_request(e),
         };
         reply(stream, &resp)?;
     }
 }
 
+/// The kind of a failure to read a tree.
+fn read_error_kind(e: &ReadError) -> ErrorKind {
+    if e.is_missing() {
+        ErrorKind::Missing
+    } else if e.is_unavailable() {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Internal
+    }
+}
+
+/// A refused bind or unbind, classified by its type (never by its text).
+pub fn bind_refusal(e: &BindError) -> Response {
+    let kind = match e {
+        BindError::Path(_) | BindError::NoLayer { .. } => ErrorKind::BadRequest,
+        BindError::Namespace(NamespaceError::NotBound { .. }) => ErrorKind::BadRequest,
+        BindError::Namespace(_) | BindError::Conflict(_) => ErrorKind::Conflict,
+        BindError::Tree(r) => read_error_kind(r),
+    };
+    Response::refused(kind, e.to_string())
+        .about_digest(e.digest().map(|d| d.to_string()))
+        .about_path(e.path().map(str::to_string))
+}
+
 /// Carries out one request against the filesystem core.
 pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
-    let changed = |res: Result<crate::fs::Change, String>| match res {
+    let changed = |res: Result<crate::fs::Change, BindError>| match res {
         Ok(change) => Response {
             changed: Some(change.changed),
             ..Response::ok()
         },
-        Err(e) => Response::error(e),
+        Err(e) => bind_refusal(&e),
     };
     match req {
         Request::Ping => Response::ok(),
@@ -229,7 +292,7 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
                 }
                 changed(res)
             }
-            Err(e) => Response::error(e.to_string()),
+            Err(e) => Response::bad_request(e.to_string()).about_digest(Some(digest)),
         },
         Request::Unbind { path, layer } => {
             let res = core.unbind(&path, layer.as_deref());
@@ -262,35 +325,10 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
             ),
             ..Response::ok()
         },
-        Request::Status => {
-            let s = &core.stats;
-            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            Response {
-                status: Some(StatusInfo {
-                    pid: std::process::id(),
-                    mountpoint: info.mountpoint.display().to_string(),
-                    store: info.store.display().to_string(),
-                    uptime_secs: info.started.elapsed().as_secs(),
-                    requests: load(&s.requests),
-                    lookups: load(&s.lookups),
-                    opens: load(&s.opens),
-                    reads: load(&s.reads),
-                    read_bytes: load(&s.read_bytes),
-                    errors: load(&s.errors),
-                    open_handles: core.open_handles() as u64,
-                    inodes: core.inode_count() as u64,
-                    cached_dir_entries: core.cached_entries() as u64,
-                    views: core.namespace().views().len() as u64,
-                    lease_rounds: load(&s.lease_rounds),
-                    lease_last_unix: load(&s.lease_last_unix),
-                    lease_last_renewed: load(&s.lease_last_renewed),
-                    lease_last_missing: load(&s.lease_last_missing),
-                    verified_dirs: load(&s.verified_dirs),
-                    remote: info.remote.as_ref().map(|r| r.status()),
-                }),
-                ..Response::ok()
-            }
-        }
+        Request::Status => Response {
+            status: Some(status(core, info)),
+            ..Response::ok()
+        },
         Request::Which { path } => match core.resolve(&path) {
             Ok(node) => Response {
                 which: Some(match node {
@@ -311,22 +349,93 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
                 }),
                 ..Response::ok()
             },
-            Err(e) => Response::error(format!("{path}: {e}")),
+            Err(e) => Response::bad_request(e.to_string()).about_path(Some(path)),
         },
     }
 }
 
-/// Sends one request to the daemon behind `socket` and returns its answer.
-pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
-    let stream = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot reach the daemon at {}: {e} (is the mount live, and is it yours?)",
-            socket.display()
-        )
+fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
+    let s = &core.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let lease = |f: fn(&LeaseStats) -> &std::sync::atomic::AtomicU64| {
+        info.leases.as_deref().map_or(0, |l| load(f(l)))
+    };
+    StatusInfo {
+        pid: std::process::id(),
+        mountpoint: info.mountpoint.display().to_string(),
+        store: info.store.display().to_string(),
+        frontend: info.frontend.to_string(),
+        nfs_port: info.nfs_port,
+        uptime_secs: info.started.elapsed().as_secs(),
+        requests: load(&s.requests),
+        lookups: load(&s.lookups),
+        opens: load(&s.opens),
+        reads: load(&s.reads),
+        read_bytes: load(&s.read_bytes),
+        errors: load(&s.errors),
+        open_handles: core.open_handles() as u64,
+        inodes: core.inode_count() as u64,
+        cached_dir_entries: core.cached_entries() as u64,
+        views: core.namespace().views().len() as u64,
+        lease_rounds: lease(|l| &l.rounds),
+        lease_last_unix: lease(|l| &l.last_unix),
+        lease_last_renewed: lease(|l| &l.last_renewed),
+        lease_last_missing: lease(|l| &l.last_missing),
+        lease_last_duration_ms: lease(|l| &l.last_duration_ms),
+        lease_last_longest_txn_us: lease(|l| &l.last_longest_txn_us),
+        verified_dirs: load(&s.verified_dirs),
+        remote: info.remote.as_ref().map(|r| r.status()),
+    }
+}
+
+/// Why a control request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach the daemon at {}: {source} (is the mount live, and is it yours?)", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("refusing to talk to {}: it is served by {}, not by you", socket.display(), user_name(*uid))]
+    NotOurs { socket: PathBuf, uid: u32 },
+    #[error("talking to the daemon at {}: {source}", socket.display())]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the daemon at {} closed the connection without answering", socket.display())]
+    Closed { socket: PathBuf },
+    #[error("unreadable answer from the daemon at {}: {source}", socket.display())]
+    Unreadable {
+        socket: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Sends one request to the daemon behind `socket` and returns its answer. The socket must be
+/// served by our own uid: a socket planted by another user is never sent anything.
+pub fn call(socket: &Path, req: &Request) -> Result<Response, CallError> {
+    let io_err = |source| CallError::Io {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| CallError::Connect {
+        socket: socket.to_path_buf(),
+        source,
     })?;
+    let uid = os::peer_uid(stream.as_raw_fd()).map_err(io_err)?;
+    if uid != unsafe { libc::geteuid() } {
+        return Err(CallError::NotOurs {
+            socket: socket.to_path_buf(),
+            uid,
+        });
+    }
     stream
         .set_read_timeout(Some(Duration::from_secs(600)))
-        .map_err(|e| e.to_string())?;
+        .map_err(io_err)?;
     let mut line = encode_request(req);
     line.push('\n');
     // A daemon that refuses a peer answers at once and hangs up, so a failed write may still
@@ -336,10 +445,14 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, String> {
     let read = BufReader::new(&stream).read_line(&mut answer);
     if answer.is_empty() {
         return Err(match (written, read) {
-            (Err(e), _) => format!("sending the request: {e}"),
-            (_, Err(e)) => format!("reading the daemon's answer: {e}"),
-            _ => "the daemon closed the connection without answering".into(),
+            (Err(e), _) | (_, Err(e)) => io_err(e),
+            _ => CallError::Closed {
+                socket: socket.to_path_buf(),
+            },
         });
     }
-    serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the daemon: {e}"))
+    serde_json::from_str(&answer).map_err(|source| CallError::Unreadable {
+        socket: socket.to_path_buf(),
+        source,
+    })
 }

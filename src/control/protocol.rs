@@ -48,6 +48,23 @@ pub struct Envelope {
     pub request: serde_json::Value,
 }
 
+/// What kind of refusal an error is, so a caller can act on it without reading the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// A digest is not in the store (nor on the remote CAS): store or fetch it, then retry.
+    Missing,
+    /// Two layers give one name different content, or a view would sit inside another.
+    Conflict,
+    /// The request itself is wrong: malformed, a bad path, digest or layer, nothing bound there.
+    BadRequest,
+    /// The remote CAS could not be reached or did not answer in time, or the daemon is busy:
+    /// retry later.
+    Unavailable,
+    /// Anything else: corrupt store data, I/O errors. Retrying will not help.
+    Internal,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewInfo {
     pub path: String,
@@ -60,7 +77,14 @@ pub struct ViewInfo {
 pub struct StatusInfo {
     pub pid: u32,
     pub mountpoint: String,
+    /// The store's absolute path.
     pub store: String,
+    /// `fuse` or `nfs`.
+    #[serde(default)]
+    pub frontend: String,
+    /// The port the NFS front end listens on (`--frontend nfs`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub nfs_port: Option<u16>,
     pub uptime_secs: u64,
     pub requests: u64,
     pub lookups: u64,
@@ -77,6 +101,11 @@ pub struct StatusInfo {
     pub lease_last_unix: u64,
     pub lease_last_renewed: u64,
     pub lease_last_missing: u64,
+    /// How long the last renewal took, and the longest LMDB write lock it held.
+    #[serde(default)]
+    pub lease_last_duration_ms: u64,
+    #[serde(default)]
+    pub lease_last_longest_txn_us: u64,
     /// `Directory`s checked by binds since the mount started.
     #[serde(default)]
     pub verified_dirs: u64,
@@ -112,6 +141,15 @@ pub struct Response {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// With `error`: what kind of refusal it is.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error_kind: Option<ErrorKind>,
+    /// With `error`: the digest it concerns, if one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub digest: Option<String>,
+    /// With `error`: the path under the mount root it concerns, if one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path: Option<String>,
     /// For bind and unbind: whether the view changed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub changed: Option<bool>,
@@ -129,6 +167,9 @@ impl Response {
             v: VERSION,
             ok: true,
             error: None,
+            error_kind: None,
+            digest: None,
+            path: None,
             changed: None,
             views: None,
             status: None,
@@ -136,16 +177,33 @@ impl Response {
         }
     }
 
-    pub fn error(msg: impl Into<String>) -> Response {
+    /// A refusal of `kind`, with the message a person reads.
+    pub fn refused(kind: ErrorKind, msg: impl Into<String>) -> Response {
         Response {
             ok: false,
             error: Some(msg.into()),
+            error_kind: Some(kind),
             ..Response::ok()
         }
     }
+
+    pub fn bad_request(msg: impl Into<String>) -> Response {
+        Response::refused(ErrorKind::BadRequest, msg)
+    }
+
+    pub fn about_digest(mut self, digest: Option<String>) -> Response {
+        self.digest = digest;
+        self
+    }
+
+    pub fn about_path(mut self, path: Option<String>) -> Response {
+        self.path = path;
+        self
+    }
 }
 
-/// Parses one request line; the error is what goes back to the client.
+/// Parses one request line; the error is the message that goes back to the client as a
+/// `bad_request` refusal, so it is text.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let env: Envelope =
         serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;

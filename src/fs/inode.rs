@@ -40,6 +40,17 @@ pub enum Node {
 }
 
 impl Node {
+    /// The union of these trees: one distinct digest is that tree itself (sharing its inode
+    /// with every other place it appears); several are a merged directory.
+    pub fn merged(mut ds: Vec<Digest>) -> Node {
+        ds.sort();
+        ds.dedup();
+        match ds.as_slice() {
+            [one] => Node::Tree(*one),
+            _ => Node::Merged(ds.into()),
+        }
+    }
+
     pub fn is_dir(&self) -> bool {
         !matches!(self, Node::File { .. } | Node::Symlink(_))
     }
@@ -94,7 +105,8 @@ impl Node {
         }
     }
 
-    fn derived_ino(&self) -> u64 {
+    /// The number this node has unless a collision moved it (see [`InodeTable::acquire`]).
+    pub fn derived_ino(&self) -> u64 {
         self.fixed_ino()
             .unwrap_or_else(|| self.fingerprint() | DERIVED_BIT)
     }

@@ -7,11 +7,43 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::inode::Node;
-use crate::store::{check_name, Digest};
+use crate::store::{check_name, Digest, PATH_MAX};
 
 /// The reserved top-level name of the content-addressed area.
 pub const CONTENT_DIR: &str = ".digestfs";
 pub const DEFAULT_LAYER: &str = "default";
+/// Layer names are opaque keys (a BSP target address such as `src/jvm:lib` is fine), bounded.
+pub const LAYER_MAX: usize = 1024;
+
+/// A bind path or layer name that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {path:?}: {reason}")]
+pub struct PathError {
+    pub what: &'static str,
+    pub path: String,
+    pub reason: String,
+}
+
+/// A change the namespace cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamespaceError {
+    #[error("{path} already holds bound views below it")]
+    ViewsBelow { path: String },
+    #[error("{path} is inside the view bound at {view}")]
+    InsideView { path: String, view: String },
+    #[error("nothing is bound at {path}")]
+    NotBound { path: String },
+}
+
+impl NamespaceError {
+    pub fn path(&self) -> &str {
+        match self {
+            NamespaceError::ViewsBelow { path }
+            | NamespaceError::InsideView { path, .. }
+            | NamespaceError::NotBound { path } => path,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct View {
@@ -22,13 +54,7 @@ impl View {
     /// The node this view shows: one distinct digest is that `Directory` itself (so it shares its
     /// inode with every other place the digest appears); several are their union.
     pub fn node(&self) -> Node {
-        let mut ds: Vec<Digest> = self.layers.values().copied().collect();
-        ds.sort();
-        ds.dedup();
-        match ds.as_slice() {
-            [one] => Node::Tree(*one),
-            _ => Node::Merged(ds.into()),
-        }
+        Node::merged(self.layers.values().copied().collect())
     }
 }
 
@@ -43,24 +69,48 @@ pub struct Namespace {
     root: BTreeMap<String, Entry>,
 }
 
-/// Splits and checks a bind path such as `jvm/resolves/jvm-default/lib`.
-pub fn parse_path(path: &str) -> Result<Vec<String>, String> {
+/// Splits and checks a bind path such as `jvm-default/lib`.
+pub fn parse_path(path: &str) -> Result<Vec<String>, PathError> {
+    let fail = |reason: String| PathError {
+        what: "bind path",
+        path: path.to_string(),
+        reason,
+    };
     if path.starts_with('/') {
-        return Err(format!(
-            "bind path {path:?} must be relative to the mount root"
-        ));
+        return Err(fail("it must be relative to the mount root".into()));
+    }
+    if path.len() >= PATH_MAX {
+        return Err(fail(format!("it is longer than {} bytes", PATH_MAX - 1)));
     }
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     if parts.is_empty() {
-        return Err(format!("bind path {path:?} is empty"));
+        return Err(fail("it is empty".into()));
     }
     for p in &parts {
-        check_name(p).map_err(|reason| format!("bind path {path:?}: component {p:?}: {reason}"))?;
+        check_name(p).map_err(|reason| fail(format!("component {p:?}: {reason}")))?;
     }
     if parts[0] == CONTENT_DIR {
-        return Err(format!("bind path {path:?}: {CONTENT_DIR} is reserved"));
+        return Err(fail(format!("{CONTENT_DIR} is reserved")));
     }
     Ok(parts.into_iter().map(String::from).collect())
+}
+
+/// Checks a layer name: any non-empty text up to [`LAYER_MAX`] bytes without NUL.
+pub fn check_layer(layer: &str) -> Result<(), PathError> {
+    let reason = if layer.is_empty() {
+        "it is empty".to_string()
+    } else if layer.len() > LAYER_MAX {
+        format!("it is longer than {LAYER_MAX} bytes")
+    } else if layer.contains('\0') {
+        "it contains NUL".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(PathError {
+        what: "layer name",
+        path: layer.to_string(),
+        reason,
+    })
 }
 
 fn join(parts: &[String]) -> String {
@@ -86,20 +136,24 @@ impl Namespace {
 
     /// Returns a namespace in which `path` shows `view` (or nothing, for `None`). A view cannot
     /// sit above or below another one.
-    pub fn with_view(&self, parts: &[String], view: Option<View>) -> Result<Namespace, String> {
+    pub fn with_view(
+        &self,
+        parts: &[String],
+        view: Option<View>,
+    ) -> Result<Namespace, NamespaceError> {
         fn go(
             map: &mut BTreeMap<String, Entry>,
             parts: &[String],
             depth: usize,
             view: Option<View>,
-        ) -> Result<(), String> {
+        ) -> Result<(), NamespaceError> {
             let name = &parts[depth];
+            let not_bound = || NamespaceError::NotBound { path: join(parts) };
             if depth + 1 == parts.len() {
                 match (map.get(name), view) {
-                    (Some(Entry::Dir(_)), Some(_)) => Err(format!(
-                        "{} already holds bound views below it",
-                        join(parts)
-                    )),
+                    (Some(Entry::Dir(_)), Some(_)) => {
+                        Err(NamespaceError::ViewsBelow { path: join(parts) })
+                    }
                     (_, Some(v)) => {
                         map.insert(name.clone(), Entry::View(v));
                         Ok(())
@@ -108,7 +162,7 @@ impl Namespace {
                         map.remove(name);
                         Ok(())
                     }
-                    (_, None) => Err(format!("nothing is bound at {}", join(parts))),
+                    (_, None) => Err(not_bound()),
                 }
             } else {
                 let entry = match (map.get_mut(name), &view) {
@@ -116,14 +170,13 @@ impl Namespace {
                     (None, Some(_)) => map
                         .entry(name.clone())
                         .or_insert(Entry::Dir(BTreeMap::new())),
-                    (None, None) => return Err(format!("nothing is bound at {}", join(parts))),
+                    (None, None) => return Err(not_bound()),
                 };
                 let Entry::Dir(sub) = entry else {
-                    return Err(format!(
-                        "{} is inside the view bound at {}",
-                        join(parts),
-                        join(&parts[..=depth])
-                    ));
+                    return Err(NamespaceError::InsideView {
+                        path: join(parts),
+                        view: join(&parts[..=depth]),
+                    });
                 };
                 go(sub, parts, depth + 1, view)?;
                 if sub.is_empty() {
@@ -208,6 +261,15 @@ mod tests {
         assert_eq!(parse_path("jvm//lib/").unwrap(), vec!["jvm", "lib"]);
         for bad in ["", "/abs", "a/../b", "a/./b", "a\0b", ".digestfs/x"] {
             assert!(parse_path(bad).is_err(), "{bad:?}");
+        }
+        // Deep enough to overflow a recursive namespace, refused by length instead.
+        let deep = "a/".repeat(PATH_MAX);
+        let err = parse_path(&deep).unwrap_err();
+        assert!(err.reason.contains("longer than 4095 bytes"), "{err}");
+        assert!(parse_path(&"a/".repeat(1000)).is_ok());
+        assert!(check_layer("modules.src/jvm:lib").is_ok());
+        for bad in ["", "a\0b", &"x".repeat(LAYER_MAX + 1)] {
+            assert!(check_layer(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -4,7 +4,8 @@ use std::ffi::OsStr;
 use std::path::Path;
 
 use super::*;
-use crate::store::{Importer, Store};
+use crate::cas::Cas;
+use crate::store::{EntryKind, Importer, Store};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -53,7 +54,7 @@ fn fixture(xattrs: bool) -> Fixture {
         ],
     );
     let fs = DigestFs::new(
-        Arc::new(store),
+        Arc::new(Cas::local(store)),
         FsConfig {
             xattrs,
             ..FsConfig::default()
@@ -243,10 +244,13 @@ fn layers_merge_and_conflicts_change_nothing() {
     assert_ne!(f.fs.namespace(), before);
 
     // A layer giving guava.jar other bytes is refused, naming the path and both digests.
-    let store = f.fs.store().clone();
+    let store = f.fs.cas().store().clone();
     let c = import(&store, &[("lib/guava.jar", b"not guava", false)]);
     let merged = f.fs.namespace();
     let err = f.fs.bind("lib", "g3", c, true).unwrap_err();
+    assert_eq!(err.path(), Some("lib/lib/guava.jar"));
+    assert!(matches!(err, BindError::Conflict(_)), "{err}");
+    let err = err.to_string();
     assert!(err.contains("lib/lib/guava.jar"), "{err}");
     assert!(
         err.contains(&Digest::of_bytes(b"guava").to_string()),
@@ -264,6 +268,7 @@ fn layers_merge_and_conflicts_change_nothing() {
         .fs
         .bind("lib", "g4", d, true)
         .unwrap_err()
+        .to_string()
         .contains("lib/sub"));
     assert_eq!(f.fs.namespace(), merged);
 
@@ -297,19 +302,32 @@ fn bind_reports_exactly_the_changed_entry() {
 fn bad_binds_are_refused() {
     let f = fixture(false);
     let missing = Digest::of_bytes(b"no such directory");
-    assert!(f
-        .fs
-        .bind("v", DEFAULT_LAYER, missing, true)
-        .unwrap_err()
-        .contains(&missing.to_string()));
+    let err = f.fs.bind("v", DEFAULT_LAYER, missing, true).unwrap_err();
+    assert!(
+        matches!(&err, BindError::Tree(e) if e.is_missing()),
+        "{err}"
+    );
+    assert_eq!(err.digest(), Some(missing));
+    assert!(err.to_string().contains(&missing.to_string()));
     for path in ["/abs", "../up", "a/../b", "a\0b", ".digestfs"] {
-        assert!(
-            f.fs.bind(path, DEFAULT_LAYER, f.a, true).is_err(),
-            "{path:?}"
-        );
+        let err = f.fs.bind(path, DEFAULT_LAYER, f.a, true).unwrap_err();
+        assert!(matches!(err, BindError::Path(_)), "{path:?}: {err}");
     }
-    assert!(f.fs.bind("v", "a/b", f.a, true).is_err());
+    // Layer names are opaque keys: a target address is fine, NUL and emptiness are not.
+    for layer in ["", "a\0b"] {
+        let err = f.fs.bind("v", layer, f.a, true).unwrap_err();
+        assert!(matches!(err, BindError::Path(_)), "{layer:?}: {err}");
+    }
     assert_eq!(*f.fs.namespace(), Namespace::default());
+    f.fs.bind("v", "modules.src/jvm:lib", f.a, true).unwrap();
+    // A view cannot sit inside or above another one.
+    let err = f.fs.bind("v/inner", DEFAULT_LAYER, f.b, true).unwrap_err();
+    assert!(matches!(err, BindError::Namespace(_)), "{err}");
+    assert_eq!(err.path(), Some("v/inner"));
+    let err = f.fs.unbind("nothing/here", None).unwrap_err();
+    assert!(matches!(err, BindError::Namespace(_)), "{err}");
+    let err = f.fs.unbind("v", Some("no-such-layer")).unwrap_err();
+    assert!(matches!(err, BindError::NoLayer { .. }), "{err}");
 }
 
 #[test]
@@ -339,7 +357,7 @@ fn a_missing_blob_is_eio_and_the_rest_still_reads() {
     let big = lookup_path(&f.fs, "v/lib/big.jar").unwrap();
     let guava = lookup_path(&f.fs, "v/lib/guava.jar").unwrap();
     let digest = Digest::of_bytes(&[7u8; 600 * 1024]);
-    std::fs::remove_file(f.fs.store().large_blob_path(&digest)).unwrap();
+    std::fs::remove_file(f.fs.cas().store().large_blob_path(&digest)).unwrap();
     assert_eq!(f.fs.open(big.ino, libc::O_RDONLY).unwrap_err(), FsError::Io);
     assert_eq!(read_all(&f.fs, guava.ino), b"guava");
     assert_eq!(f.fs.stats.errors.load(Ordering::Relaxed), 1);
@@ -422,14 +440,14 @@ fn verify_refuses_a_blob_replaced_with_other_bytes_of_the_same_length() {
             &[("big.jar", &big, false), ("small.jar", b"fine", false)],
         );
         let fs = DigestFs::new(
-            Arc::new(store),
+            Arc::new(Cas::local(store)),
             FsConfig {
                 verify,
                 ..FsConfig::default()
             },
         );
         fs.bind("v", DEFAULT_LAYER, tree, true).unwrap();
-        let path = fs.store().large_blob_path(&Digest::of_bytes(&big));
+        let path = fs.cas().store().large_blob_path(&Digest::of_bytes(&big));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::write(&path, vec![8u8; 600 * 1024]).unwrap();
         let ino = lookup_path(&fs, "v/big.jar").unwrap().ino;
@@ -444,4 +462,105 @@ fn verify_refuses_a_blob_replaced_with_other_bytes_of_the_same_length() {
         let small = lookup_path(&fs, "v/small.jar").unwrap().ino;
         assert_eq!(fs.read(small, NO_HANDLE, 0, 16).unwrap(), b"fine");
     }
+}
+
+#[test]
+fn readlink_of_anything_but_a_symlink_is_einval() {
+    let f = fixture(false);
+    f.fs.bind("v", DEFAULT_LAYER, f.a, true).unwrap();
+    for path in ["v", "v/lib/guava.jar"] {
+        let ino = lookup_path(&f.fs, path).unwrap().ino;
+        assert_eq!(f.fs.readlink(ino), Err(FsError::Invalid), "{path}");
+        assert_eq!(FsError::Invalid.errno(), libc::EINVAL);
+    }
+    assert_eq!(
+        readlink_of(&Node::Symlink("../x".into())).unwrap(),
+        b"../x".to_vec()
+    );
+}
+
+#[test]
+fn the_node_api_answers_like_the_inode_api() {
+    let f = fixture(false);
+    f.fs.bind("v", "g1", f.a, true).unwrap();
+    f.fs.bind("v", "g2", f.b, true).unwrap();
+    let view = f.fs.resolve("v").unwrap();
+    let lib = f.fs.child_of(&view, "lib").unwrap();
+    let jar = f.fs.child_of(&lib, "shared.jar").unwrap();
+    let by_ino = lookup_path(&f.fs, "v/lib/shared.jar").unwrap();
+    assert_eq!(f.fs.attr_of(&jar).unwrap(), by_ino);
+    assert_eq!(f.fs.read_node(&jar, 1, 3).unwrap(), b"har");
+    let names: Vec<String> =
+        f.fs.children_of(&lib)
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+    assert_eq!(names, ["big.jar", "guava.jar", "other.jar", "shared.jar"]);
+    assert_eq!(f.fs.child_of(&lib, "nope"), Err(FsError::NotFound));
+    assert_eq!(f.fs.read_node(&lib, 0, 1), Err(FsError::IsDir));
+}
+
+#[test]
+fn namespace_times_follow_what_is_bound_and_content_times_do_not_depend_on_the_mount() {
+    let f = fixture(false);
+    f.fs.bind("a/v", DEFAULT_LAYER, f.a, true).unwrap();
+    let a1 = lookup_path(&f.fs, "a").unwrap();
+    let jar = lookup_path(&f.fs, "a/v/lib/guava.jar").unwrap();
+    f.fs.bind("a/v", DEFAULT_LAYER, f.b, true).unwrap();
+    let a2 = lookup_path(&f.fs, "a").unwrap();
+    assert_eq!(a1.ino, a2.ino, "a namespace directory keeps its number");
+    assert_ne!(a1.mtime, a2.mtime, "a rebind below it changes its mtime");
+    f.fs.bind("a/v", DEFAULT_LAYER, f.a, true).unwrap();
+    assert_eq!(
+        lookup_path(&f.fs, "a").unwrap(),
+        a1,
+        "and binding back restores it"
+    );
+
+    // Another core over the same store: identical attributes for identical content.
+    let g = DigestFs::new(f.fs.cas().clone(), FsConfig::default());
+    g.bind("elsewhere", DEFAULT_LAYER, f.a, true).unwrap();
+    assert_eq!(lookup_path(&g, "elsewhere/lib/guava.jar").unwrap(), jar);
+    assert!(jar.mtime < std::time::SystemTime::now());
+}
+
+#[test]
+fn conflicts_deep_in_merged_trees_are_found_without_recursion() {
+    let f = fixture(false);
+    let store = f.fs.cas().store().clone();
+    // Two chains 5,000 directories deep that differ only in the leaf file.
+    let chain = |leaf: &[u8]| {
+        let mut imp = Importer::new(&store);
+        let file = imp.put_bytes(leaf).unwrap();
+        let mut d = imp
+            .put_directory(&crate::store::Listing {
+                entries: vec![crate::store::Entry {
+                    name: "leaf.jar".into(),
+                    kind: EntryKind::File {
+                        digest: file,
+                        executable: false,
+                    },
+                }],
+            })
+            .unwrap();
+        for _ in 0..5_000 {
+            d = imp
+                .put_directory(&crate::store::Listing {
+                    entries: vec![crate::store::Entry {
+                        name: "d".into(),
+                        kind: EntryKind::Dir(d),
+                    }],
+                })
+                .unwrap();
+        }
+        imp.finish().unwrap();
+        d
+    };
+    let (x, y) = (chain(b"one"), chain(b"two"));
+    f.fs.bind("deep", "x", x, true).unwrap();
+    let err = f.fs.bind("deep", "y", y, true).unwrap_err();
+    assert!(matches!(err, BindError::Conflict(_)), "{err}");
+    assert!(err.path().unwrap().ends_with("/d/leaf.jar"));
+    assert_eq!(err.path().unwrap().matches("/d").count(), 5_000);
 }

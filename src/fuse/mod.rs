@@ -1,13 +1,13 @@
 //! The thin `fuser` adapter: it translates kernel requests into calls on the filesystem core and
 //! the core's answers into replies. Anything with logic belongs in `crate::fs`.
 
+mod backing;
 pub mod mount;
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -17,6 +17,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use self::backing::BackingCache;
 use crate::fs::{Attr, DigestFs, FileKind, FsError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -37,10 +38,7 @@ pub struct FuseAdapter {
     ttl: Duration,
     passthrough: Passthrough,
     passthrough_enabled: AtomicBool,
-    /// One backing id per inode, shared by its open handles, as the kernel requires.
-    backing: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
-    /// Which inode each passthrough handle belongs to.
-    backed_handles: Mutex<HashMap<u64, u64>>,
+    backing: BackingCache<BackingId>,
 }
 
 fn errno(e: FsError) -> Errno {
@@ -82,29 +80,21 @@ impl FuseAdapter {
             ttl,
             passthrough,
             passthrough_enabled: AtomicBool::new(false),
-            backing: Mutex::new(HashMap::new()),
-            backed_handles: Mutex::new(HashMap::new()),
+            backing: BackingCache::default(),
         }
     }
 
-    /// Hands a large blob's file to the kernel, reusing the inode's backing id if it has one.
+    /// Hands a large blob's file to the kernel for handle `fh`, reusing the inode's backing id
+    /// if it has one. A refusal turns passthrough off for the rest of the mount.
     fn backing_for(
         &self,
         ino: u64,
+        fh: u64,
         file: &std::fs::File,
         reply: &ReplyOpen,
     ) -> Option<Arc<BackingId>> {
-        let mut backing = self.backing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((id, users)) = backing.get_mut(&ino) {
-            *users += 1;
-            return Some(id.clone());
-        }
-        match reply.open_backing(file) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                backing.insert(ino, (id.clone(), 1));
-                Some(id)
-            }
+        match self.backing.acquire(ino, fh, || reply.open_backing(file)) {
+            Ok(id) => Some(id),
             Err(e) => {
                 if self.passthrough_enabled.swap(false, Ordering::Relaxed) {
                     log::warn!("FUSE passthrough refused ({e}); serving reads through the daemon");
@@ -193,15 +183,9 @@ impl Filesystem for FuseAdapter {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno(e)),
         };
-        if self.passthrough_enabled.load(Ordering::Relaxed) {
-            if let Some(file) = blob.file() {
-                if let Some(id) = self.backing_for(ino.0, file, &reply) {
-                    self.backed_handles
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(fh, ino.0);
-                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                }
+        if let Some(file) = blob.file() {
+            if let Some(id) = self.backing_for(ino.0, fh, file, &reply) {
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
             }
         }
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
@@ -235,20 +219,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.core.release(fh.0);
-        let backed = self
-            .backed_handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        if let Some(ino) = backed {
-            let mut backing = self.backing.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, users)) = backing.get_mut(&ino) {
-                *users -= 1;
-                if *users == 0 {
-                    backing.remove(&ino);
-                }
-            }
-        }
+        self.backing.release(fh.0);
         reply.ok();
     }
 

@@ -1,6 +1,7 @@
 //! A gRPC client for the REAPI CAS and ByteStream services: bounded concurrency, a deadline on
 //! every call (and on every message of a stream), retries with jittered exponential backoff on
-//! the codes that mean "try again". It knows nothing of the local store.
+//! the codes that mean "try again". It reads and writes blobs only through the callers'
+//! closures.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -16,7 +17,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use super::proto;
-use crate::store::Digest;
+use crate::store::{Digest, StoreError};
 
 const FIND_MISSING: &str =
     "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
@@ -52,7 +53,7 @@ pub struct RemoteConfig {
     pub ranged_reads: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RemoteError {
     #[error("{0}")]
     Config(String),
@@ -64,8 +65,9 @@ pub enum RemoteError {
     },
     #[error("{op}: no answer within {secs:.1} s")]
     Timeout { op: &'static str, secs: f64 },
+    /// The caller's closure failed to take or give the bytes (the local store, usually).
     #[error("{0}")]
-    Sink(String),
+    Sink(#[source] Arc<StoreError>),
 }
 
 impl RemoteError {
@@ -87,6 +89,21 @@ impl RemoteError {
                 ..
             }
         )
+    }
+
+    /// Whether the server could not be reached or did not answer in time.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            RemoteError::Timeout { .. } => true,
+            RemoteError::Rpc { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::ResourceExhausted
+                    | Code::DeadlineExceeded
+                    | Code::Cancelled
+            ),
+            _ => false,
+        }
     }
 
     fn retryable(&self) -> bool {
@@ -456,7 +473,7 @@ impl Client {
         digest: &Digest,
         offset: u64,
         limit: u64,
-        sink: &mut (dyn FnMut(&[u8]) -> Result<(), String> + Send),
+        sink: &mut (dyn FnMut(&[u8]) -> Result<(), StoreError> + Send),
     ) -> Result<bool, RemoteError> {
         self.counters
             .bytestream_reads
@@ -493,7 +510,7 @@ impl Client {
         digest: &Digest,
         got: &mut u64,
         end: u64,
-        sink: &mut (dyn FnMut(&[u8]) -> Result<(), String> + Send),
+        sink: &mut (dyn FnMut(&[u8]) -> Result<(), StoreError> + Send),
     ) -> Result<(), RemoteError> {
         const OP: &str = "ByteStream.Read";
         let timeout = |_| RemoteError::Timeout {
@@ -534,7 +551,7 @@ impl Client {
             // was asked for. Bytes past the end of a whole blob fail its verification anyway.
             let room = (end - *got) as usize;
             let data = &msg.data[..msg.data.len().min(room)];
-            sink(data).map_err(RemoteError::Sink)?;
+            sink(data).map_err(|e| RemoteError::Sink(Arc::new(e)))?;
             *got += data.len() as u64;
         }
         Ok(())
@@ -575,7 +592,7 @@ impl Client {
     pub async fn write_blob(
         &self,
         digest: &Digest,
-        chunk: &(dyn Fn(u64, usize) -> Result<Vec<u8>, String> + Sync),
+        chunk: &(dyn Fn(u64, usize) -> Result<Vec<u8>, StoreError> + Sync),
     ) -> Result<(), RemoteError> {
         self.counters.uploads.fetch_add(1, Ordering::Relaxed);
         const OP: &str = "ByteStream.Write";
@@ -596,7 +613,7 @@ impl Client {
         let mut offset = 0u64;
         loop {
             let len = ((digest.size - offset) as usize).min(WRITE_CHUNK);
-            let data = chunk(offset, len).map_err(RemoteError::Sink)?;
+            let data = chunk(offset, len).map_err(|e| RemoteError::Sink(Arc::new(e)))?;
             let finish = offset + len as u64 == digest.size;
             messages.push(proto::WriteRequest {
                 resource_name: if offset == 0 {

@@ -1,7 +1,8 @@
 //! Blobs the local store lacks, fetched from a remote REAPI CAS (Buildbarn, BuildGrid,
 //! bazel-remote, ...). Every fetched blob is checked against its digest before it is written into
 //! the local store in Pants' format, and only then served; concurrent requests for one blob share
-//! one fetch. The store layer sees this only as a [`Backfill`].
+//! one fetch. The store knows nothing of this: the `cas` layer above it calls here on a local
+//! miss.
 
 pub mod client;
 pub mod proto;
@@ -14,12 +15,61 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use self::client::{Client, RemoteConfig, RemoteError};
-use crate::store::{Backfill, BlobKind, Digest, Store, StoreError};
+use crate::store::{BlobKind, Digest, Store, StoreError};
+
+/// Why a blob could not be fetched. Clone, because every reader waiting on one fetch gets its
+/// result.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("the remote CAS sent bytes that do not match the digest; refused")]
+    Corrupt,
+    #[error("no progress within {secs:.1} s")]
+    Stalled { secs: f64 },
+    #[error("the fetch was abandoned")]
+    Abandoned,
+    #[error("the server's answer left it out")]
+    LeftOut,
+    #[error("asked for {want} bytes at {offset}, got {got}")]
+    ShortRange {
+        offset: u64,
+        want: usize,
+        got: usize,
+    },
+    #[error("writing it into the local store: {0}")]
+    Store(#[source] Arc<StoreError>),
+}
+
+impl FetchError {
+    /// Whether the remote could not be reached or did not answer in time: worth retrying later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            FetchError::Remote(e) => e.is_unavailable(),
+            FetchError::Stalled { .. } | FetchError::Abandoned => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<StoreError> for FetchError {
+    fn from(e: StoreError) -> FetchError {
+        FetchError::Store(Arc::new(e))
+    }
+}
+
+/// Why a push failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// What a server takes in one batch call when it does not say (REAPI's usual 4 MiB, less room
 /// for the message around the data).
 const DEFAULT_MAX_BATCH: u64 = 4 * 1024 * 1024 - 64 * 1024;
-const REFUSED: &str = "the remote CAS sent bytes that do not match the digest; refused";
 /// The room one blob takes in a batch call besides its bytes (digest and framing), generously.
 const BATCH_ENTRY_OVERHEAD: u64 = 1024;
 /// FindMissingBlobs asks about this many digests per call.
@@ -32,20 +82,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One fetch that any number of readers wait for.
 #[derive(Default)]
 struct Flight {
-    result: Mutex<Option<Result<bool, String>>>,
+    result: Mutex<Option<Result<bool, FetchError>>>,
     /// Bytes received so far: waiters give up only when this stops moving.
     progress: AtomicU64,
     done: Condvar,
 }
 
 impl Flight {
-    fn finish(&self, res: Result<bool, String>) {
+    fn finish(&self, res: Result<bool, FetchError>) {
         *lock(&self.result) = Some(res);
         self.done.notify_all();
     }
 
     /// The fetch's result, or `None` once it has made no progress for `idle`.
-    fn wait(&self, idle: Duration) -> Option<Result<bool, String>> {
+    fn wait(&self, idle: Duration) -> Option<Result<bool, FetchError>> {
         let mut guard = lock(&self.result);
         let mut seen = self.progress.load(Ordering::Relaxed);
         loop {
@@ -75,23 +125,20 @@ struct Landing<'a> {
     shared: &'a Shared,
     key: (Digest, BlobKind),
     flight: &'a Flight,
-    result: Option<Result<bool, String>>,
+    result: Option<Result<bool, FetchError>>,
 }
 
 impl Drop for Landing<'_> {
     fn drop(&mut self) {
         let (digest, kind) = self.key;
-        let res = self
-            .result
-            .take()
-            .unwrap_or_else(|| Err("the fetch was abandoned".into()));
+        let res = self.result.take().unwrap_or(Err(FetchError::Abandoned));
         if let Err(e) = &res {
             self.shared
                 .counters
                 .fetch_failures
                 .fetch_add(1, Ordering::Relaxed);
             // Callers report it, naming the path where there is one.
-            log::debug!("fetching {} {digest}: {e}", kind.name());
+            log::debug!("fetching {kind} {digest}: {e}");
         }
         lock(&self.shared.flights).remove(&self.key);
         self.flight.finish(res);
@@ -226,7 +273,8 @@ impl Remote {
         });
     }
 
-    /// Asks the server for its capabilities now: a one-line summary, or why it failed.
+    /// Asks the server for its capabilities now: a one-line summary, or why it failed. Both are
+    /// lines for `digestfs doctor` to print, so both are text.
     pub fn check(&self) -> Result<String, String> {
         let caps = self
             .within_timeout(self.shared.client.capabilities())
@@ -250,21 +298,26 @@ impl Remote {
         store: &Store,
         digest: &Digest,
         kind: BlobKind,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, FetchError> {
         let flight = self.flight(store, digest, kind, true);
-        let remote_err = |reason: String| StoreError::Remote {
-            digest: *digest,
-            kind: kind.name(),
-            reason,
-        };
-        match flight.wait(self.cfg.timeout) {
-            Some(Ok(found)) => Ok(found),
-            Some(Err(reason)) => Err(remote_err(reason)),
-            None => Err(remote_err(format!(
-                "no progress within {:.1} s",
-                self.cfg.timeout.as_secs_f64()
-            ))),
+        flight
+            .wait(self.cfg.timeout)
+            .unwrap_or(Err(FetchError::Stalled {
+                secs: self.cfg.timeout.as_secs_f64(),
+            }))
+    }
+
+    /// Starts fetching a large file blob without waiting for it (for ranged reads), unless its
+    /// bytes were already found corrupt.
+    pub fn start_fetch(&self, store: &Store, digest: &Digest) {
+        if !lock(&self.shared.refused).contains(digest) {
+            self.flight(store, digest, BlobKind::File, false);
         }
+    }
+
+    /// Whether reads of a large blob may be answered by ranges while it is fetched.
+    pub fn serves_ranges(&self) -> bool {
+        self.cfg.ranged_reads
     }
 
     /// The fetch of a blob: the one under way, or a new one.
@@ -283,7 +336,7 @@ impl Remote {
         };
         if lead {
             let shared = self.shared.clone();
-            let store = store.local_only();
+            let store = store.clone();
             let f = flight.clone();
             // The fetch runs on its own, so a reader that gives up does not cancel it for others.
             self.rt.spawn(async move {
@@ -302,20 +355,16 @@ impl Remote {
     }
 
     /// Bytes of a large blob straight from the remote, unverified, for `--remote-ranged-reads`.
-    /// Refused once the blob's full fetch has found it corrupt.
+    /// Refused once the blob's full fetch has found it corrupt; `None` if the remote lacks it.
+    /// Exactly `len` bytes, fewer only at the blob's end.
     pub fn read_range(
         &self,
         digest: &Digest,
         offset: u64,
         len: usize,
-    ) -> Result<Vec<u8>, StoreError> {
-        let err = |reason: String| StoreError::Remote {
-            digest: *digest,
-            kind: "file",
-            reason,
-        };
+    ) -> Result<Option<Vec<u8>>, FetchError> {
         if lock(&self.shared.refused).contains(digest) {
-            return Err(err(REFUSED.into()));
+            return Err(FetchError::Corrupt);
         }
         let c = &self.shared.counters;
         c.ranged_reads.fetch_add(1, Ordering::Relaxed);
@@ -328,16 +377,20 @@ impl Remote {
             .shared
             .client
             .read_blob(digest, offset, len as u64, &mut sink);
-        let found = self.within_timeout(read).map_err(|e| err(e.to_string()))?;
-        if !found {
-            return Err(StoreError::Missing {
-                digest: *digest,
-                kind: "file",
+        if !self.within_timeout(read)? {
+            return Ok(None);
+        }
+        let want = (digest.size.saturating_sub(offset) as usize).min(len);
+        if out.len() != want {
+            return Err(FetchError::ShortRange {
+                offset,
+                want,
+                got: out.len(),
             });
         }
         c.ranged_bytes
             .fetch_add(out.len() as u64, Ordering::Relaxed);
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Runs a call for a waiting reader: it gets an answer within the timeout, retries or not.
@@ -355,35 +408,28 @@ impl Remote {
     }
 
     /// Whether the remote has a blob, by `FindMissingBlobs`.
-    pub fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {
-        self.within_timeout(self.shared.client.find_missing(&[*digest]))
-            .map(|missing| missing.is_empty())
-            .map_err(|e| StoreError::Remote {
-                digest: *digest,
-                kind: "file",
-                reason: e.to_string(),
-            })
+    pub fn contains(&self, digest: &Digest) -> Result<bool, FetchError> {
+        Ok(self
+            .within_timeout(self.shared.client.find_missing(&[*digest]))?
+            .is_empty())
     }
 
-    /// Fetches every file of the tree at `root` that the local store lacks, a few at a time,
-    /// counting progress for `status`. `store` must have this remote as its backfill, so that
-    /// missing `Directory`s are fetched on the way.
-    pub fn prefetch(&self, store: &Store, root: &Digest) -> Result<(), StoreError> {
+    /// Fetches those of `files` (a tree's, found by the caller's walk) that the local store
+    /// lacks, a few at a time, counting progress for `status`.
+    pub fn prefetch(&self, store: &Store, files: Vec<Digest>) -> Result<(), FetchError> {
         let c = &self.shared.counters;
         c.prefetch_running.fetch_add(1, Ordering::Relaxed);
-        let res = self.prefetch_inner(store, root);
+        let res = self.prefetch_inner(store, files);
         c.prefetch_running.fetch_sub(1, Ordering::Relaxed);
         c.prefetch_trees.fetch_add(1, Ordering::Relaxed);
         res
     }
 
-    fn prefetch_inner(&self, store: &Store, root: &Digest) -> Result<(), StoreError> {
+    fn prefetch_inner(&self, store: &Store, files: Vec<Digest>) -> Result<(), FetchError> {
         let c = &self.shared.counters;
-        let local = store.local_only();
-        let (files, _) = tree_blobs(store, root)?;
         let mut todo = Vec::new();
         for d in files {
-            if !local.has_file(&d)? {
+            if !store.has_file(&d)? {
                 todo.push(d);
             }
         }
@@ -401,7 +447,7 @@ impl Remote {
                     let Some(job) = lock(&queue).next() else {
                         break;
                     };
-                    for (d, res) in self.prefetch_job(&local, &job) {
+                    for (d, res) in self.prefetch_job(store, &job) {
                         match res {
                             Ok(true) => {
                                 c.prefetch_blobs_done.fetch_add(1, Ordering::Relaxed);
@@ -425,14 +471,20 @@ impl Remote {
 
     /// Fetches one prefetch job: a single blob through the shared fetch (which a reader may
     /// join), or a batch of small ones in one call.
-    fn prefetch_job(&self, store: &Store, job: &[Digest]) -> Vec<(Digest, Result<bool, String>)> {
+    fn prefetch_job(
+        &self,
+        store: &Store,
+        job: &[Digest],
+    ) -> Vec<(Digest, Result<bool, FetchError>)> {
         if let [d] = job {
-            let res = self.fetch(store, d, BlobKind::File);
-            return vec![(*d, res.map_err(|e| e.to_string()))];
+            return vec![(*d, self.fetch(store, d, BlobKind::File))];
         }
         let got = match self.within_timeout(self.shared.client.batch_read(job)) {
             Ok(got) => got,
-            Err(e) => return job.iter().map(|d| (*d, Err(e.to_string()))).collect(),
+            Err(e) => {
+                let e = FetchError::from(e);
+                return job.iter().map(|d| (*d, Err(e.clone()))).collect();
+            }
         };
         let mut got: HashMap<Digest, Option<Vec<u8>>> = got.into_iter().collect();
         job.iter()
@@ -443,7 +495,7 @@ impl Remote {
                         .store_verified(store, BlobKind::File, d, &bytes)
                         .map(|()| true),
                     Some(None) => Ok(false),
-                    None => Err("the server's answer left it out".to_string()),
+                    None => Err(FetchError::LeftOut),
                 };
                 (*d, res)
             })
@@ -452,14 +504,12 @@ impl Remote {
 
     /// Uploads every blob of the trees at `roots` that the remote lacks (`Directory`s and files),
     /// reading them from `store`.
-    pub fn push(&self, store: &Store, roots: &[Digest]) -> Result<PushReport, String> {
-        let mut files = Vec::new();
-        let mut dirs = Vec::new();
-        for root in roots {
-            let (f, d) = tree_blobs(store, root).map_err(|e| e.to_string())?;
-            files.extend(f);
-            dirs.extend(d);
+    pub fn push(&self, store: &Store, roots: &[Digest]) -> Result<PushReport, PushError> {
+        let tree = store.tree_blobs(roots);
+        if let Some(e) = tree.errors.into_iter().next() {
+            return Err(e.into());
         }
+        let (files, dirs) = (tree.files, tree.dirs);
         let kinds: HashMap<Digest, BlobKind> = files
             .iter()
             .map(|d| (*d, BlobKind::File))
@@ -469,17 +519,11 @@ impl Remote {
         let all: Vec<Digest> = kinds.keys().copied().collect();
         let client = &self.shared.client;
         // The batches below must fit the server's limit.
-        let caps = self
-            .within_timeout(client.capabilities())
-            .map_err(|e| e.to_string())?;
+        let caps = self.within_timeout(client.capabilities())?;
         self.shared.adopt(&caps, &self.cfg.address);
         let mut missing = Vec::new();
         for chunk in all.chunks(FIND_MISSING_CHUNK) {
-            missing.extend(
-                self.rt
-                    .block_on(client.find_missing(chunk))
-                    .map_err(|e| e.to_string())?,
-            );
+            missing.extend(self.rt.block_on(client.find_missing(chunk))?);
         }
         let mut report = PushReport {
             blobs: all.len(),
@@ -487,14 +531,11 @@ impl Remote {
             bytes_sent: 0,
         };
         for group in self.shared.batches(missing) {
-            let read = |d: &Digest, offset: u64, len: usize| -> Result<Vec<u8>, String> {
-                match kinds.get(d) {
-                    Some(BlobKind::Directory) => store.directory_bytes(d),
-                    _ => store
-                        .open_blob(d)
-                        .and_then(|b| store.read_blob(&b, offset, len)),
-                }
-                .map_err(|e| e.to_string())
+            let read = |d: &Digest, offset: u64, len: usize| match kinds.get(d) {
+                Some(BlobKind::Directory) => store.directory_bytes(d),
+                _ => store
+                    .open_blob(d)
+                    .and_then(|b| store.read_blob(&b, offset, len)),
             };
             report.bytes_sent += group.iter().map(|d| d.size).sum::<u64>();
             let call = match group.as_slice() {
@@ -505,11 +546,11 @@ impl Remote {
                     let blobs = group
                         .iter()
                         .map(|d| Ok((*d, read(d, 0, d.size as usize)?)))
-                        .collect::<Result<Vec<_>, String>>()?;
+                        .collect::<Result<Vec<_>, StoreError>>()?;
                     self.rt.block_on(client.batch_update(blobs))
                 }
             };
-            call.map_err(|e| e.to_string())?;
+            call?;
         }
         Ok(report)
     }
@@ -556,31 +597,6 @@ impl Remote {
                 bytes_done: load(&c.prefetch_bytes_done),
             },
         }
-    }
-}
-
-impl Backfill for Remote {
-    fn serves_ranges(&self) -> bool {
-        self.cfg.ranged_reads
-    }
-
-    fn start_fetch(&self, store: &Store, digest: &Digest) {
-        if lock(&self.shared.refused).contains(digest) {
-            return;
-        }
-        self.flight(store, digest, BlobKind::File, false);
-    }
-
-    fn read_range(&self, digest: &Digest, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
-        Remote::read_range(self, digest, offset, len)
-    }
-
-    fn fetch(&self, store: &Store, digest: &Digest, kind: BlobKind) -> Result<bool, StoreError> {
-        Remote::fetch(self, store, digest, kind)
-    }
-
-    fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {
-        Remote::contains(self, digest)
     }
 }
 
@@ -639,7 +655,7 @@ impl Shared {
         kind: BlobKind,
         digest: &Digest,
         bytes: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), FetchError> {
         match store.put_verified(kind, digest, bytes) {
             Ok(()) => {
                 self.fetched(digest.size);
@@ -648,7 +664,7 @@ impl Shared {
             Err(e @ (StoreError::HashMismatch { .. } | StoreError::SizeMismatch { .. })) => {
                 Err(self.refused(digest, e))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -659,13 +675,13 @@ impl Shared {
             .fetch_add(bytes, Ordering::Relaxed);
     }
 
-    fn refused(&self, digest: &Digest, e: StoreError) -> String {
+    fn refused(&self, digest: &Digest, e: StoreError) -> FetchError {
         self.counters
             .refused_corrupt
             .fetch_add(1, Ordering::Relaxed);
         lock(&self.refused).insert(*digest);
         log::debug!("refused {digest}: {e}");
-        REFUSED.to_string()
+        FetchError::Corrupt
     }
 
     async fn fetch_into(
@@ -674,16 +690,10 @@ impl Shared {
         digest: Digest,
         kind: BlobKind,
         flight: &Flight,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, FetchError> {
         // Another request may have fetched it between our miss and now.
-        let present = match kind {
-            BlobKind::Directory => store.directory_bytes(&digest).map(|_| ()),
-            BlobKind::File => store.open_blob(&digest).map(|_| ()),
-        };
-        match present {
-            Ok(()) => return Ok(true),
-            Err(e) if e.is_missing() => {}
-            Err(e) => return Err(e.to_string()),
+        if store.has(&digest, kind)? {
+            return Ok(true);
         }
         match kind {
             BlobKind::Directory => self.fetch_directory(store, &digest).await,
@@ -697,13 +707,9 @@ impl Shared {
         store: &Store,
         kind: BlobKind,
         digest: &Digest,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, FetchError> {
         let bytes = if self.fits_batch(digest) {
-            let got = self
-                .client
-                .batch_read(&[*digest])
-                .await
-                .map_err(|e| e.to_string())?;
+            let got = self.client.batch_read(&[*digest]).await?;
             match got.into_iter().find(|(d, _)| d == digest) {
                 Some((_, Some(bytes))) => bytes,
                 _ => return Ok(false),
@@ -716,8 +722,7 @@ impl Shared {
                     bytes.extend_from_slice(data);
                     Ok(())
                 })
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             if !found {
                 return Ok(false);
             }
@@ -734,8 +739,8 @@ impl Shared {
         store: &Store,
         digest: &Digest,
         flight: &Flight,
-    ) -> Result<bool, String> {
-        let Some(mut writer) = store.large_blob_writer(digest).map_err(|e| e.to_string())? else {
+    ) -> Result<bool, FetchError> {
+        let Some(mut writer) = store.large_blob_writer(digest)? else {
             return Ok(true);
         };
         let found = self
@@ -744,10 +749,9 @@ impl Shared {
                 flight
                     .progress
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                writer.write(data).map_err(|e| e.to_string())
+                writer.write(data)
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if !found {
             return Ok(false);
         }
@@ -759,12 +763,12 @@ impl Shared {
             Err(e @ (StoreError::HashMismatch { .. } | StoreError::SizeMismatch { .. })) => {
                 Err(self.refused(digest, e))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Fetches a `Directory`, and with `GetTree` every `Directory` below it in the same call.
-    async fn fetch_directory(&self, store: &Store, digest: &Digest) -> Result<bool, String> {
+    async fn fetch_directory(&self, store: &Store, digest: &Digest) -> Result<bool, FetchError> {
         if !self.get_tree_unsupported.load(Ordering::Relaxed) {
             match self.client.get_tree(digest).await {
                 Ok(Some(dirs)) => {
@@ -780,9 +784,7 @@ impl Shared {
                     }
                     for (shard, batch) in by_shard.iter().enumerate() {
                         if !batch.is_empty() {
-                            store
-                                .put_directories(shard, batch)
-                                .map_err(|e| e.to_string())?;
+                            store.put_directories(shard, batch)?;
                             for (d, _) in batch {
                                 self.fetched(d.size);
                             }
@@ -798,17 +800,9 @@ impl Shared {
                     self.get_tree_unsupported.store(true, Ordering::Relaxed);
                 }
                 Err(e) if e.is_not_found() => return Ok(false),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
         self.fetch_small(store, BlobKind::Directory, digest).await
     }
-}
-
-/// The distinct file and `Directory` digests of a tree, fetching missing `Directory`s if `store`
-/// has a backfill.
-fn tree_blobs(store: &Store, root: &Digest) -> Result<(Vec<Digest>, Vec<Digest>), StoreError> {
-    let (mut files, dirs) = store.tree_digests(&[*root], &mut Err)?;
-    files.retain(|d| !d.is_empty());
-    Ok((files, dirs))
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
+use super::error::io_err;
 use super::{check_name, Digest, Entry, EntryKind, Listing, Store, StoreError};
 
 /// Pending LMDB writes are flushed once they hold this many bytes.
@@ -21,10 +22,6 @@ pub struct Importer<'a> {
     pending_bytes: usize,
     /// Told the size of each file once it is stored.
     progress: Option<Box<dyn FnMut(u64) + 'a>>,
-}
-
-fn io_err(context: String) -> impl FnOnce(io::Error) -> StoreError {
-    move |source| StoreError::Io { context, source }
 }
 
 impl<'a> Importer<'a> {
@@ -63,22 +60,24 @@ impl<'a> Importer<'a> {
         for item in read {
             let item = item.map_err(io_err(format!("listing {}", dir.display())))?;
             let path = item.path();
-            let name = item.file_name().into_string().map_err(|n| {
-                StoreError::Other(format!("{}: the name {n:?} is not UTF-8", path.display()))
-            })?;
-            check_name(&name)
-                .map_err(|reason| StoreError::Other(format!("{}: {reason}", path.display())))?;
+            let unimportable = |reason: String| StoreError::Unimportable {
+                path: path.clone(),
+                reason,
+            };
+            let name = item
+                .file_name()
+                .into_string()
+                .map_err(|n| unimportable(format!("the name {n:?} is not UTF-8")))?;
+            check_name(&name).map_err(|reason| unimportable(reason.to_string()))?;
             let meta = fs::symlink_metadata(&path)
                 .map_err(io_err(format!("reading {}", path.display())))?;
             let kind = if meta.file_type().is_symlink() {
                 let target =
                     fs::read_link(&path).map_err(io_err(format!("reading {}", path.display())))?;
-                let target = target.into_os_string().into_string().map_err(|t| {
-                    StoreError::Other(format!(
-                        "{}: the link target {t:?} is not UTF-8",
-                        path.display()
-                    ))
-                })?;
+                let target = target
+                    .into_os_string()
+                    .into_string()
+                    .map_err(|t| unimportable(format!("the link target {t:?} is not UTF-8")))?;
                 EntryKind::Symlink(target)
             } else if meta.is_dir() {
                 EntryKind::Dir(self.import_dir(&path)?)
@@ -92,10 +91,9 @@ impl<'a> Importer<'a> {
                     executable: meta.mode() & 0o100 != 0,
                 }
             } else {
-                return Err(StoreError::Other(format!(
-                    "{}: only files, directories and symlinks can be imported",
-                    path.display()
-                )));
+                return Err(unimportable(
+                    "only files, directories and symlinks can be imported".into(),
+                ));
             };
             entries.push(Entry { name, kind });
         }
@@ -103,7 +101,12 @@ impl<'a> Importer<'a> {
         self.put_directory(&Listing { entries })
     }
 
-    /// Stores a `Directory` and returns its digest.
+    /// Writes whatever [`Importer::put_directory`] and [`Importer::put_bytes`] left pending.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        self.flush()
+    }
+
+    /// Stores a `Directory` and returns its digest (written by the next flush).
     pub fn put_directory(&mut self, listing: &Listing) -> Result<Digest, StoreError> {
         let bytes = listing.encode();
         let digest = Digest::of_bytes(&bytes);
@@ -159,9 +162,9 @@ impl<'a> Importer<'a> {
             }
         }
         w.commit().map_err(|e| match e {
-            StoreError::HashMismatch { .. } | StoreError::SizeMismatch { .. } => StoreError::Other(
-                format!("the content changed while it was imported (expected {digest})"),
-            ),
+            StoreError::HashMismatch { .. } | StoreError::SizeMismatch { .. } => {
+                StoreError::ChangedWhileImported { digest: *digest }
+            }
             e => e,
         })
     }

@@ -15,10 +15,16 @@ use super::{Digest, StoreError};
 pub const CONTENT_DB: &str = "content-versioned";
 pub const LEASES_DB: &str = "leases-versioned";
 
-/// How long a lease Pants gives a freshly written blob lasts.
-pub const LEASE_SECS: u64 = 2 * 60 * 60;
 /// Keys renewed per write transaction.
 const LEASE_BATCH: usize = 1000;
+
+/// What renewing the leases of one shard found.
+pub struct Renewed {
+    /// How many of the blobs were present (absent ones get no lease).
+    pub present: usize,
+    /// The longest a write transaction held the environment's write lock, in microseconds.
+    pub longest_txn_us: u64,
+}
 
 struct Shard {
     env: Environment,
@@ -150,22 +156,30 @@ impl Shards {
 
     /// Sets the lease of each present blob of `digests` (all of shard `shard`) to `until`, in
     /// transactions of at most `LEASE_BATCH` keys so the write lock is never held for long.
-    /// Returns how many were present; absent ones are skipped, never given a lease.
+    /// Absent blobs are skipped, never given a lease.
     pub fn renew_leases(
         &self,
         shard: usize,
         digests: &[Digest],
         until: u64,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Renewed, StoreError> {
+        let mut out = Renewed {
+            present: 0,
+            longest_txn_us: 0,
+        };
+        if digests.is_empty() {
+            return Ok(out);
+        }
         let Some(s) = self.shard(shard, false)? else {
-            return Ok(0);
+            return Ok(out);
         };
         let ctx = || format!("renewing leases in {}", self.shard_dir(shard).display());
         let lease = until.to_le_bytes();
-        let mut present = 0;
         for batch in digests.chunks(LEASE_BATCH) {
             let _guard = s.resize.read().unwrap_or_else(|p| p.into_inner());
             let mut txn = s.env.begin_rw_txn().map_err(lmdb_err(ctx()))?;
+            // Timed from when this transaction holds the write lock.
+            let held = std::time::Instant::now();
             for d in batch {
                 let key = d.lmdb_key();
                 match txn.get(s.content, &key) {
@@ -175,11 +189,12 @@ impl Shards {
                 }
                 txn.put(s.leases, &key, &lease, WriteFlags::empty())
                     .map_err(lmdb_err(ctx()))?;
-                present += 1;
+                out.present += 1;
             }
             txn.commit().map_err(lmdb_err(ctx()))?;
+            out.longest_txn_us = out.longest_txn_us.max(held.elapsed().as_micros() as u64);
         }
-        Ok(present)
+        Ok(out)
     }
 
     /// Checks the first keys of every present shard against Pants' key schema.
@@ -199,12 +214,11 @@ impl Shards {
                 .map_err(lmdb_err(format!("reading {}", self.dir.display())))?;
             for (key, _) in cursor.iter().take(4).flatten() {
                 if key.len() != 33 || key[32] != 0x02 {
-                    return Err(StoreError::Other(format!(
-                        "{}/{shard:x}: a key of {} bytes ending in {:#04x}; this is not Pants' schema version 2",
-                        self.dir.display(),
-                        key.len(),
-                        key.last().copied().unwrap_or(0)
-                    )));
+                    return Err(StoreError::Schema {
+                        shard: self.shard_dir(shard).display().to_string(),
+                        len: key.len(),
+                        last: key.last().copied().unwrap_or(0),
+                    });
                 }
                 checked += 1;
             }

@@ -146,6 +146,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// How long one command of a test may run.
+pub const T: Duration = Duration::from_secs(120);
+
+/// Polls `f` every 20 ms until it gives a value; fails the test, naming `what`, after `limit`.
+pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs a command, killing it if it outlives `timeout`.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     let mut child = cmd
@@ -166,12 +184,12 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         let _ = err.read_to_end(&mut v);
         v
     });
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        if Instant::now() > deadline {
+        if started.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
             panic!("{cmd:?} did not finish within {timeout:?}");
@@ -183,6 +201,46 @@ pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         stdout: t_out.join().unwrap(),
         stderr: t_err.join().unwrap(),
     }
+}
+
+/// The stdout of a command that must have succeeded.
+pub fn stdout_ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must succeed; its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run_timeout(cmd, T);
+    assert!(out.status.success(), "{cmd:?}");
+    stdout_ok(out)
+}
+
+/// Runs `digestfs ARGS…`.
+pub fn dfs(args: &[&str]) -> Output {
+    run_timeout(Command::new(bin()).args(args), T)
+}
+
+/// Runs `digestfs ARGS…`, which must succeed; its stdout.
+pub fn dfs_ok(args: &[&str]) -> String {
+    let out = dfs(args);
+    assert!(out.status.success(), "digestfs {args:?}");
+    stdout_ok(out)
+}
+
+/// Runs `digestfs ARGS…`, which must fail with exit code 1 and one line on stderr; that line.
+pub fn dfs_err(args: &[&str]) -> String {
+    let out = dfs(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "digestfs {args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
 }
 
 /// Deletes a small file blob from the store's LMDB shard the way Pants' GC does: from another
@@ -200,10 +258,56 @@ pub fn delete_small_blob(store: &Path, digest: &str) {
     txn.commit().unwrap();
 }
 
-/// Runs `digestfs --store STORE ARGS…` with a 60 s limit.
+/// Runs `digestfs --store STORE ARGS…`.
 pub fn digestfs(store: &Path, args: &[&str]) -> Output {
-    run_timeout(
-        Command::new(bin()).arg("--store").arg(store).args(args),
-        Duration::from_secs(60),
-    )
+    let mut all = vec!["--store", store.to_str().unwrap()];
+    all.extend(args);
+    dfs(&all)
+}
+
+/// Writes a chain `d/d/…/d/leaf.txt` of `depth` nested `Directory` protos into the store at
+/// `store` (created if need be), as a hostile or merely odd tree would be; its digest.
+pub fn chain_tree(store: &Path, depth: usize, leaf: &[u8]) -> String {
+    use digestfs::store::{Entry, EntryKind, Importer, Listing, Store};
+    let store = Store::create(store).unwrap();
+    let mut imp = Importer::new(&store);
+    let file = imp.put_bytes(leaf).unwrap();
+    let one = |name: &str, kind| Listing {
+        entries: vec![Entry {
+            name: name.into(),
+            kind,
+        }],
+    };
+    let mut d = imp
+        .put_directory(&one(
+            "leaf.txt",
+            EntryKind::File {
+                digest: file,
+                executable: false,
+            },
+        ))
+        .unwrap();
+    for _ in 0..depth {
+        d = imp.put_directory(&one("d", EntryKind::Dir(d))).unwrap();
+    }
+    imp.finish().unwrap();
+    d.to_string()
+}
+
+/// Stores `value` under `digest` in the LMDB shard of `kind_dir` (`<store>/files` or
+/// `<store>/directories`) with no check at all: how the tests plant corrupt blobs.
+pub fn put_raw(kind_dir: &Path, digest: &digestfs::store::Digest, value: &[u8]) {
+    use lmdb::Transaction;
+    let env = lmdb::Environment::new()
+        .set_max_dbs(2)
+        .set_map_size(1 << 30)
+        .open(&kind_dir.join(format!("{:x}", digest.shard())))
+        .unwrap();
+    let db = env
+        .create_db(Some("content-versioned"), lmdb::DatabaseFlags::empty())
+        .unwrap();
+    let mut txn = env.begin_rw_txn().unwrap();
+    txn.put(db, &digest.lmdb_key(), &value, lmdb::WriteFlags::empty())
+        .unwrap();
+    txn.commit().unwrap();
 }

@@ -2,11 +2,15 @@
 //! `fusermount3 -u`, then `-u -z`, then kills the daemon; a watchdog does the same if a test
 //! outlives its time limit, so a stuck mount can neither hang CI nor leak into the next test.
 
-use std::os::unix::fs::MetadataExt;
+pub mod buildgrid;
+
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -50,7 +54,7 @@ impl Drop for UnmountOnDrop<'_> {
     }
 }
 
-fn teardown(mnt: &Path) {
+pub fn teardown(mnt: &Path) {
     for args in [&["-u"][..], &["-u", "-z"][..]] {
         if !is_mounted(mnt) {
             return;
@@ -94,9 +98,12 @@ impl Mount {
             cmd.arg("--bind").arg(format!("{path}={digest}"));
         }
         cmd.args(extra).arg(&mnt);
+        // As `mount --daemon` does: the daemon writes READY (or ERROR and its reason) on
+        // stdout once the mount answers.
         cmd.env("RUST_LOG", "digestfs=debug")
+            .env("DIGESTFS_DAEMON_CHILD", "1")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
         let child = cmd.spawn().unwrap();
         let done = Arc::new(AtomicBool::new(false));
@@ -135,35 +142,18 @@ impl Mount {
         });
     }
 
+    /// Waits for the daemon's readiness line (the watchdog bounds the wait).
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            // A stat or a listing may be answered from a stale mount's cache; statfs always
-            // reaches the daemon.
-            if let Ok(m) = std::fs::metadata(&self.mnt) {
-                // The daemon's own readiness check stats the mount; wait until it has finished
-                // (it logs "mounted"), or an immediate unmount could find the mount busy.
-                if m.ino() == 1
-                    && is_mounted(&self.mnt)
-                    && statfs(&self.mnt).is_ok()
-                    && self.log_text().contains("mounted;")
-                {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "digestfs mount exited ({status}) before mounting:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mount not ready in 30 s:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let stdout = self.child.as_mut().unwrap().stdout.take().unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        assert_eq!(
+            line.trim_end(),
+            "READY",
+            "the mount did not become ready:\n{}",
+            self.log_text()
+        );
+        assert!(is_mounted(&self.mnt) && statfs(&self.mnt).is_ok());
     }
 
     pub fn log_text(&self) -> String {
@@ -180,20 +170,10 @@ impl Mount {
 
     /// Waits for the daemon to exit on its own (after an unmount or a signal).
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
         let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                self.child = None;
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon still running after {limit:?}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let status = wait_until("the daemon to exit", limit, || child.try_wait().unwrap());
+        self.child = None;
+        status
     }
 
     /// Kills the daemon with SIGKILL, leaving a stale mount behind.
@@ -208,8 +188,11 @@ impl Drop for Mount {
     fn drop(&mut self) {
         teardown(&self.mnt);
         if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            // Give it a moment to exit on its own, then make sure it is gone.
+            for _ in 0..250 {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
@@ -219,5 +202,74 @@ impl Drop for Mount {
         if std::thread::panicking() {
             eprintln!("--- daemon log ---\n{}", self.log_text());
         }
+    }
+}
+
+/// The distribution's Python, which any user can run (a root-only pyenv may come first on the
+/// PATH); `scripts/install-deps --tests` installs it.
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// A throwaway user, removed again however the test ends.
+pub struct TempUser {
+    name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl TempUser {
+    pub fn create() -> TempUser {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("dfs{}x{n}", std::process::id());
+        // useradd locks /etc/passwd: one at a time within this test process.
+        let _serial = USERADD.lock().unwrap_or_else(|p| p.into_inner());
+        let out = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ])
+            .output()
+            .expect("useradd (package passwd) is needed");
+        assert!(
+            out.status.success(),
+            "useradd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = |flag: &str| -> u32 {
+            let o = Command::new("id").arg(flag).arg(&name).output().unwrap();
+            String::from_utf8(o.stdout).unwrap().trim().parse().unwrap()
+        };
+        TempUser {
+            uid: id("-u"),
+            gid: id("-g"),
+            name,
+        }
+    }
+}
+
+impl TempUser {
+    /// Runs `program args…` as this user, with a time limit.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        run_timeout(
+            Command::new("setpriv")
+                .arg(format!("--reuid={}", self.uid))
+                .arg(format!("--regid={}", self.gid))
+                .arg("--clear-groups")
+                .arg(program)
+                .args(args),
+            Duration::from_secs(60),
+        )
+    }
+}
+
+static USERADD: Mutex<()> = Mutex::new(());
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _serial = USERADD.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = Command::new("userdel").arg(&self.name).output();
     }
 }

@@ -1,0 +1,251 @@
+//! The lifecycle a build server drives: start or reuse the daemon, survive its crash with the
+//! views intact, and attributes that do not depend on when the mount started.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::common::*;
+use crate::harness::{Mount, UnmountOnDrop};
+
+fn process_alive(pid: i32) -> bool {
+    crate::process_alive(pid)
+}
+
+/// `digestfs --store STORE mount --daemon --reuse MNT` run in `cwd`: the pid it prints.
+fn start_or_reuse(cwd: &Path, store: &str, mnt: &Path) -> i32 {
+    let out = run_ok(
+        Command::new(bin())
+            .current_dir(cwd)
+            .args(["--store", store, "mount", "--daemon", "--reuse"])
+            .arg(mnt),
+    );
+    out.trim().parse().unwrap()
+}
+
+fn status(mnt: &Path) -> serde_json::Value {
+    serde_json::from_str(&dfs_ok(&["status", "--json", mnt.to_str().unwrap()])).unwrap()
+}
+
+#[test]
+fn reuse_starts_once_reuses_and_refuses_another_store() {
+    let tmp = fixture_store();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = UnmountOnDrop(&mnt);
+    // Four callers at once (several BSP servers starting): one daemon, the same pid for all.
+    let pids: Vec<i32> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| start_or_reuse(tmp.path(), "store", &mnt)))
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    assert!(pids.iter().all(|p| *p == pids[0]), "{pids:?}");
+    assert!(process_alive(pids[0]));
+    // The store given relative is reported absolute.
+    let store = tmp.path().join("store").canonicalize().unwrap();
+    let s = status(&mnt);
+    assert_eq!(s["store"], store.to_str().unwrap(), "{s}");
+    assert_eq!(s["pid"], pids[0]);
+    // Again, later, from elsewhere: reused.
+    assert_eq!(
+        start_or_reuse(Path::new("/"), store.to_str().unwrap(), &mnt),
+        pids[0]
+    );
+    // Another store at the same mountpoint: refused, naming both.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let err = dfs_err(&[
+        "--store",
+        other.to_str().unwrap(),
+        "mount",
+        "--daemon",
+        "--reuse",
+        mnt.to_str().unwrap(),
+    ]);
+    assert!(err.contains(store.to_str().unwrap()), "{err}");
+    assert!(err.contains(other.to_str().unwrap()), "{err}");
+    // Without --reuse a live mountpoint is an error that says how to reuse it.
+    let err = dfs_err(&[
+        "--store",
+        store.to_str().unwrap(),
+        "mount",
+        "--daemon",
+        mnt.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("already mounted") && err.contains("--reuse"),
+        "{err}"
+    );
+    dfs_ok(&["unmount", mnt.to_str().unwrap()]);
+    wait_until("the daemon to exit", Duration::from_secs(10), || {
+        (!process_alive(pids[0])).then_some(())
+    });
+}
+
+/// Every file under `root` with its sha256.
+fn hashes(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (path, meta) in entries(root) {
+        if meta.is_file() {
+            let bytes = std::fs::read(root.join(&path)).unwrap();
+            out.insert(path, sha256_hex(&bytes));
+        }
+    }
+    out
+}
+
+/// Every entry under `root` (not following symlinks), by relative path.
+fn entries(root: &Path) -> BTreeMap<String, std::fs::Metadata> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let path = rel.join(e.file_name());
+            let meta = std::fs::symlink_metadata(root.join(&path)).unwrap();
+            if meta.is_dir() {
+                todo.push(path.clone());
+            }
+            out.insert(path.to_string_lossy().into_owned(), meta);
+        }
+    }
+    out
+}
+
+#[test]
+fn views_survive_kill_9_mid_read_and_come_back_with_reuse() {
+    let tmp = fixture_store();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = UnmountOnDrop(&mnt);
+    let store = tmp.path().join("store");
+    let store = store.to_str().unwrap();
+    let pid = start_or_reuse(tmp.path(), store, &mnt);
+    let m = mnt.to_str().unwrap();
+    for (path, tree, layer) in [
+        ("jvm-default/lib", LIB_TREE, "modules.src/jvm:lib"),
+        ("jvm-default/lib", LIB_TREE, "sources.src/jvm:lib"),
+        ("jvm-default/plugins", SRC_SYMLINKS, "scalac.src/jvm:lib"),
+    ] {
+        dfs_ok(&["bind", m, path, tree, "--layer", layer]);
+    }
+    let views = dfs_ok(&["views", "--json", m]);
+    let lib = mnt.join("jvm-default/lib");
+    let before = hashes(&lib);
+    assert_eq!(before.len(), 71);
+
+    // Readers keep reading, each read bounded: a reader that hangs fails the test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|i| {
+            let (lib, stop, names) = (lib.clone(), stop.clone(), before.clone());
+            std::thread::spawn(move || {
+                let mut ok = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for (name, hash) in names.iter().skip(i) {
+                        let out = run_timeout(
+                            Command::new("cat").arg(lib.join(name)),
+                            Duration::from_secs(20),
+                        );
+                        if out.status.success() {
+                            assert_eq!(&sha256_hex(&out.stdout), hash, "{name}");
+                            ok += 1;
+                        }
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until("the daemon to die", Duration::from_secs(10), || {
+        (!process_alive(pid)).then_some(())
+    });
+    // What the kernel has not cached fails at once on the dead mount (what it has cached it
+    // still serves); the readers above neither hang nor see bad bytes.
+    let uncached = mnt.join("jvm-default/plugins/données avec espace.txt");
+    let out = run_timeout(Command::new("cat").arg(&uncached), Duration::from_secs(20));
+    assert!(!out.status.success(), "{out:?}");
+
+    let pid2 = start_or_reuse(tmp.path(), store, &mnt);
+    assert_ne!(pid, pid2);
+    assert_eq!(dfs_ok(&["views", "--json", m]), views, "the views are back");
+    assert_eq!(
+        hashes(&lib),
+        before,
+        "files opened after the remount read the same bytes"
+    );
+    assert_eq!(std::fs::read(&uncached).unwrap().len(), 13);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0, "every reader read something");
+    }
+    dfs_ok(&["unmount", m]);
+}
+
+type Stat = (u64, u32, u64, u32, u32, u64, u64, u64, [i64; 6]);
+
+fn stat_of(meta: &std::fs::Metadata) -> Stat {
+    (
+        meta.ino(),
+        meta.mode(),
+        meta.nlink(),
+        meta.uid(),
+        meta.gid(),
+        meta.size(),
+        meta.blocks(),
+        meta.blksize(),
+        [
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+            meta.atime(),
+            meta.atime_nsec(),
+        ],
+    )
+}
+
+#[test]
+fn a_remount_leaves_every_stat_identical() {
+    let trees = [
+        ("jvm-default/lib", LIB_TREE),
+        ("src", SRC_SYMLINKS),
+        ("followed", SRC_FOLLOWED),
+    ];
+    let stats = |m: &Mount| -> BTreeMap<String, Stat> {
+        entries(&m.mnt)
+            .into_iter()
+            .map(|(p, meta)| (p, stat_of(&meta)))
+            .collect()
+    };
+    let first = stats(&Mount::fixture(&trees, &[]));
+    // A later mount, by another daemon, on another mountpoint, the views bound in another order.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut reversed = trees;
+    reversed.reverse();
+    let second = stats(&Mount::fixture(&reversed, &[]));
+    assert_eq!(first.len(), second.len());
+    for (path, st) in &first {
+        assert_eq!(Some(st), second.get(path), "{path}");
+    }
+    // No time is in the future, and content times are stable, not the mount's start.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (path, st) in &first {
+        assert!(
+            st.8[0] < now && st.8[0] >= 1_577_836_800,
+            "{path}: {:?}",
+            st.8
+        );
+    }
+}

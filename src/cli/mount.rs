@@ -1,0 +1,300 @@
+//! `digestfs mount`: claim the mountpoint (reusing a live daemon with `--reuse`), restore the
+//! views a crashed daemon left, bind `--bind`s, start the control socket and the lease keeper,
+//! and serve until unmounted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::remote::{self as remote_args, RemoteArgs};
+use super::{daemon, open_cas, parse_digest, CliResult, Failure};
+use crate::control::{self, protocol::Request, state::StateKeeper};
+use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
+use crate::fuse::mount::MountConfig;
+use crate::fuse::Passthrough;
+use crate::os::{self, MountState};
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:
+  digestfs mount --daemon --reuse .pants.d/bsp/jvm/resolves
+  digestfs mount --bind jvm-default/lib=<digest> --daemon .pants.d/bsp/jvm/resolves
+
+The daemon keeps its views in a state file beside its control socket (<socket>.views.json),
+rewritten on every bind and unbind; a daemon started again for the same mountpoint and store
+(after a crash or kill -9) restores and verifies them before it answers. A clean unmount
+removes the file.")]
+pub(super) struct MountArgs {
+    /// Show a Directory digest at PATH under the mount root (repeatable)
+    #[arg(long = "bind", value_name = "PATH=DIGEST")]
+    binds: Vec<String>,
+    /// Return once the mount answers, leaving the daemon running in the background; prints its pid
+    #[arg(long, short = 'd')]
+    daemon: bool,
+    /// If a live digestfs already serves MOUNTPOINT from the same store, print its pid and exit
+    /// 0 instead of failing; from another store, exit 1 naming both
+    #[arg(long)]
+    reuse: bool,
+    /// Kernel entry and attribute cache lifetime, in seconds
+    #[arg(long, default_value_t = 3600, value_name = "SECS")]
+    ttl: u64,
+    /// Request-handling threads
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Kernel readahead for the mount in KiB (needs root; 0 keeps the kernel's 128)
+    #[arg(long, default_value_t = 4096, value_name = "KIB")]
+    read_ahead_kb: u32,
+    /// Answer user.pants.digest and user.checksum.sha256 (costs round trips on ls -l)
+    #[arg(long)]
+    xattrs: bool,
+    /// Serve large blobs by FUSE passthrough (Linux 6.9+, root). Off by default: it needs a
+    /// daemon round trip per open, while without it opens cost none; see the README's benchmarks
+    #[arg(long, value_enum, default_value_t = Passthrough::Off)]
+    passthrough: Passthrough,
+    /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)
+    #[arg(long)]
+    allow_other: bool,
+    /// Skip checking that every Directory of a bound tree is in the store
+    #[arg(long)]
+    no_verify: bool,
+    /// Renew the store leases of every bound blob this often, in seconds (0: never)
+    #[arg(long, default_value_t = 1800, value_name = "SECS")]
+    lease_interval: u64,
+    /// Check each blob's sha256 once, on first use, before serving any of it
+    #[arg(long)]
+    verify: bool,
+    /// Control socket path [default: derived from the mountpoint under $XDG_RUNTIME_DIR/digestfs]
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// With --daemon, append logs to this file (otherwise they are discarded)
+    #[arg(long, value_name = "FILE")]
+    pub(super) log_file: Option<PathBuf>,
+    /// After each bind, fetch the tree's missing files from the remote CAS in the background
+    /// (progress in `digestfs status`); without it, files are fetched on first read
+    #[arg(long, requires = "remote_store_address")]
+    prefetch: bool,
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+impl MountArgs {
+    fn mountpoint(&self) -> Result<PathBuf, Failure> {
+        os::absolute(&self.mountpoint)
+            .map_err(|e| Failure::Msg(format!("{}: {e}", self.mountpoint.display())))
+    }
+
+    fn socket(&self, mountpoint: &Path) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| control::default_socket(mountpoint))
+    }
+}
+
+/// The store directory as the daemon reports it: absolute, symlinks resolved where it exists.
+pub(super) fn absolute_store(dir: &Path) -> PathBuf {
+    dir.canonicalize()
+        .or_else(|_| os::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// With `--reuse`: the pid of a live daemon already serving `mountpoint` from `store`; `None`
+/// when there is none (a free or stale mountpoint); an error when another store is served
+/// there, or something that is not ours is mounted.
+fn reusable(mountpoint: &Path, socket: &Path, store: &Path) -> Result<Option<u32>, Failure> {
+    if let Ok(resp) = control::call(socket, &Request::Status) {
+        if let Some(s) = resp.status {
+            let theirs = absolute_store(Path::new(&s.store));
+            return if theirs == store {
+                Ok(Some(s.pid))
+            } else {
+                Err(Failure::Msg(format!(
+                    "{} is served by digestfs (pid {}) from the store {}, not from {}; unmount it \
+                     first (digestfs unmount {})",
+                    mountpoint.display(),
+                    s.pid,
+                    theirs.display(),
+                    store.display(),
+                    mountpoint.display()
+                )))
+            };
+        }
+    }
+    match os::mount_state(mountpoint)? {
+        MountState::Live => Err(Failure::Msg(format!(
+            "{} is mounted, but no digestfs daemon answers on {}; unmount it first",
+            mountpoint.display(),
+            socket.display()
+        ))),
+        MountState::Free | MountState::Stale => Ok(None),
+    }
+}
+
+/// Refuses a live mount and clears a stale one: the one place that checks the mountpoint.
+fn claim(mountpoint: &Path) -> CliResult {
+    match os::mount_state(mountpoint)? {
+        MountState::Free => Ok(()),
+        MountState::Live => Err(Failure::Msg(format!(
+            "{} is already mounted; unmount it first (digestfs unmount {}), or pass --reuse",
+            mountpoint.display(),
+            mountpoint.display()
+        ))),
+        MountState::Stale => {
+            log::warn!(
+                "{} is a stale mount left by a dead daemon; recovering it",
+                mountpoint.display()
+            );
+            os::unmount_or_detach(mountpoint).map_err(|e| {
+                Failure::Msg(format!(
+                    "could not clear the stale mount at {}: {e}",
+                    mountpoint.display()
+                ))
+            })
+        }
+    }
+}
+
+pub(super) fn run(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
+    let mountpoint = args.mountpoint()?;
+    let socket = args.socket(&mountpoint);
+    let store_dir = absolute_store(
+        &cli_store
+            .clone()
+            .unwrap_or_else(crate::store::default_store_dir),
+    );
+    if !daemon::is_child() {
+        // Concurrent `--reuse` callers (several BSP servers starting) queue here, so one
+        // starts the daemon and the others find it live.
+        let _lock = match args.reuse {
+            true => Some(lock_mount(&socket)?),
+            false => None,
+        };
+        if args.reuse {
+            if let Some(pid) = reusable(&mountpoint, &socket, &store_dir)? {
+                log::info!(
+                    "reusing the live daemon (pid {pid}) at {}",
+                    mountpoint.display()
+                );
+                super::outln!("{pid}");
+                return Ok(());
+            }
+        }
+        if args.daemon {
+            let pid = daemon::spawn_and_wait().map_err(Failure::Msg)?;
+            super::outln!("{pid}");
+            return Ok(());
+        }
+        return serve(&store_dir, args, &mountpoint, &socket);
+    }
+    serve(&store_dir, args, &mountpoint, &socket)
+}
+
+/// Serialises `--reuse` starts: an exclusive lock on the socket's directory (no lock file is
+/// left behind), held until the daemon answers or is found.
+fn lock_mount(socket: &Path) -> Result<std::fs::File, Failure> {
+    let dir = socket.parent().unwrap_or(Path::new("."));
+    if dir == control::runtime_dir() {
+        control::prepare_socket_dir(dir)
+            .map_err(|e| Failure::Msg(format!("control socket {}: {e}", socket.display())))?;
+    }
+    os::lock_dir(dir).map_err(|e| Failure::Msg(format!("locking {}: {e}", dir.display())))
+}
+
+/// Everything after the reuse decision, in this process (the daemon child, or the foreground).
+fn serve(store_dir: &Path, args: MountArgs, mountpoint: &Path, socket: &Path) -> CliResult {
+    // Before any thread starts, so that only the mount's signal thread ever takes SIGTERM.
+    let signals = os::block_termination_signals();
+    let res = (|| -> CliResult {
+        let (cas, remote) = open_cas(&Some(store_dir.to_path_buf()), Some(&args.remote))?;
+        if let Some(r) = &remote {
+            r.probe_in_background();
+        }
+        let core = Arc::new(DigestFs::new(
+            cas,
+            FsConfig {
+                xattrs: args.xattrs,
+                verify: args.verify,
+                ..FsConfig::default()
+            },
+        ));
+        if args.prefetch {
+            remote_args::spawn_prefetcher(&core)?;
+        }
+        claim(mountpoint)?;
+        let server = control::Server::bind(socket)
+            .map_err(|e| Failure::Msg(format!("control socket {}: {e}", socket.display())))?;
+        let _remove_socket = RemoveOnDrop(socket.to_path_buf());
+        let state = Arc::new(StateKeeper::new(
+            control::state::state_path(socket),
+            mountpoint.to_path_buf(),
+            store_dir.to_path_buf(),
+        ));
+        state.restore(&core);
+        for bind in &args.binds {
+            let (path, digest) = bind
+                .rsplit_once('=')
+                .ok_or_else(|| Failure::Msg(format!("--bind {bind:?}: expected PATH=DIGEST")))?;
+            let digest = parse_digest(digest)?;
+            core.bind(path, DEFAULT_LAYER, digest, !args.no_verify)
+                .map_err(|e| Failure::Msg(format!("--bind {bind}: {e}")))?;
+        }
+        let keeper = state.clone();
+        let save = move |ns: &crate::fs::Namespace| {
+            if let Err(e) = keeper.save(ns) {
+                log::error!("saving the views to {}: {e}", keeper.path().display());
+            }
+        };
+        save(&core.namespace());
+        core.on_namespace_change(Box::new(save));
+        let leases = if args.lease_interval > 0 {
+            let (poke, wake) = crossbeam_channel::bounded(64);
+            // If the keeper is behind, its next full round covers a bound tree too.
+            core.watch_binds(poke);
+            Some(crate::lease::spawn(
+                core.clone(),
+                Duration::from_secs(args.lease_interval),
+                wake,
+            )?)
+        } else {
+            None
+        };
+        server.spawn(
+            core.clone(),
+            control::MountInfo {
+                mountpoint: mountpoint.to_path_buf(),
+                store: store_dir.to_path_buf(),
+                started: std::time::Instant::now(),
+                remote: remote.clone(),
+                leases,
+                nfs_port: None,
+                frontend: "fuse",
+            },
+        )?;
+        log::info!("control socket at {}", socket.display());
+        let cfg = MountConfig {
+            mountpoint: mountpoint.to_path_buf(),
+            ttl: Duration::from_secs(args.ttl),
+            threads: args.threads,
+            allow_other: args.allow_other,
+            passthrough: args.passthrough,
+            read_ahead_kb: args.read_ahead_kb,
+        };
+        crate::fuse::mount::serve(core, &cfg, signals, daemon::report_ready)
+            .map_err(Failure::Msg)?;
+        // Unmounted on purpose: the views end with the mount.
+        state.remove();
+        Ok(())
+    })();
+    if let Err(Failure::Msg(msg)) = &res {
+        daemon::report_ready(Err(msg.clone()));
+    }
+    res
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,286 @@
+//! Everything that differs between operating systems, in one place: what is mounted where,
+//! unmounting, the uid behind a Unix socket, termination signals. Linux is built and tested;
+//! the macOS branches follow the system's documented interfaces but cannot be compiled on the
+//! machines this project is tested on (docs/macos.md).
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum MountState {
+    Free,
+    /// Mounted and answering.
+    Live,
+    /// Mounted but its server is gone ("Transport endpoint is not connected").
+    Stale,
+}
+
+/// The absolute path of a mountpoint, resolved without touching the mountpoint itself (which
+/// may be a dead mount that fails every stat).
+pub fn absolute(path: &Path) -> io::Result<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(parent.canonicalize()?.join(name)),
+        _ => Ok(abs),
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    Ok(CString::new(path.as_os_str().as_bytes())?)
+}
+
+/// One mounted filesystem: where, what type, from what source.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Every mount this process sees.
+#[cfg(target_os = "linux")]
+pub fn mounts() -> io::Result<Vec<MountEntry>> {
+    /// Unescapes the octal escapes (`\040` for space) that /proc/self/mountinfo uses.
+    fn unescape(field: &str) -> Vec<u8> {
+        let b = field.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\'
+                && i + 3 < b.len()
+                && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            {
+                out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+                i += 4;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(MountEntry {
+                mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(fields.get(4)?))),
+                fstype: fields.get(sep + 1)?.to_string(),
+                source: fields.get(sep + 2)?.to_string(),
+            })
+        })
+        .collect())
+}
+
+#[cfg(target_os = "macos")]
+pub fn mounts() -> io::Result<Vec<MountEntry>> {
+    let mut list: *mut libc::statfs = std::ptr::null_mut();
+    let n = unsafe { libc::getmntinfo(&mut list, libc::MNT_NOWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let text = |chars: &[libc::c_char]| unsafe {
+        std::ffi::CStr::from_ptr(chars.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    };
+    Ok((0..n as usize)
+        .map(|i| {
+            let fs = unsafe { &*list.add(i) };
+            MountEntry {
+                mountpoint: PathBuf::from(text(&fs.f_mntonname)),
+                fstype: text(&fs.f_fstypename),
+                source: text(&fs.f_mntfromname),
+            }
+        })
+        .collect())
+}
+
+/// Whether something is mounted at `path`, and whether it answers.
+pub fn mount_state(path: &Path) -> io::Result<MountState> {
+    let abs = absolute(path)?;
+    if !mounts()?.iter().any(|m| m.mountpoint == abs) {
+        return Ok(MountState::Free);
+    }
+    // statfs always reaches the server (a stat may be answered from the kernel's cache).
+    let c = c_path(&abs)?;
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        let err = io::Error::last_os_error().raw_os_error();
+        if err == Some(libc::ENOTCONN) || err == Some(libc::ETIMEDOUT) {
+            return Ok(MountState::Stale);
+        }
+    }
+    Ok(MountState::Live)
+}
+
+/// The mount of ours (FUSE type `digestfs`, or an NFS mount of `localhost:/`) containing
+/// `path` (absolute), as (mountpoint, path relative to it).
+pub fn find_digestfs_mount(path: &Path) -> io::Result<Option<(PathBuf, PathBuf)>> {
+    let best = mounts()?
+        .into_iter()
+        .filter(|m| {
+            // Mounted directly the type is "fuse" with source "digestfs"; through fusermount3
+            // it is "fuse.digestfs".
+            m.fstype == "fuse.digestfs" || (m.fstype == "fuse" && m.source == "digestfs")
+        })
+        .map(|m| m.mountpoint)
+        .filter(|mp| path.starts_with(mp))
+        .max_by_key(|mp| mp.as_os_str().len());
+    Ok(best.map(|mp| {
+        let rel = path
+            .strip_prefix(&mp)
+            .unwrap_or(Path::new(""))
+            .to_path_buf();
+        (mp, rel)
+    }))
+}
+
+/// Unmounts `path`: directly when root, else through `fusermount3 -u` (Linux) or `umount`
+/// (macOS). With `lazy`, detaches a busy mount instead of failing.
+pub fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
+    let abs = absolute(path)?;
+    #[cfg(target_os = "linux")]
+    {
+        if unsafe { libc::geteuid() } == 0 {
+            let c = c_path(&abs)?;
+            let flags = if lazy { libc::MNT_DETACH } else { 0 };
+            if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EPERM) {
+                return Err(err);
+            }
+        }
+        let mut cmd = std::process::Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        run_unmount(
+            cmd.arg("--").arg(&abs),
+            "fusermount3 (is the fuse3 package installed?)",
+        )
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let mut cmd = std::process::Command::new("umount");
+        if lazy {
+            cmd.arg("-f");
+        }
+        run_unmount(cmd.arg(&abs), "umount")
+    }
+}
+
+fn run_unmount(cmd: &mut std::process::Command, what: &str) -> io::Result<()> {
+    let out = cmd
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("running {what}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+/// Unmounts, falling back to a lazy detach when the mount is busy.
+pub fn unmount_or_detach(path: &Path) -> io::Result<()> {
+    match unmount(path, false) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            log::warn!(
+                "unmounting {} failed ({e}); detaching it lazily",
+                path.display()
+            );
+            unmount(path, true)
+        }
+    }
+}
+
+/// The effective uid of the process at the other end of a Unix socket.
+pub fn peer_uid(fd: std::os::fd::RawFd) -> io::Result<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cred.uid)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let (mut uid, mut gid) = (0, 0);
+        if unsafe { libc::getpeereid(fd, &mut uid, &mut gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(uid)
+    }
+}
+
+/// The termination signals, blocked in the calling thread and every thread it spawns later,
+/// so that one dedicated thread takes them with [`wait_for_signal`]. Call it before starting
+/// any thread.
+pub fn block_termination_signals() -> SignalSet {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        SignalSet(set)
+    }
+}
+
+/// The signals [`block_termination_signals`] blocked.
+#[derive(Clone, Copy)]
+pub struct SignalSet(libc::sigset_t);
+
+// A sigset_t is plain data.
+unsafe impl Send for SignalSet {}
+
+/// Waits for one of the blocked signals; returns its number.
+pub fn wait_for_signal(set: &SignalSet) -> i32 {
+    loop {
+        let mut sig = 0;
+        if unsafe { libc::sigwait(&set.0, &mut sig) } == 0 {
+            return sig;
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on the directory `dir`, waiting for it; released when the
+/// returned handle is dropped.
+pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir)?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
