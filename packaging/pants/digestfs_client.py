@@ -1,12 +1,17 @@
 """A client for the digestfs control socket, using only the Python standard library.
 
-Pants' BSP rules (or any build daemon) mount once with `digestfs mount --daemon` and then bind
-each group's jars into a view instead of writing them to disk:
+Pants' BSP server (or any build daemon) makes sure the mount is up once, then binds each
+(request kind, BSP target) layer of each resolve's `lib` and `plugins` view instead of writing
+jars to disk:
 
-    client = DigestfsClient(mountpoint=".pants.d/bsp")
-    client.bind("jvm/resolves/jvm-default/lib", digest, layer="group-a")
+    pid = ensure_mounted(".pants.d/bsp/jvm/resolves", store="~/.cache/pants/lmdb_store")
+    client = DigestfsClient(mountpoint=".pants.d/bsp/jvm/resolves")
+    client.bind("jvm-default/lib", digest, layer="modules.pants:app")
 
-The protocol is one JSON object per line each way, described in docs/PROTOCOL.md.
+The mount belongs at `.pants.d/bsp/jvm/resolves`, never at `.pants.d/bsp`: Pants writes compile
+outputs, scripts and logs beside it. The protocol is one JSON object per line each way
+(docs/PROTOCOL.md). Every refusal raises a subclass of `DigestfsError` named after the daemon's
+`error_kind`; a daemon that cannot be reached raises `DigestfsUnreachable`.
 """
 
 from __future__ import annotations
@@ -14,14 +19,100 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import socket
-from typing import Any, Optional
+import struct
+import subprocess
+from collections.abc import Mapping
+from typing import Any
 
 PROTOCOL_VERSION = 1
 
 
 class DigestfsError(Exception):
-    """The daemon refused a request, or could not be reached."""
+    """The daemon refused a request, or could not be reached.
+
+    `kind` is the daemon's `error_kind` (None from a daemon too old to send one); `digest` and
+    `path` name what the refusal concerns, when the daemon says.
+    """
+
+    kind: str | None = None
+
+    def __init__(self, message: str, *, digest: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.digest = digest
+        self.path = path
+
+
+class DigestfsMissing(DigestfsError):
+    """A digest is not in the store: persist or fetch it, then retry."""
+
+    kind = "missing"
+
+
+class DigestfsConflict(DigestfsError):
+    """Two layers disagree about a name, or a view would nest in another."""
+
+    kind = "conflict"
+
+
+class DigestfsBadRequest(DigestfsError):
+    """A malformed digest, path or layer, an unknown op, or nothing bound where asked."""
+
+    kind = "bad_request"
+
+
+class DigestfsUnavailable(DigestfsError):
+    """The remote CAS could not be reached or timed out: retry later."""
+
+    kind = "unavailable"
+
+
+class DigestfsInternal(DigestfsError):
+    """The daemon failed on its side."""
+
+    kind = "internal"
+
+
+class DigestfsUnreachable(DigestfsError):
+    """No daemon answered on the control socket (not running, gone, or hung up)."""
+
+    kind = "unreachable"
+
+
+class DigestfsPeerRefused(DigestfsError):
+    """The control socket belongs to another user; nothing was sent to it."""
+
+    kind = "peer_refused"
+
+
+class DigestfsMountFailed(DigestfsError):
+    """`digestfs mount --daemon --reuse` did not leave a usable mount."""
+
+    kind = "mount_failed"
+
+
+ERRORS_BY_KIND: Mapping[str, type] = {
+    cls.kind: cls
+    for cls in (
+        DigestfsMissing,
+        DigestfsConflict,
+        DigestfsBadRequest,
+        DigestfsUnavailable,
+        DigestfsInternal,
+    )
+}
+
+
+def error_from_answer(answer: Mapping[str, Any]) -> DigestfsError:
+    """The exception for a refusal `{"ok": false, "error": ..., "error_kind": ...}`."""
+    cls = ERRORS_BY_KIND.get(answer.get("error_kind"), DigestfsError)
+    return cls(
+        answer.get("error") or "the daemon refused the request",
+        digest=answer.get("digest"),
+        path=answer.get("path"),
+    )
 
 
 def runtime_dir() -> str:
@@ -46,8 +137,25 @@ def default_socket(mountpoint: str) -> str:
     return os.path.join(runtime_dir(), digest[:16] + ".sock")
 
 
+def check_peer(sock: socket.socket, socket_path: str = "") -> None:
+    """Raises DigestfsPeerRefused unless the process on the other end runs as our own uid."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != os.geteuid():
+        raise DigestfsPeerRefused(
+            f"refusing the control socket {socket_path}: it is served by uid {uid} (pid {pid}), "
+            f"not by this user (uid {os.geteuid()}); nothing was sent",
+            path=socket_path or None,
+        )
+
+
 class DigestfsClient:
-    def __init__(self, mountpoint: Optional[str] = None, socket_path: Optional[str] = None, timeout: float = 600.0):
+    def __init__(
+        self,
+        mountpoint: str | None = None,
+        socket_path: str | None = None,
+        timeout: float = 600.0,
+    ):
         if socket_path is None:
             if mountpoint is None:
                 raise ValueError("give a mountpoint or a socket_path")
@@ -56,30 +164,42 @@ class DigestfsClient:
         self.timeout = timeout
 
     def call(self, op: str, **fields: Any) -> dict:
-        """Sends one request and returns the daemon's answer; raises DigestfsError if refused."""
+        """Sends one request and returns the daemon's answer; raises a DigestfsError if refused."""
         request = {"v": PROTOCOL_VERSION, "op": op}
         request.update({k: v for k, v in fields.items() if v is not None})
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
                 sock.connect(self.socket_path)
+                check_peer(sock, self.socket_path)
                 sock.sendall(json.dumps(request).encode() + b"\n")
                 with sock.makefile("rb") as answers:
                     line = answers.readline()
+        except DigestfsError:
+            raise
         except OSError as e:
-            raise DigestfsError(f"cannot reach the daemon at {self.socket_path}: {e}") from e
+            raise DigestfsUnreachable(
+                f"cannot reach the daemon at {self.socket_path}: {e}", path=self.socket_path
+            ) from e
         if not line:
-            raise DigestfsError("the daemon closed the connection without answering")
-        answer = json.loads(line)
+            raise DigestfsUnreachable(
+                f"the daemon at {self.socket_path} closed the connection without answering",
+                path=self.socket_path,
+            )
+        try:
+            answer = json.loads(line)
+        except ValueError as e:
+            raise DigestfsError(f"the daemon sent an answer that is not JSON: {line!r}") from e
         if not answer.get("ok"):
-            raise DigestfsError(answer.get("error", "the daemon refused the request"))
+            raise error_from_answer(answer)
         return answer
 
     def bind(self, path: str, digest: str, layer: str = "default", verify: bool = True) -> bool:
         """Sets one layer of the view at `path`; returns whether the view changed."""
-        return bool(self.call("bind", path=path, digest=digest, layer=layer, verify=verify)["changed"])
+        answer = self.call("bind", path=path, digest=digest, layer=layer, verify=verify)
+        return bool(answer["changed"])
 
-    def unbind(self, path: str, layer: Optional[str] = None) -> bool:
+    def unbind(self, path: str, layer: str | None = None) -> bool:
         """Removes one layer, or the whole view when `layer` is None."""
         return bool(self.call("unbind", path=path, layer=layer)["changed"])
 
@@ -93,3 +213,109 @@ class DigestfsClient:
     def which(self, path: str) -> dict:
         """What is at `path` (relative to the mount root): kind and digest."""
         return self.call("which", path=path)["which"]
+
+
+def mount_command(
+    mountpoint: str,
+    store: str,
+    binary: str = "digestfs",
+    remote_store_address: str | None = None,
+    remote_instance_name: str | None = None,
+    remote_ca_certs: str | None = None,
+    remote_headers: Mapping[str, str] | None = None,
+) -> list:
+    """The `digestfs mount --daemon --reuse` command line that `ensure_mounted` runs."""
+    cmd = [binary, "--store", store, "mount", "--daemon", "--reuse"]
+    if remote_store_address:
+        cmd += ["--remote-store-address", remote_store_address]
+        if remote_instance_name:
+            cmd += ["--remote-instance-name", remote_instance_name]
+        if remote_ca_certs:
+            cmd += ["--remote-ca-certs", remote_ca_certs]
+        for key, value in (remote_headers or {}).items():
+            cmd += ["--remote-header", f"{key}={value}"]
+    cmd.append(mountpoint)
+    return cmd
+
+
+def ensure_mounted(
+    mountpoint: str,
+    store: str,
+    binary: str = "digestfs",
+    remote_store_address: str | None = None,
+    remote_instance_name: str | None = None,
+    remote_ca_certs: str | None = None,
+    remote_headers: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+) -> int:
+    """Starts a digestfs daemon serving `store` at `mountpoint`, or reuses the one already there.
+
+    Returns the daemon's pid once the mount answers. For Pants' BSP server:
+
+        ensure_mounted("<buildroot>/.pants.d/bsp/jvm/resolves", store="~/.cache/pants/lmdb_store")
+
+    Runs `binary --store STORE mount --daemon --reuse [--remote-…] MOUNTPOINT`, creating the
+    mountpoint directory first. That command returns only once the mount answers; it reuses a live
+    mount of the same store, recovers a stale one (dead daemon) and refuses a mount of another
+    store. Raises DigestfsMountFailed, with the command's stderr, if no usable mount results.
+    """
+    mountpoint = _absolute(mountpoint)
+    store = os.path.abspath(os.path.expanduser(store))
+    cmd = mount_command(
+        mountpoint,
+        store,
+        binary,
+        remote_store_address,
+        remote_instance_name,
+        remote_ca_certs,
+        remote_headers,
+    )
+    # Headers may carry a token: never put them in an error message.
+    shown = shlex.join(_redact_headers(cmd))
+    try:
+        os.makedirs(mountpoint, exist_ok=True)
+    except FileExistsError:
+        pass  # A stale mount fails every stat; the mount command recovers it.
+    except OSError as e:
+        if not os.path.lexists(mountpoint):
+            raise DigestfsMountFailed(
+                f"cannot create the mountpoint {mountpoint}: {e}", path=mountpoint
+            ) from e
+    try:
+        done = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            text=True,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise DigestfsMountFailed(
+            f"`{shown}` did not finish within {timeout:g}s", path=mountpoint
+        ) from e
+    except OSError as e:
+        raise DigestfsMountFailed(f"cannot run `{shown}`: {e}", path=mountpoint) from e
+    stderr = done.stderr.strip()
+    if done.returncode != 0:
+        raise DigestfsMountFailed(
+            f"`{shown}` failed (exit {done.returncode}): {stderr or '(no message)'}",
+            path=mountpoint,
+        )
+    lines = done.stdout.split()
+    if not lines or not lines[-1].isdigit():
+        raise DigestfsMountFailed(
+            f"`{shown}` succeeded but printed no pid (stdout {done.stdout!r}, stderr {stderr!r}); "
+            "is this digestfs too old for --reuse?",
+            path=mountpoint,
+        )
+    return int(lines[-1])
+
+
+def _redact_headers(cmd: list) -> list:
+    shown = list(cmd)
+    for i, arg in enumerate(shown[:-1]):
+        if arg == "--remote-header":
+            key = shown[i + 1].split("=", 1)[0]
+            shown[i + 1] = f"{key}=<redacted>"
+    return shown

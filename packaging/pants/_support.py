@@ -1,0 +1,203 @@
+"""Helpers shared by the tests in this folder (not a test module itself).
+
+Mount tests need root (or a usable /dev/fuse) and the binary in $DIGESTFS_BIN. Every mount a test
+makes is unmounted on every path (`fusermount3 -u`, then `-u -z`), and each test that mounts runs
+under a watchdog that detaches its mounts and kills its daemons if it overruns, so that a hung
+FUSE request fails the test instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+BIN = os.environ.get("DIGESTFS_BIN", os.path.join(REPO, "target", "debug", "digestfs"))
+PATCH = os.path.join(HERE, "pants-bsp-digestfs.patch")
+PRISTINE = os.environ.get(
+    "PANTS_UPSTREAM", os.path.join(REPO, "..", "shared", "pants-upstream", "7f5db53")
+)
+
+sys.path.insert(0, HERE)
+
+
+def require_binary(test: unittest.TestCase) -> str:
+    if not os.access(BIN, os.X_OK):
+        test.fail(f"no digestfs binary at {BIN}: build it, or set DIGESTFS_BIN")
+    return BIN
+
+
+def run(*cmd: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        list(cmd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
+def unmount(mountpoint: str) -> None:
+    """`fusermount3 -u`, then `-u -z` for a mount still held or stale; errors ignored."""
+    for args in (["-u"], ["-u", "-z"]):
+        try:
+            subprocess.run(
+                ["fusermount3", *args, mountpoint],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+def kill(pid: int | None) -> None:
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def daemon_pids(mountpoint: str) -> list[int]:
+    """Pids of digestfs processes whose command line names `mountpoint` (started by our tests)."""
+    pids = []
+    want = os.fsencode(os.path.abspath(mountpoint))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if args and os.path.basename(args[0]).startswith(b"digestfs") and want in args:
+            pids.append(int(entry))
+    return pids
+
+
+class MountTestCase(unittest.TestCase):
+    """A test case whose mounts are always torn down, with a watchdog per test."""
+
+    timeout = 60.0
+
+    def setUp(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="digestfs-py-")
+        self.mounts: list[str] = []
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(self._teardown_mounts)
+        self.watchdog_fired = threading.Event()
+        timer = threading.Timer(self.timeout, self._on_timeout)
+        timer.daemon = True
+        timer.start()
+        self.addCleanup(timer.cancel)
+
+    def track_mount(self, mountpoint: str) -> str:
+        self.mounts.append(mountpoint)
+        return mountpoint
+
+    def _on_timeout(self) -> None:
+        self.watchdog_fired.set()
+        sys.stderr.write(f"\n{self.id()}: watchdog after {self.timeout}s, detaching mounts\n")
+        for mnt in self.mounts:
+            for pid in daemon_pids(mnt):
+                kill(pid)
+            unmount(mnt)
+
+    def _teardown_mounts(self) -> None:
+        for mnt in self.mounts:
+            unmount(mnt)
+            # An unmounted daemon exits by itself, removing its socket and state file; give it
+            # a moment before killing what is left.
+            deadline = time.monotonic() + 3
+            while daemon_pids(mnt) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in daemon_pids(mnt):
+                kill(pid)
+        if self.watchdog_fired.is_set():
+            self.fail(f"the test overran its {self.timeout}s watchdog")
+
+    def new_store(self, name: str = "store") -> str:
+        store = os.path.join(self.tmp, name)
+        os.makedirs(store, exist_ok=True)
+        return store
+
+
+def import_dir(store: str, path: str) -> str:
+    """`digestfs --store STORE import PATH`: the tree's digest."""
+    return run(BIN, "--store", store, "import", path, timeout=120).stdout.strip().splitlines()[-1]
+
+
+def children(store: str, digest: str) -> dict[str, str]:
+    """{name: digest} of the entries of a tree, from `digestfs ls`."""
+    out = {}
+    for line in run(BIN, "--store", store, "ls", digest).stdout.splitlines():
+        kind, _x, _size, child, name = line.split(None, 4)
+        out[name.rstrip("/")] = child
+    return out
+
+
+def make_jar(path: str, name: str, seed: int, payload: int = 4096) -> str:
+    """Writes a valid jar (zip) at `path`, distinct per (name, seed); returns its sha256."""
+    rng = random.Random(f"{name}:{seed}")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as jar:
+        jar.writestr(
+            zipfile.ZipInfo("META-INF/MANIFEST.MF", date_time=(2026, 1, 1, 0, 0, 0)),
+            f"Manifest-Version: 1.0\nImplementation-Title: {name}\nBuild: {seed}\n",
+        )
+        info = zipfile.ZipInfo(f"{name.replace('-', '/')}/Main.class", (2026, 1, 1, 0, 0, 0))
+        jar.writestr(info, b"\xca\xfe\xba\xbe" + rng.randbytes(payload))
+        stored = zipfile.ZipInfo("data.bin", (2026, 1, 1, 0, 0, 0))
+        stored.compress_type = zipfile.ZIP_STORED
+        jar.writestr(stored, rng.randbytes(payload))
+    return sha256_file(path)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.cache
+def patched_tree() -> str:
+    """A copy of the pristine Pants files with the patch applied (once per test process)."""
+    root = tempfile.mkdtemp(prefix="pants-patched-")
+    shutil.copytree(PRISTINE, root, dirs_exist_ok=True)
+    subprocess.run(["chmod", "-R", "u+w", root], check=True)
+    run("git", "init", "-q", root)
+    run("git", "-C", root, "apply", "--check", PATCH)
+    run("git", "-C", root, "apply", PATCH)
+    import atexit
+
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+def import_patched_module(name: str):
+    """Imports `name` (e.g. `pants.bsp.digestfs`) from the patched copy of the Pants files."""
+    src = os.path.join(patched_tree(), "src", "python")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    import importlib
+
+    module = importlib.import_module(name)
+    assert module.__file__.startswith(src), f"{name} imported from {module.__file__}, not {src}"
+    return module

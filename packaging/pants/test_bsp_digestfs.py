@@ -1,0 +1,460 @@
+"""Tests the Pants-free part of the patch, `pants.bsp.digestfs` as the patch adds it, imported from
+a patched copy of the pristine Pants files: mapping a digest's paths to views and layers, starting
+the mount (and each reason not to), binding through the client against a real mount, and the
+fallback decisions. Only what cannot happen here is stubbed: a machine without FUSE, and a
+digestfs binary that fails to mount."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import unittest
+
+from _support import (
+    MountTestCase,
+    children,
+    import_dir,
+    import_patched_module,
+    make_jar,
+    require_binary,
+)
+
+bsp_digestfs = import_patched_module("pants.bsp.digestfs")
+BSPDigestfs = bsp_digestfs.BSPDigestfs
+LayerKind = bsp_digestfs.LayerKind
+EMPTY = bsp_digestfs.EMPTY_DIGEST
+ABSENT = "cd" * 32 + "-120"
+LOGGER = "pants.bsp.digestfs"
+
+
+class MappingTest(unittest.TestCase):
+    def test_layer_names(self):
+        self.assertEqual(
+            bsp_digestfs.layer_name(LayerKind.MODULES, "pants:app"), "modules.pants:app"
+        )
+        self.assertEqual(
+            bsp_digestfs.layer_name(LayerKind.SOURCES, "pants:src/jvm:foo"),
+            "sources.pants:src/jvm:foo",
+        )
+        self.assertEqual(bsp_digestfs.layer_name(LayerKind.SCALAC, "t"), "scalac.t")
+        with self.assertRaises(ValueError):
+            bsp_digestfs.layer_name(LayerKind.SCALAC, "")
+
+    def test_paths_map_to_views(self):
+        views_of = bsp_digestfs.views_of
+        files = [
+            "jvm/resolves/jvm-default/lib/com.google.guava_guava_31.1-jre.jar",
+            "jvm/resolves/jvm-default/lib/com.google.guava_guava_31.1-jre-sources.jar",
+            "jvm/resolves/jvm-default/plugins/org.typelevel_kind-projector_0.13.2.jar",
+            "jvm/resolves/scala-2.13/lib/org.scala-lang_scala-library_2.13.12.jar",
+            "jvm/scala-runtime/2.13.12/scala-library.jar",
+            "jvm/classes/pants_app/A.class",
+        ]
+        dirs = ["jvm", "jvm/resolves", "jvm/resolves/jvm-default", "jvm/resolves/empty/plugins"]
+        self.assertEqual(
+            views_of(files, dirs),
+            ("empty/plugins", "jvm-default/lib", "jvm-default/plugins", "scala-2.13/lib"),
+        )
+        self.assertEqual(views_of(["jvm/resolves/r/lib/a/b/c.jar"]), ("r/lib",))
+        self.assertEqual(views_of([], []), ())
+        self.assertEqual(views_of(["scripts/run-bsp.sh"]), ())
+        for bad in ("jvm/resolves/stray.jar", "jvm/resolves/r/stray.jar", "jvm/resolves/r/../x/y"):
+            with self.assertRaises(ValueError, msg=bad):
+                views_of([bad])
+        self.assertEqual(bsp_digestfs.view_prefix("r/lib"), "jvm/resolves/r/lib")
+        self.assertEqual(bsp_digestfs.MOUNT_DIR, ".pants.d/bsp/jvm/resolves")
+        self.assertEqual(bsp_digestfs.digest_string("ab" * 32, 7), "ab" * 32 + "-7")
+
+    def test_remote_store_from_pants_options(self):
+        remote = bsp_digestfs.remote_store_from_options
+        base = dict(provider="reapi", cache_read=True, execution=False, address="grpcs://c:443")
+        self.assertEqual(
+            remote(
+                **base,
+                instance_name="main",
+                headers={"x-team": "jvm"},
+                ca_certs_path="/ca.pem",
+                oauth_bearer_token="tok",
+            ),
+            bsp_digestfs.RemoteStore(
+                address="grpcs://c:443",
+                instance_name="main",
+                ca_certs_path="/ca.pem",
+                headers=(("authorization", "Bearer tok"), ("x-team", "jvm")),
+            ),
+        )
+        self.assertEqual(remote(**base), bsp_digestfs.RemoteStore("grpcs://c:443"))
+        self.assertEqual(
+            remote(**{**base, "cache_read": False, "execution": True}).address, "grpcs://c:443"
+        )
+        # Pants does not read from the remote store: nothing can be remote-only.
+        self.assertIsNone(remote(**{**base, "cache_read": False}))
+        self.assertIsNone(remote(**{**base, "address": None}))
+        self.assertIsNone(remote(**{**base, "provider": "experimental-file"}))
+
+    def test_the_option_value(self):
+        for off in (None, "", "  ", "false", "False", "none", "off"):
+            self.assertIsNone(bsp_digestfs.binary_from_option(off), off)
+        self.assertEqual(bsp_digestfs.binary_from_option("digestfs"), "digestfs")
+        self.assertEqual(bsp_digestfs.binary_from_option("/opt/bin/digestfs"), "/opt/bin/digestfs")
+
+
+def stub_binary(directory: str, script: str) -> str:
+    path = os.path.join(directory, "digestfs")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + script)
+    os.chmod(path, 0o755)
+    return path
+
+
+class StartDecisionTest(unittest.TestCase):
+    """Each reason not to use the mount gives None and exactly one warning."""
+
+    def setUp(self):
+        import tempfile
+
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def start(self, binary_option):
+        return BSPDigestfs.start(
+            binary_option=binary_option, build_root=self.tmp, store_dir=self.tmp, timeout=30
+        )
+
+    def one_warning(self, binary_option) -> str:
+        with self.assertLogs(LOGGER, logging.WARNING) as logs:
+            self.assertIsNone(self.start(binary_option))
+        self.assertEqual(len(logs.records), 1, logs.output)
+        return logs.records[0].getMessage()
+
+    def test_off_means_nothing_happens(self):
+        with self.assertNoLogs(LOGGER, logging.DEBUG):
+            self.assertIsNone(self.start(None))
+            self.assertIsNone(self.start(""))
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, ".pants.d")))
+
+    def test_a_missing_binary(self):
+        message = self.one_warning(os.path.join(self.tmp, "no-such-digestfs"))
+        self.assertIn("no such executable", message)
+        self.assertIn("writes the jars of JVM resolves to disk", message)
+
+    def test_no_fuse_on_this_machine(self):
+        binary = stub_binary(
+            self.tmp,
+            'case "$*" in *doctor*)\n'
+            "  echo 'ok    kernel 6.18'\n"
+            "  echo 'FAIL  /dev/fuse is missing'\n"
+            "  echo '      fix: load the module: sudo modprobe fuse'\n"
+            "  exit 1;;\n"
+            "esac\n"
+            "echo 'must not be run' >&2; touch \"$0.mount-was-run\"; exit 1\n",
+        )
+        message = self.one_warning(binary)
+        self.assertIn("digestfs cannot mount here", message)
+        self.assertIn("FAIL  /dev/fuse is missing", message)
+        self.assertIn("fix: load the module: sudo modprobe fuse", message)
+        self.assertNotIn("kernel 6.18", message)
+        self.assertFalse(os.path.exists(binary + ".mount-was-run"), "no mount is attempted")
+
+    def test_a_failing_mount(self):
+        binary = stub_binary(
+            self.tmp,
+            'case "$*" in *doctor*) exit 0;; esac\n'
+            "echo 'error: mountpoint is mounted by something else' >&2; exit 1\n",
+        )
+        message = self.one_warning(binary)
+        self.assertIn("Could not mount digestfs", message)
+        self.assertIn("mounted by something else", message)
+        self.assertIn(os.path.join(self.tmp, ".pants.d/bsp/jvm/resolves"), message)
+
+
+class BindTest(MountTestCase):
+    """`BSPDigestfs` against a real mount, started as the BSP server starts it."""
+
+    timeout = 90.0
+
+    def setUp(self):
+        super().setUp()
+        self.bin = require_binary(self)
+        self.store = self.new_store()
+        self.build_root = os.path.join(self.tmp, "buildroot")
+        self.mnt = self.track_mount(os.path.join(self.build_root, ".pants.d/bsp/jvm/resolves"))
+        # Three small trees: two libs and a plugins directory.
+        src = os.path.join(self.tmp, "trees")
+        self.jars = {}
+        for tree, names in (
+            ("lib1", ["com.example_a_1.0.jar", "com.example_b_2.0.jar"]),
+            ("lib2", ["com.example_a_1.0.jar", "com.example_c_3.0.jar"]),
+            ("plugins", ["org.typelevel_kind-projector_0.13.2.jar"]),
+        ):
+            os.makedirs(os.path.join(src, tree))
+            for name in names:
+                self.jars[name] = make_jar(os.path.join(src, tree, name), name, seed=1)
+        self.trees = children(self.store, import_dir(self.store, src))
+
+    def start(self) -> BSPDigestfs:
+        digestfs = BSPDigestfs.start(
+            binary_option=self.bin,
+            build_root=self.build_root,
+            store_dir=self.store,
+            timeout=60,
+        )
+        self.assertIsNotNone(digestfs, "the mount should start")
+        digestfs.retry_delay = 0.1
+        return digestfs
+
+    def layers(self, digestfs) -> dict:
+        return {v["path"]: v["layers"] for v in digestfs.client.views()}
+
+    def test_layers_bind_unbind_and_serve(self):
+        digestfs = self.start()
+        self.assertTrue(digestfs.active)
+        self.assertEqual(digestfs.mountpoint, self.mnt)
+        self.assertTrue(bsp_digestfs.is_mounted(self.mnt))
+        lib1, lib2, plugins = self.trees["lib1"], self.trees["lib2"], self.trees["plugins"]
+        self.assertTrue(digestfs.bind_layer("modules.pants:a", {"jvm-default/lib": lib1}))
+        self.assertTrue(
+            digestfs.bind_layer(
+                "scalac.pants:a", {"jvm-default/lib": lib1, "jvm-default/plugins": plugins}
+            )
+        )
+        self.assertTrue(digestfs.bind_layer("modules.pants:b", {"jvm-default/lib": lib2}))
+        # An empty directory is no layer there.
+        self.assertTrue(
+            digestfs.bind_layer(
+                "scalac.pants:b", {"jvm-default/lib": lib2, "jvm-default/plugins": EMPTY}
+            )
+        )
+        self.assertEqual(
+            self.layers(digestfs),
+            {
+                "jvm-default/lib": {
+                    "modules.pants:a": lib1,
+                    "scalac.pants:a": lib1,
+                    "modules.pants:b": lib2,
+                    "scalac.pants:b": lib2,
+                },
+                "jvm-default/plugins": {"scalac.pants:a": plugins},
+            },
+        )
+        lib_dir = os.path.join(self.mnt, "jvm-default", "lib")
+        self.assertEqual(
+            sorted(os.listdir(lib_dir)),
+            ["com.example_a_1.0.jar", "com.example_b_2.0.jar", "com.example_c_3.0.jar"],
+        )
+        from _support import sha256_file
+
+        for name in os.listdir(lib_dir):
+            self.assertEqual(sha256_file(os.path.join(lib_dir, name)), self.jars[name])
+        # A target that moves to another resolve leaves the old one; one with nothing leaves all.
+        self.assertTrue(digestfs.bind_layer("scalac.pants:a", {"other/lib": lib1}))
+        self.assertTrue(digestfs.bind_layer("modules.pants:b", {}))
+        self.assertEqual(
+            self.layers(digestfs),
+            {
+                "jvm-default/lib": {"modules.pants:a": lib1, "scalac.pants:b": lib2},
+                "other/lib": {"scalac.pants:a": lib1},
+            },
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.mnt, "jvm-default", "plugins")))
+        # The rest of .pants.d/bsp stays writable.
+        bsp = os.path.join(self.build_root, ".pants.d", "bsp")
+        for rel in ("jvm/classes/pants_a/A.class", "scripts/run-bsp.sh", "logs/stderr.log"):
+            os.makedirs(os.path.dirname(os.path.join(bsp, rel)), exist_ok=True)
+            with open(os.path.join(bsp, rel), "wb") as f:
+                f.write(b"written")
+        # A second server start reuses the mount and sees the same views.
+        again = self.start()
+        self.assertEqual(again.pid, digestfs.pid)
+        self.assertEqual(self.layers(again), self.layers(digestfs))
+
+    def test_missing_is_retried_after_persisting_again(self):
+        digestfs = self.start()
+        # A tree that is not in the mount's store yet: its digest, from a scratch store.
+        extra = os.path.join(self.tmp, "extra")
+        os.makedirs(extra)
+        make_jar(os.path.join(extra, "com.example_d_4.0.jar"), "d", seed=2)
+        digest = import_dir(self.new_store("scratch"), extra)
+        persisted = []
+
+        def persist_again():
+            persisted.append(import_dir(self.store, extra))
+
+        with self.assertNoLogs(LOGGER, logging.WARNING):
+            self.assertTrue(
+                digestfs.bind_layer("sources.pants:a", {"r/lib": digest}, persist_again)
+            )
+        self.assertEqual(persisted, [digest])
+        self.assertTrue(digestfs.active)
+        self.assertEqual(os.listdir(os.path.join(self.mnt, "r", "lib")), ["com.example_d_4.0.jar"])
+
+    def test_still_missing_falls_back_to_writing(self):
+        digestfs = self.start()
+        self.assertTrue(digestfs.bind_layer("modules.pants:a", {"r/lib": self.trees["lib1"]}))
+        persisted = []
+        with self.assertLogs(LOGGER, logging.WARNING) as logs:
+            served = digestfs.bind_layer(
+                "modules.pants:b", {"r/lib": ABSENT}, lambda: persisted.append(1)
+            )
+        self.assertFalse(served)
+        self.assertEqual(persisted, [1], "persisted again once before giving up")
+        self.assertEqual(len(logs.records), 1, logs.output)
+        message = logs.records[0].getMessage()
+        self.assertIn("modules.pants:b", message)
+        self.assertIn("written to disk", message)
+        self.assertFalse(digestfs.active)
+        # The mount is detached, so the caller's write_digest can write where it used to be.
+        self.assertFalse(bsp_digestfs.is_mounted(self.mnt))
+        os.makedirs(os.path.join(self.mnt, "r", "lib"))
+        with open(os.path.join(self.mnt, "r", "lib", "com.example_a_1.0.jar"), "wb") as f:
+            f.write(b"jar")
+        # From now on every caller writes, without asking the daemon, and without more warnings.
+        with self.assertNoLogs(LOGGER, logging.WARNING):
+            self.assertFalse(digestfs.bind_layer("modules.pants:c", {"r/lib": self.trees["lib2"]}))
+
+    def test_a_dead_daemon_is_started_again(self):
+        digestfs = self.start()
+        lib1, lib2 = self.trees["lib1"], self.trees["lib2"]
+        self.assertTrue(digestfs.bind_layer("modules.pants:a", {"r/lib": lib1}))
+        old_pid = digestfs.pid
+        os.kill(old_pid, 9)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(old_pid, 0)
+                time.sleep(0.05)
+            except ProcessLookupError:
+                break
+        with self.assertLogs(LOGGER, logging.WARNING) as logs:
+            self.assertTrue(digestfs.bind_layer("modules.pants:b", {"r/lib": lib2}))
+        self.assertIn("mounting again", logs.output[0])
+        self.assertTrue(digestfs.active)
+        self.assertNotEqual(digestfs.pid, old_pid)
+        # The new daemon restored the views the old one had, and took the new layer.
+        self.assertEqual(
+            self.layers(digestfs), {"r/lib": {"modules.pants:a": lib1, "modules.pants:b": lib2}}
+        )
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+class ScriptedClient:
+    """Stands in for the daemon where a condition cannot be made here (a remote CAS that times
+    out, a daemon that vanishes at a given call): answers each call from a script."""
+
+    def __init__(self, script: list) -> None:
+        self.script = list(script)
+        self.calls: list[tuple] = []
+
+    def _next(self, call: tuple):
+        self.calls.append(call)
+        answer = self.script.pop(0) if self.script else None
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def bind(self, path, digest, layer="default", verify=True):
+        return self._next(("bind", path, digest, layer))
+
+    def unbind(self, path, layer=None):
+        return self._next(("unbind", path, layer))
+
+    def views(self):
+        return self._next(("views",)) or []
+
+
+class RetryDecisionTest(unittest.TestCase):
+    def setUp(self):
+        import tempfile
+
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.remounts = []
+        original = bsp_digestfs.ensure_mounted
+
+        def ensure_mounted(mountpoint, store, **kwargs):
+            self.remounts.append((mountpoint, store))
+            return 4242
+
+        bsp_digestfs.ensure_mounted = ensure_mounted
+        self.addCleanup(setattr, bsp_digestfs, "ensure_mounted", original)
+
+    def digestfs(self, *script) -> tuple:
+        d = BSPDigestfs(
+            binary="digestfs", mountpoint=os.path.join(self.tmp, "mnt"), store_dir=self.tmp, pid=1
+        )
+        d.retry_delay = 0.01
+        d.client = ScriptedClient(list(script))
+        return d, d.client
+
+    def test_unavailable_is_retried_twice(self):
+        from pants.bsp.digestfs_client import DigestfsUnavailable
+
+        d, client = self.digestfs(
+            DigestfsUnavailable("remote timed out"), DigestfsUnavailable("again"), True
+        )
+        with self.assertNoLogs(LOGGER, logging.WARNING):
+            self.assertTrue(d.bind_layer("modules.t", {"r/lib": ABSENT}))
+        self.assertEqual([c[0] for c in client.calls], ["bind", "bind", "bind", "views"])
+        d, client = self.digestfs(*[DigestfsUnavailable("down")] * 3)
+        with self.assertLogs(LOGGER, logging.WARNING) as logs:
+            self.assertFalse(d.bind_layer("modules.t", {"r/lib": ABSENT}))
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("down", logs.output[0])
+        self.assertFalse(d.active)
+
+    def test_a_conflict_falls_back_at_once(self):
+        from pants.bsp.digestfs_client import DigestfsConflict
+
+        d, client = self.digestfs(DigestfsConflict("conflict at r/lib/a.jar", path="r/lib/a.jar"))
+        with self.assertLogs(LOGGER, logging.WARNING):
+            self.assertFalse(d.bind_layer("modules.t", {"r/lib": ABSENT}, lambda: self.fail()))
+        self.assertEqual(len(client.calls), 1)
+        self.assertFalse(d.active)
+
+    def test_a_vanished_daemon_is_mounted_again_once(self):
+        from pants.bsp.digestfs_client import DigestfsUnreachable
+
+        d, client = self.digestfs(DigestfsUnreachable("gone"), True)
+        with self.assertLogs(LOGGER, logging.WARNING) as logs:
+            self.assertTrue(d.bind_layer("modules.t", {"r/lib": ABSENT}))
+        self.assertIn("mounting again", logs.output[0])
+        self.assertEqual(self.remounts, [(d.mountpoint, self.tmp)])
+        self.assertEqual(d.pid, 4242)
+        self.assertTrue(d.active)
+        d, client = self.digestfs(DigestfsUnreachable("gone"), DigestfsUnreachable("still gone"))
+        with self.assertLogs(LOGGER, logging.WARNING):
+            self.assertFalse(d.bind_layer("modules.t", {"r/lib": ABSENT}))
+        self.assertFalse(d.active)
+        # Once fallen back, nothing is mounted again and the daemon is not asked.
+        self.remounts.clear()
+        self.assertFalse(d.bind_layer("modules.t", {"r/lib": ABSENT}))
+        self.assertEqual(self.remounts, [])
+
+    def test_stale_layers_are_dropped_and_a_vanished_one_is_fine(self):
+        from pants.bsp.digestfs_client import DigestfsBadRequest
+
+        views = [
+            {"path": "r/lib", "layers": {"modules.t": ABSENT, "modules.u": ABSENT}},
+            {"path": "old/lib", "layers": {"modules.t": ABSENT}},
+            {"path": "gone/lib", "layers": {"modules.t": ABSENT}},
+            {"path": "other/lib", "layers": {"modules.u": ABSENT}},
+        ]
+        d, client = self.digestfs(
+            True, views, True, DigestfsBadRequest("nothing bound at gone/lib")
+        )
+        self.assertTrue(d.bind_layer("modules.t", {"r/lib": ABSENT, "r/plugins": EMPTY}))
+        self.assertEqual(
+            client.calls,
+            [
+                ("bind", "r/lib", ABSENT, "modules.t"),
+                ("views",),
+                ("unbind", "old/lib", "modules.t"),
+                ("unbind", "gone/lib", "modules.t"),
+            ],
+        )
+        self.assertTrue(d.active)
