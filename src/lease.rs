@@ -108,6 +108,8 @@ pub fn spawn(
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
                 release_freed_memory();
+                // A round reads every bound Directory and lease: hand those pages back too.
+                crate::store::release_mapped_pages();
             }
         })?;
     Ok(stats)

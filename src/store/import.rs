@@ -20,6 +20,8 @@ pub struct Importer<'a> {
     files: Vec<Vec<(Digest, Vec<u8>)>>,
     directories: Vec<Vec<(Digest, Vec<u8>)>>,
     pending_bytes: usize,
+    /// Files with several links, by (device, inode): one content, hashed once.
+    linked: std::collections::HashMap<(u64, u64), Digest>,
     /// Told the size of each file once it is stored.
     progress: Option<Box<dyn FnMut(u64) + 'a>>,
 }
@@ -31,6 +33,7 @@ impl<'a> Importer<'a> {
             files: vec![Vec::new(); 16],
             directories: vec![Vec::new(); 16],
             pending_bytes: 0,
+            linked: std::collections::HashMap::new(),
             progress: None,
         }
     }
@@ -82,7 +85,16 @@ impl<'a> Importer<'a> {
             } else if meta.is_dir() {
                 EntryKind::Dir(self.import_dir(&path)?)
             } else if meta.is_file() {
-                let digest = self.import_file(&path, &meta)?;
+                let digest = match self.linked.get(&(meta.dev(), meta.ino())) {
+                    Some(d) if d.size == meta.len() => *d,
+                    _ => {
+                        let d = self.import_file(&path, &meta)?;
+                        if meta.nlink() > 1 {
+                            self.linked.insert((meta.dev(), meta.ino()), d);
+                        }
+                        d
+                    }
+                };
                 if let Some(progress) = self.progress.as_mut() {
                     progress(meta.len());
                 }
