@@ -7,6 +7,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod lifecycle;
+mod nfs;
 mod packaging;
 mod remote;
 mod views;

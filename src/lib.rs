@@ -4,7 +4,8 @@
 //! - [`remote`]: a REAPI CAS client, fetching what the local store lacks into it, verified.
 //! - [`cas`]: what the core reads: the local store, with the remote behind it.
 //! - [`fs`]: the filesystem core (namespace, views, inodes, attributes, reads) as plain functions.
-//! - [`fuse`]: the thin `fuser` adapter and the FUSE session.
+//! - [`fuse`]: the thin `fuser` adapter and the FUSE session (Linux, feature `fuse`).
+//! - [`nfs`]: the NFSv3 front end (macOS's way in; any NFSv3 client).
 //! - [`lease`]: keeping bound trees alive against Pants' garbage collection.
 //! - [`control`]: the control socket the build daemon binds views through, and the state file.
 //! - [`materialize`]: copying a tree out, where no mount is possible.
@@ -18,6 +19,7 @@ pub mod fs;
 pub mod fuse;
 pub mod lease;
 pub mod materialize;
+pub mod nfs;
 pub mod os;
 pub mod remote;
 pub mod store;

@@ -1,7 +1,7 @@
 //! Everything that differs between operating systems, in one place: what is mounted where,
-//! unmounting, the uid behind a Unix socket, termination signals. Linux is built and tested;
-//! the macOS branches follow the system's documented interfaces but cannot be compiled on the
-//! machines this project is tested on (docs/macos.md).
+//! NFS mounting, unmounting, the uid behind a Unix socket, termination signals. Linux is built
+//! and tested; the macOS branches follow the system's documented interfaces but cannot be
+//! compiled on the machines this project is tested on (docs/macos.md).
 
 use std::ffi::CString;
 use std::io;
@@ -129,8 +129,11 @@ pub fn find_digestfs_mount(path: &Path) -> io::Result<Option<(PathBuf, PathBuf)>
         .into_iter()
         .filter(|m| {
             // Mounted directly the type is "fuse" with source "digestfs"; through fusermount3
-            // it is "fuse.digestfs".
-            m.fstype == "fuse.digestfs" || (m.fstype == "fuse" && m.source == "digestfs")
+            // it is "fuse.digestfs". Over NFS it is the export `/` of a loopback server.
+            m.fstype == "fuse.digestfs"
+                || (m.fstype == "fuse" && m.source == "digestfs")
+                || (m.fstype == "nfs"
+                    && ["localhost:/", "127.0.0.1:/", "[::1]:/"].contains(&m.source.as_str()))
         })
         .map(|m| m.mountpoint)
         .filter(|mp| path.starts_with(mp))
@@ -142,6 +145,73 @@ pub fn find_digestfs_mount(path: &Path) -> io::Result<Option<(PathBuf, PathBuf)>
             .to_path_buf();
         (mp, rel)
     }))
+}
+
+/// Mount options of the NFS front end, besides `ro`, the version, the transport and the ports.
+/// - Attribute cache: a regular file's handle names its content, so its attributes never
+///   change: an hour (`acregmin=acregmax=3600`). Directories are revalidated every second
+///   (`acdirmin=acdirmax=1`): a rebind changes the mtime of the namespace directories it
+///   touches, and NFS has no invalidation, so this is how long a client may show an old
+///   listing. Store directories never change, so this costs only a GETATTR now and then.
+/// - `soft` with `timeo=300,retrans=4` (deciseconds): if the daemon dies, calls fail with an
+///   error after about two minutes instead of hanging forever; a live daemon answers long before
+///   (a read waiting on a remote CAS fetch is bounded by `--remote-timeout-ms`).
+/// - Linux: `nocto`, since content never changes, opens need no GETATTR (as FUSE's zero-message
+///   opens); `nolock` and `mountproto=tcp`: the server has neither NLM nor UDP.
+/// - macOS: `rdirplus` (READDIRPLUS: names and attributes in one round trip), `nolocks`,
+///   `nobrowse` (not a Finder volume, so Spotlight does not crawl it), `noquota`.
+///
+/// Read sizes are left to the server's FSINFO (1 MiB).
+const NFS_CACHE_OPTIONS: &str =
+    "soft,timeo=300,retrans=4,acregmin=3600,acregmax=3600,acdirmin=1,acdirmax=1";
+
+/// The command that mounts the NFS export `/` of the server at `addr` on `mountpoint`.
+pub fn nfs_mount_command(addr: std::net::SocketAddr, mountpoint: &Path) -> std::process::Command {
+    let port = addr.port();
+    #[cfg(target_os = "macos")]
+    let cmd = {
+        let host = match addr.ip() {
+            ip if ip == std::net::Ipv4Addr::LOCALHOST => "localhost".to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let mut cmd = std::process::Command::new("mount_nfs");
+        cmd.arg("-o").arg(format!(
+            "ro,nolocks,vers=3,tcp,port={port},mountport={port},rdirplus,intr,noquota,nobrowse,{NFS_CACHE_OPTIONS}"
+        ));
+        cmd.arg(format!("{host}:/")).arg(mountpoint);
+        cmd
+    };
+    #[cfg(not(target_os = "macos"))]
+    let cmd = {
+        let host = match addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        let mut cmd = std::process::Command::new("mount");
+        cmd.args(["-t", "nfs", "-o"]).arg(format!(
+            "ro,nolock,vers=3,proto=tcp,port={port},mountport={port},mountproto=tcp,nocto,{NFS_CACHE_OPTIONS}"
+        ));
+        cmd.arg(format!("{host}:/")).arg(mountpoint);
+        cmd
+    };
+    cmd
+}
+
+/// Mounts the NFS export `/` of the server at `addr` on `mountpoint` (see
+/// [`nfs_mount_command`]). On Linux this needs root and the `mount.nfs` helper (nfs-common).
+pub fn nfs_mount(addr: std::net::SocketAddr, mountpoint: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "mounting NFS on Linux needs root; serve with --nfs-no-mount and mount by hand, \
+             or use --frontend fuse",
+        ));
+    }
+    let mut cmd = nfs_mount_command(addr, mountpoint);
+    log::debug!("running {cmd:?}");
+    run_unmount(&mut cmd, "the NFS mount command")
 }
 
 /// Unmounts `path`: directly when root, else through `fusermount3 -u` (Linux) or `umount`
@@ -181,6 +251,7 @@ pub fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
     }
 }
 
+/// Runs a mount or unmount command; its stderr is the error.
 fn run_unmount(cmd: &mut std::process::Command, what: &str) -> io::Result<()> {
     let out = cmd
         .output()

@@ -3,6 +3,7 @@
 //! outlives its time limit, so a stuck mount can neither hang CI nor leak into the next test.
 
 pub mod buildgrid;
+pub mod nfs;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

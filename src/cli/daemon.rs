@@ -24,7 +24,7 @@ pub fn report_ready(res: Result<(), String>) {
     }
     if !is_child() {
         if res.is_ok() {
-            log::info!("mounted; unmount with `digestfs unmount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT`");
+            log::info!("ready; unmount with `digestfs unmount MOUNTPOINT` (or stop with SIGTERM)");
             notify_systemd();
         }
         return;
@@ -85,6 +85,7 @@ pub fn spawn_and_wait() -> Result<u32, String> {
 }
 
 /// Tells systemd (Type=notify units) that the mount answers, if it is listening.
+#[cfg(target_os = "linux")]
 fn notify_systemd() {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -102,3 +103,7 @@ fn notify_systemd() {
         log::warn!("could not notify systemd at {path}: {e}");
     }
 }
+
+/// No systemd elsewhere.
+#[cfg(not(target_os = "linux"))]
+fn notify_systemd() {}

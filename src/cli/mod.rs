@@ -146,7 +146,7 @@ enum Command {
         #[command(flatten)]
         remote: RemoteArgs,
     },
-    /// Unmount a digestfs mount (like fusermount3 -u)
+    /// Unmount a digestfs mount, FUSE or NFS (like fusermount3 -u or umount); its daemon exits 0
     Unmount {
         /// Detach the mount even if it is busy
         #[arg(long, short = 'z')]

@@ -1,7 +1,8 @@
 //! `digestfs mount`: claim the mountpoint (reusing a live daemon with `--reuse`), restore the
 //! views a crashed daemon left, bind `--bind`s, start the control socket and the lease keeper,
-//! and serve until unmounted.
+//! and serve until unmounted, through FUSE or NFS (one code path until the front end starts).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,9 +11,34 @@ use super::remote::{self as remote_args, RemoteArgs};
 use super::{daemon, open_cas, parse_digest, CliResult, Failure};
 use crate::control::{self, protocol::Request, state::StateKeeper};
 use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
-use crate::fuse::mount::MountConfig;
 use crate::fuse::Passthrough;
 use crate::os::{self, MountState};
+
+/// How the views reach the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Frontend {
+    /// A FUSE mount (Linux, builds with the `fuse` feature)
+    Fuse,
+    /// An NFSv3 server on a local port, mounted with the OS's NFS client (macOS's way, as
+    /// EdenFS does; needs no kernel extension)
+    Nfs,
+}
+
+impl Frontend {
+    /// FUSE where this build has it (Linux), NFS elsewhere.
+    const DEFAULT: Frontend = if crate::fuse::AVAILABLE {
+        Frontend::Fuse
+    } else {
+        Frontend::Nfs
+    };
+
+    fn name(self) -> &'static str {
+        match self {
+            Frontend::Fuse => "fuse",
+            Frontend::Nfs => "nfs",
+        }
+    }
+}
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
@@ -35,23 +61,36 @@ pub(super) struct MountArgs {
     /// 0 instead of failing; from another store, exit 1 naming both
     #[arg(long)]
     reuse: bool,
-    /// Kernel entry and attribute cache lifetime, in seconds
+    /// How the views reach the kernel: fuse (Linux) or nfs (an NFSv3 server on localhost,
+    /// mounted with the OS's NFS client; the default where FUSE is not built in, as on macOS)
+    #[arg(long, value_enum, default_value_t = Frontend::DEFAULT)]
+    frontend: Frontend,
+    /// With --frontend nfs: the address to serve NFS on (port 0: any free port, shown by
+    /// `digestfs status`)
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    nfs_listen: SocketAddr,
+    /// With --frontend nfs: serve without mounting (for tests, or to mount by hand with
+    /// mount_nfs / mount -t nfs, port and mountport from `digestfs status`); SIGTERM stops it
+    #[arg(long)]
+    nfs_no_mount: bool,
+    /// FUSE: kernel entry and attribute cache lifetime, in seconds
     #[arg(long, default_value_t = 3600, value_name = "SECS")]
     ttl: u64,
-    /// Request-handling threads
+    /// FUSE: request-handling threads
     #[arg(long, default_value_t = 2)]
     threads: usize,
-    /// Kernel readahead for the mount in KiB (needs root; 0 keeps the kernel's 128)
+    /// FUSE: kernel readahead for the mount in KiB (needs root; 0 keeps the kernel's 128)
     #[arg(long, default_value_t = 4096, value_name = "KIB")]
     read_ahead_kb: u32,
     /// Answer user.pants.digest and user.checksum.sha256 (costs round trips on ls -l)
     #[arg(long)]
     xattrs: bool,
-    /// Serve large blobs by FUSE passthrough (Linux 6.9+, root). Off by default: it needs a
+    /// FUSE: serve large blobs by passthrough (Linux 6.9+, root). Off by default: it needs a
     /// daemon round trip per open, while without it opens cost none; see the README's benchmarks
     #[arg(long, value_enum, default_value_t = Passthrough::Off)]
     passthrough: Passthrough,
-    /// Let other users read the mount (needs user_allow_other in /etc/fuse.conf unless root)
+    /// Let other users read the mount (FUSE: needs user_allow_other in /etc/fuse.conf unless
+    /// root; NFS: answer calls from any uid, not only the owner's and root's)
     #[arg(long)]
     allow_other: bool,
     /// Skip checking that every Directory of a bound tree is in the store
@@ -155,6 +194,13 @@ fn claim(mountpoint: &Path) -> CliResult {
 }
 
 pub(super) fn run(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
+    if args.frontend == Frontend::Fuse && !crate::fuse::AVAILABLE {
+        return Err(Failure::Msg(
+            "this digestfs has no FUSE front end (it is built only on Linux, with the `fuse` \
+             feature); use --frontend nfs"
+                .into(),
+        ));
+    }
     let mountpoint = args.mountpoint()?;
     let socket = args.socket(&mountpoint);
     let store_dir = absolute_store(
@@ -220,7 +266,10 @@ fn serve(store_dir: &Path, args: MountArgs, mountpoint: &Path, socket: &Path) ->
         if args.prefetch {
             remote_args::spawn_prefetcher(&core)?;
         }
-        claim(mountpoint)?;
+        // Serving NFS without mounting leaves the mountpoint alone.
+        if !(args.frontend == Frontend::Nfs && args.nfs_no_mount) {
+            claim(mountpoint)?;
+        }
         let server = control::Server::bind(socket)
             .map_err(|e| Failure::Msg(format!("control socket {}: {e}", socket.display())))?;
         let _remove_socket = RemoveOnDrop(socket.to_path_buf());
@@ -258,6 +307,15 @@ fn serve(store_dir: &Path, args: MountArgs, mountpoint: &Path, socket: &Path) ->
         } else {
             None
         };
+        // `status` reports the NFS port, so it is bound before the control socket answers.
+        let nfs = match args.frontend {
+            Frontend::Nfs => {
+                Some(crate::nfs::Listener::bind(args.nfs_listen).map_err(|e| {
+                    Failure::Msg(format!("serving NFS on {}: {e}", args.nfs_listen))
+                })?)
+            }
+            Frontend::Fuse => None,
+        };
         server.spawn(
             core.clone(),
             control::MountInfo {
@@ -266,22 +324,23 @@ fn serve(store_dir: &Path, args: MountArgs, mountpoint: &Path, socket: &Path) ->
                 started: std::time::Instant::now(),
                 remote: remote.clone(),
                 leases,
-                nfs_port: None,
-                frontend: "fuse",
+                nfs_port: nfs.as_ref().map(|l| l.addr().port()),
+                frontend: args.frontend.name(),
             },
         )?;
         log::info!("control socket at {}", socket.display());
-        let cfg = MountConfig {
-            mountpoint: mountpoint.to_path_buf(),
-            ttl: Duration::from_secs(args.ttl),
-            threads: args.threads,
-            allow_other: args.allow_other,
-            passthrough: args.passthrough,
-            read_ahead_kb: args.read_ahead_kb,
-        };
-        crate::fuse::mount::serve(core, &cfg, signals, daemon::report_ready)
-            .map_err(Failure::Msg)?;
-        // Unmounted on purpose: the views end with the mount.
+        match nfs {
+            Some(listener) => {
+                let opts = crate::nfs::Options {
+                    mountpoint: (!args.nfs_no_mount).then(|| mountpoint.to_path_buf()),
+                    owner: (!args.allow_other).then(|| unsafe { libc::getuid() }),
+                };
+                crate::nfs::serve(core, listener, opts, signals, daemon::report_ready)
+                    .map_err(Failure::Msg)?;
+            }
+            None => serve_fuse(core, &args, mountpoint, signals)?,
+        }
+        // Unmounted (or stopped) on purpose: the views end with the mount.
         state.remove();
         Ok(())
     })();
@@ -289,6 +348,36 @@ fn serve(store_dir: &Path, args: MountArgs, mountpoint: &Path, socket: &Path) ->
         daemon::report_ready(Err(msg.clone()));
     }
     res
+}
+
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn serve_fuse(
+    core: Arc<DigestFs>,
+    args: &MountArgs,
+    mountpoint: &Path,
+    signals: os::SignalSet,
+) -> CliResult {
+    let cfg = crate::fuse::mount::MountConfig {
+        mountpoint: mountpoint.to_path_buf(),
+        ttl: Duration::from_secs(args.ttl),
+        threads: args.threads,
+        allow_other: args.allow_other,
+        passthrough: args.passthrough,
+        read_ahead_kb: args.read_ahead_kb,
+    };
+    crate::fuse::mount::serve(core, &cfg, signals, daemon::report_ready).map_err(Failure::Msg)
+}
+
+/// Not reached: `run` refuses `--frontend fuse` in a build without FUSE.
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn serve_fuse(
+    _core: Arc<DigestFs>,
+    args: &MountArgs,
+    _mountpoint: &Path,
+    _signals: os::SignalSet,
+) -> CliResult {
+    let _ = (args.ttl, args.threads, args.passthrough, args.read_ahead_kb);
+    Err(Failure::Msg("this digestfs has no FUSE front end".into()))
 }
 
 struct RemoveOnDrop(PathBuf);

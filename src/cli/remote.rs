@@ -23,8 +23,16 @@ pub(super) struct RemoteArgs {
     /// PEM file of the certificates to trust for grpcs:// [default: the system's]
     #[arg(long, value_name = "FILE")]
     remote_ca_certs: Option<PathBuf>,
-    /// A header sent with every call, such as authorization=Bearer… (repeatable)
-    #[arg(long = "remote-header", value_name = "KEY=VALUE")]
+    /// A header sent with every call, such as authorization=Bearer… (repeatable). Tokens on a
+    /// command line are visible to other users in `ps`: pass them in $DIGESTFS_REMOTE_HEADERS
+    /// instead, one KEY=VALUE per line
+    #[arg(
+        long = "remote-header",
+        value_name = "KEY=VALUE",
+        env = "DIGESTFS_REMOTE_HEADERS",
+        value_delimiter = '\n',
+        hide_env_values = true
+    )]
     remote_headers: Vec<String>,
     /// How long a remote call (or a stream between two messages) may go unanswered before it fails
     #[arg(long, default_value_t = 30_000, value_name = "MS")]

@@ -4,6 +4,7 @@
 //! Layout: `files/<shard>` and `directories/<shard>` are LMDB environments holding blobs below
 //! 512 KiB; larger file blobs are plain read-only files at `immutable/files/<2 hex>/<64 hex>`.
 
+mod advice;
 mod digest;
 mod error;
 mod import;
@@ -25,6 +26,7 @@ use self::error::io_err;
 pub use self::error::StoreError;
 pub use self::import::{Importer, LargeBlobWriter};
 pub use self::lease::{lease_until, set_lease_mtime, LeaseReport, LEASE_SECS};
+pub use self::lmdb::release_mapped_pages;
 pub use self::tree::{check_name, Entry, EntryKind, Listing, NAME_MAX};
 pub use self::walk::{TreeBlobs, PATH_MAX};
 
@@ -216,7 +218,8 @@ impl Store {
             });
         }
         // Jars are mostly read front to back: a larger readahead window on the store file.
-        // Advice only: failure changes nothing.
+        // Advice only: failure changes nothing. (macOS has no posix_fadvise.)
+        #[cfg(target_os = "linux")]
         unsafe {
             libc::posix_fadvise(
                 std::os::fd::AsRawFd::as_raw_fd(&file),
@@ -244,7 +247,10 @@ impl Store {
                     return Err(Store::missing(d, BlobKind::File));
                 }
             }
-            Blob::Large(d, file) => pread_exact(d, file, offset, want, &mut out)?,
+            Blob::Large(d, file) => {
+                pread_exact(d, file, offset, want, &mut out)?;
+                advice::after_read(file, offset, want, d.size);
+            }
         }
         Ok(out)
     }

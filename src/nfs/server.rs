@@ -1,0 +1,412 @@
+//! The NFS server: our own accept loop and, per connection, a guard between the socket and the
+//! `nfs3_server` crate; readiness, the OS mount, signals and unmounting.
+//!
+//! Why not the crate's `NFSTcpListener::handle_forever`: in 0.11.1 its accept loop panics on
+//! `peer_addr().expect(..)` when a client resets before we ask, and returns (ending the server)
+//! on any accept error such as EMFILE; and its record reader resizes the record buffer to the
+//! length a fragment header claims before any data arrives, so a 4-byte header makes it zero
+//! 2 GiB, and fragments accumulate without bound. We may not patch the crate, so we run the
+//! loop ourselves and feed the crate only records that passed `record` and `check`, through an
+//! in-memory pipe, with its `process_socket`. That function is public only through the crate's
+//! `__test_reexports` feature (with `RPCContext::test_ctx`), which is why the version is pinned
+//! exactly: an upgrade must be re-read against this file.
+//!
+//! One base context serves the whole life of the server, so every connection shares one handle
+//! generation (a restarted server's handles are stale, never confused with ours). Each
+//! connection gets its own transaction tracker: the crate's tracker drops a retransmitted xid
+//! without replaying the reply, and keeps a client's entry forever without its cleaner task, so
+//! sharing one would leak and could leave a reconnecting client unanswered. Retransmissions on
+//! one connection are dropped here instead, while the original is in flight or just answered.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nfs3_server::test_reexports::{process_socket, RPCContext, TransactionTracker};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::timeout;
+
+use super::record::{frame, read_record, Limits};
+use super::{check, probe, NfsFront};
+use crate::fs::DigestFs;
+use crate::os::{self, SignalSet};
+
+/// Connections served at once; more are accepted and closed at once.
+const MAX_CONNECTIONS: usize = 128;
+/// Calls being answered at once, over all connections, and per connection (a client that
+/// stops reading its replies holds at most this many).
+const MAX_IN_FLIGHT: usize = 256;
+const CONN_IN_FLIGHT: usize = 64;
+/// A call record: 2 MiB is twice the largest WRITE a client would send (and we refuse writes).
+const CALLS: Limits = Limits {
+    max_record: 2 << 20,
+    max_fragments: 256,
+};
+/// Replies come from the crate (READ and READDIR clamped to 1 MiB by `check`), in one fragment.
+const REPLIES: Limits = Limits {
+    max_record: 4 << 20,
+    max_fragments: 1,
+};
+/// A connection with no call for this long is closed (the client reconnects when it needs to).
+const IDLE: Duration = Duration::from_secs(600);
+/// Once a record has begun, all of it must arrive within this time.
+const RECORD_TIME: Duration = Duration::from_secs(60);
+/// A reply the client does not take within this time ends the connection.
+const WRITE_TIME: Duration = Duration::from_secs(60);
+/// Retransmitted xids answered already that are still recognised, per connection.
+const RECENT_XIDS: usize = 1024;
+const PIPE_BYTES: usize = 1 << 20;
+
+/// The listening socket, bound before anything is served so its port can be reported.
+pub struct Listener {
+    inner: std::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+        let inner = std::net::TcpListener::bind(addr)?;
+        inner.set_nonblocking(true)?;
+        let addr = inner.local_addr()?;
+        Ok(Listener { inner, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+pub struct Options {
+    /// Where to mount the export with the OS's NFS client; `None` serves only.
+    pub mountpoint: Option<PathBuf>,
+    /// The uid that may call besides root; `None`: anyone (`--allow-other`).
+    pub owner: Option<u32>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct MountFlags {
+    mounted: bool,
+    stopping: bool,
+}
+
+/// Serves `core` until a signal (which unmounts), or until the OS mount goes away. `ready` is
+/// called once: when the server answers NULL and MOUNT (and the mount, if any, answers too),
+/// or with the reason it could not.
+pub fn serve(
+    core: Arc<DigestFs>,
+    listener: Listener,
+    opts: Options,
+    signals: SignalSet,
+    ready: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .thread_name("nfs")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the NFS server: {e}"))?;
+    let addr = listener.addr;
+    let tcp = {
+        let _enter = rt.enter();
+        TcpListener::from_std(listener.inner).map_err(|e| format!("serving NFS on {addr}: {e}"))?
+    };
+    let mut base = RPCContext::test_ctx("/", Arc::new(NfsFront::new(core, opts.owner)));
+    base.local_port = addr.port();
+    rt.spawn(accept_loop(tcp, base));
+    log::info!("NFS server on {addr}");
+    if !addr.ip().is_loopback() {
+        log::warn!(
+            "serving NFS on {addr}, beyond this machine: AUTH_UNIX trusts what clients claim"
+        );
+    }
+
+    let (stop, stopped) = mpsc::channel::<Result<(), String>>();
+    let flags = Arc::new(Mutex::new(MountFlags::default()));
+    let mountpoint = opts.mountpoint.clone();
+    {
+        let (stop, flags, mp) = (stop.clone(), flags.clone(), mountpoint.clone());
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = os::wait_for_signal(&signals);
+                let mut f = lock(&flags);
+                f.stopping = true;
+                match (&mp, f.mounted) {
+                    (Some(mp), true) => {
+                        log::info!("signal {sig}: unmounting {}", mp.display());
+                        if let Err(e) = os::unmount_or_detach(mp) {
+                            log::error!("unmounting {} failed: {e}", mp.display());
+                        }
+                    }
+                    _ => log::info!("signal {sig}: stopping the NFS server on {addr}"),
+                }
+                let _ = stop.send(Ok(()));
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    std::thread::Builder::new()
+        .name("ready".into())
+        .spawn(move || {
+            let res = become_ready(addr, mountpoint.as_deref(), &flags);
+            match res {
+                Ok(()) => {
+                    ready(Ok(()));
+                    if let Some(mp) = mountpoint {
+                        watch_mount(&mp, &flags);
+                        let _ = stop.send(Ok(()));
+                    }
+                }
+                Err(msg) => {
+                    ready(Err(msg.clone()));
+                    let _ = stop.send(Err(msg));
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+
+    let res = stopped.recv().unwrap_or(Ok(()));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    log::info!("NFS server on {addr} stopped");
+    res
+}
+
+/// Waits until the server answers, then mounts (unless serving only) and waits until the
+/// mount answers too.
+fn become_ready(
+    addr: SocketAddr,
+    mountpoint: Option<&Path>,
+    flags: &Mutex<MountFlags>,
+) -> Result<(), String> {
+    probe::wait_until_answering(addr, Duration::from_secs(20))?;
+    let Some(mp) = mountpoint else {
+        return Ok(());
+    };
+    {
+        let mut f = lock(flags);
+        if f.stopping {
+            return Err("stopped before the mount was made".into());
+        }
+        os::nfs_mount(addr, mp).map_err(|e| format!("mounting {}: {e}", mp.display()))?;
+        f.mounted = true;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match std::fs::metadata(mp) {
+            Ok(m) if std::os::unix::fs::MetadataExt::ino(&m) == crate::fs::ROOT_INO => {
+                log::info!("mounted {} over NFS (port {})", mp.display(), addr.port());
+                return Ok(());
+            }
+            _ if Instant::now() > deadline => {
+                let _ = os::unmount_or_detach(mp);
+                lock(flags).mounted = false;
+                return Err(format!("{} did not answer within 20 s", mp.display()));
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Returns once the mount at `mp` is gone (an external `umount`, `digestfs unmount`) or the
+/// server is stopping. NFS tells the server nothing when a client unmounts, so we look.
+fn watch_mount(mp: &Path, flags: &Mutex<MountFlags>) {
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if lock(flags).stopping {
+            return;
+        }
+        match os::mounts() {
+            Ok(list) if !list.iter().any(|m| m.mountpoint == mp) => {
+                log::info!("{} was unmounted", mp.display());
+                lock(flags).mounted = false;
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Logs at most one warning every ten seconds per kind (an accept loop can fail in a storm).
+struct Quiet(Mutex<Option<Instant>>);
+
+impl Quiet {
+    fn warn(&self, msg: impl FnOnce() -> String) {
+        let mut last = lock(&self.0);
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            log::warn!("{}", msg());
+        }
+    }
+}
+
+async fn accept_loop(tcp: TcpListener, base: RPCContext<NfsFront>) {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let (full, failing) = (Quiet(Mutex::new(None)), Quiet(Mutex::new(None)));
+    loop {
+        match tcp.accept().await {
+            Ok((sock, peer)) => match connections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let mut ctx = base.clone();
+                    ctx.client_addr = peer.to_string();
+                    ctx.transaction_tracker =
+                        Arc::new(TransactionTracker::new(Duration::ZERO, 256, 1024));
+                    let in_flight = in_flight.clone();
+                    tokio::spawn(async move {
+                        connection(sock, peer, ctx, in_flight).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    full.warn(|| {
+                        format!("{MAX_CONNECTIONS} NFS connections are open; refusing more")
+                    });
+                    drop(sock);
+                }
+            },
+            // EMFILE and the like: wait a little and go on; the server never stops accepting.
+            Err(e) => {
+                failing.warn(|| format!("accepting an NFS connection: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The calls of one connection: in flight (holding their permits) and recently answered.
+#[derive(Default)]
+struct Xids {
+    in_flight: HashMap<u32, (OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    recent: VecDeque<u32>,
+    recent_set: HashSet<u32>,
+}
+
+impl Xids {
+    fn seen(&self, xid: u32) -> bool {
+        self.in_flight.contains_key(&xid) || self.recent_set.contains(&xid)
+    }
+
+    fn answered(&mut self, xid: u32) {
+        if self.in_flight.remove(&xid).is_none() {
+            return;
+        }
+        if self.recent_set.insert(xid) {
+            self.recent.push_back(xid);
+        }
+        while self.recent.len() > RECENT_XIDS {
+            if let Some(old) = self.recent.pop_front() {
+                self.recent_set.remove(&old);
+            }
+        }
+    }
+}
+
+async fn connection(
+    sock: TcpStream,
+    peer: SocketAddr,
+    ctx: RPCContext<NfsFront>,
+    in_flight: Arc<Semaphore>,
+) {
+    let _ = sock.set_nodelay(true);
+    let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
+    let server = tokio::spawn(async move {
+        if let Err(e) = process_socket(theirs, ctx).await {
+            log::debug!("NFS connection handler: {e}");
+        }
+    });
+    let (tcp_r, tcp_w) = sock.into_split();
+    let (pipe_r, pipe_w) = tokio::io::split(ours);
+    let xids = Mutex::new(Xids::default());
+    let per_conn = Arc::new(Semaphore::new(CONN_IN_FLIGHT));
+    let why = tokio::select! {
+        why = calls(tcp_r, pipe_w, &xids, &per_conn, &in_flight) => why,
+        why = replies(pipe_r, tcp_w, &xids) => why,
+    };
+    match why {
+        End::Closed => log::debug!("NFS client {peer} disconnected"),
+        End::Refused(why) => log::warn!("NFS client {peer}: {why}; closing the connection"),
+    }
+    server.abort();
+}
+
+enum End {
+    Closed,
+    Refused(String),
+}
+
+/// Reads calls from the client, checks each, and passes the good ones to the crate.
+async fn calls(
+    tcp: tokio::net::tcp::OwnedReadHalf,
+    mut pipe: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    xids: &Mutex<Xids>,
+    per_conn: &Arc<Semaphore>,
+    in_flight: &Arc<Semaphore>,
+) -> End {
+    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, tcp);
+    let mut record = Vec::new();
+    loop {
+        // Wait for the next record to begin, then give it a bounded time to arrive whole.
+        match timeout(IDLE, r.fill_buf()).await {
+            Err(_) => return End::Closed,
+            Ok(Ok([])) | Ok(Err(_)) => return End::Closed,
+            Ok(Ok(_)) => {}
+        }
+        match timeout(RECORD_TIME, read_record(&mut r, &CALLS, &mut record)).await {
+            Err(_) => return End::Refused("a record that did not arrive in time".into()),
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return End::Closed,
+            Ok(Err(e)) => return End::Refused(format!("{e}")),
+        }
+        let call = match check::check_call(&mut record) {
+            Ok(c) => c,
+            Err(m) => return End::Refused(format!("{m}")),
+        };
+        if lock(xids).seen(call.xid) {
+            log::debug!("dropping a retransmission of xid {}", call.xid);
+            continue;
+        }
+        let (Ok(mine), Ok(all)) = (
+            per_conn.clone().acquire_owned().await,
+            in_flight.clone().acquire_owned().await,
+        ) else {
+            return End::Closed;
+        };
+        lock(xids).in_flight.insert(call.xid, (mine, all));
+        if pipe.write_all(&frame(&record)).await.is_err() {
+            return End::Closed;
+        }
+    }
+}
+
+/// Copies the crate's replies to the client, releasing each call's permits.
+async fn replies(
+    mut pipe: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    mut tcp: tokio::net::tcp::OwnedWriteHalf,
+    xids: &Mutex<Xids>,
+) -> End {
+    let mut record = Vec::new();
+    loop {
+        match read_record(&mut pipe, &REPLIES, &mut record).await {
+            Ok(true) => {}
+            Ok(false) => return End::Closed,
+            Err(e) => return End::Refused(format!("a reply of the server: {e}")),
+        }
+        if let Some(xid) = check::reply_xid(&record) {
+            lock(xids).answered(xid);
+        }
+        match timeout(WRITE_TIME, tcp.write_all(&frame(&record))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return End::Closed,
+            Err(_) => return End::Refused("a client that does not read its replies".into()),
+        }
+    }
+}
