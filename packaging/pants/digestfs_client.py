@@ -222,9 +222,9 @@ def mount_command(
     remote_store_address: str | None = None,
     remote_instance_name: str | None = None,
     remote_ca_certs: str | None = None,
-    remote_headers: Mapping[str, str] | None = None,
 ) -> list:
-    """The `digestfs mount --daemon --reuse` command line that `ensure_mounted` runs."""
+    """The `digestfs mount --daemon --reuse` command line that `ensure_mounted` runs. Remote
+    headers (which may carry tokens) go in its environment instead: see `mount_env`."""
     cmd = [binary, "--store", store, "mount", "--daemon", "--reuse"]
     if remote_store_address:
         cmd += ["--remote-store-address", remote_store_address]
@@ -232,10 +232,18 @@ def mount_command(
             cmd += ["--remote-instance-name", remote_instance_name]
         if remote_ca_certs:
             cmd += ["--remote-ca-certs", remote_ca_certs]
-        for key, value in (remote_headers or {}).items():
-            cmd += ["--remote-header", f"{key}={value}"]
     cmd.append(mountpoint)
     return cmd
+
+
+def mount_env(remote_headers: Mapping[str, str] | None) -> dict:
+    """The environment for the mount command: remote headers in `DIGESTFS_REMOTE_HEADERS` (one
+    KEY=VALUE per line), where other users cannot read them, unlike a command line in `ps`."""
+    env = dict(os.environ)
+    env.pop("DIGESTFS_REMOTE_HEADERS", None)
+    if remote_headers:
+        env["DIGESTFS_REMOTE_HEADERS"] = "\n".join(f"{k}={v}" for k, v in remote_headers.items())
+    return env
 
 
 def ensure_mounted(
@@ -262,16 +270,9 @@ def ensure_mounted(
     mountpoint = _absolute(mountpoint)
     store = os.path.abspath(os.path.expanduser(store))
     cmd = mount_command(
-        mountpoint,
-        store,
-        binary,
-        remote_store_address,
-        remote_instance_name,
-        remote_ca_certs,
-        remote_headers,
+        mountpoint, store, binary, remote_store_address, remote_instance_name, remote_ca_certs
     )
-    # Headers may carry a token: never put them in an error message.
-    shown = shlex.join(_redact_headers(cmd))
+    shown = shlex.join(cmd)
     try:
         os.makedirs(mountpoint, exist_ok=True)
     except FileExistsError:
@@ -284,6 +285,7 @@ def ensure_mounted(
     try:
         done = subprocess.run(
             cmd,
+            env=mount_env(remote_headers),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -311,11 +313,3 @@ def ensure_mounted(
         )
     return int(lines[-1])
 
-
-def _redact_headers(cmd: list) -> list:
-    shown = list(cmd)
-    for i, arg in enumerate(shown[:-1]):
-        if arg == "--remote-header":
-            key = shown[i + 1].split("=", 1)[0]
-            shown[i + 1] = f"{key}=<redacted>"
-    return shown

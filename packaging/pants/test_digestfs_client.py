@@ -28,6 +28,7 @@ from digestfs_client import (
     ensure_mounted,
     error_from_answer,
     mount_command,
+    mount_env,
 )
 
 FIXTURES = os.environ.get("DIGESTFS_FIXTURES", os.path.join(REPO, "..", "shared", "fixtures"))
@@ -89,7 +90,6 @@ class ErrorKindTest(unittest.TestCase):
                 remote_store_address="grpcs://cache:443",
                 remote_instance_name="main",
                 remote_ca_certs="/ca.pem",
-                remote_headers={"authorization": "Bearer t"},
             ),
             [
                 "/bin/digestfs",
@@ -104,8 +104,6 @@ class ErrorKindTest(unittest.TestCase):
                 "main",
                 "--remote-ca-certs",
                 "/ca.pem",
-                "--remote-header",
-                "authorization=Bearer t",
                 "/b/.pants.d/bsp/jvm/resolves",
             ],
         )
@@ -113,13 +111,22 @@ class ErrorKindTest(unittest.TestCase):
             mount_command("/m", "/s"),
             ["digestfs", "--store", "/s", "mount", "--daemon", "--reuse", "/m"],
         )
+        # Headers (tokens) travel in the environment, never on the command line.
+        env = mount_env({"authorization": "Bearer t", "x-team": "jvm"})
+        self.assertEqual(env["DIGESTFS_REMOTE_HEADERS"], "authorization=Bearer t\nx-team=jvm")
+        self.assertNotIn("DIGESTFS_REMOTE_HEADERS", mount_env(None))
 
     def test_a_failing_mount_command_raises_with_its_stderr_and_no_token(self):
         tmp = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, tmp, True)
         fake = os.path.join(tmp, "digestfs")
+        seen = os.path.join(tmp, "seen")
         with open(fake, "w") as f:
-            f.write("#!/bin/sh\necho 'error: /dev/fuse cannot be opened' >&2\nexit 1\n")
+            f.write(
+                "#!/bin/sh\n"
+                f"printf '%s|%s' \"$*\" \"$DIGESTFS_REMOTE_HEADERS\" > {seen}\n"
+                "echo 'error: /dev/fuse cannot be opened' >&2\nexit 1\n"
+            )
         os.chmod(fake, 0o755)
         with self.assertRaises(DigestfsMountFailed) as caught:
             ensure_mounted(
@@ -132,8 +139,11 @@ class ErrorKindTest(unittest.TestCase):
         message = str(caught.exception)
         self.assertIn("/dev/fuse cannot be opened", message)
         self.assertIn("exit 1", message)
-        self.assertIn("authorization=<redacted>", message)
         self.assertNotIn("sekrit", message)
+        with open(seen) as f:
+            args, headers = f.read().split("|")
+        self.assertNotIn("sekrit", args, "no token on the command line")
+        self.assertEqual(headers, "authorization=Bearer sekrit", "the token went in the environment")
         self.assertTrue(os.path.isdir(os.path.join(tmp, "mnt")), "the mountpoint is created")
         with self.assertRaisesRegex(DigestfsMountFailed, "cannot run"):
             ensure_mounted(os.path.join(tmp, "mnt"), tmp, binary=os.path.join(tmp, "absent"))
