@@ -547,11 +547,23 @@ fn writes_are_refused() {
             put_opaque(&mut a, b"jansi.jar");
             a
         }),
+        ("MKNOD", 11, {
+            let mut a = dirop("fifo");
+            put32(&mut a, 7); // NF3FIFO
+            a.extend_from_slice(&unset_attrs);
+            a
+        }),
         ("REMOVE", 12, dirop("jansi.jar")),
         ("RMDIR", 13, dirop("lib")),
         ("RENAME", 14, {
             let mut a = dirop("jansi.jar");
             a.extend(dirop("moved.jar"));
+            a
+        }),
+        ("LINK", 15, {
+            let mut a = Vec::new();
+            put_opaque(&mut a, &file);
+            a.extend(dirop("hardlink.jar"));
             a
         }),
         ("COMMIT", 21, {
@@ -786,8 +798,8 @@ fn a_client_that_hangs_up_mid_record_changes_nothing() {
     put64(&mut read, 0);
     put32(&mut read, 1 << 20);
     let whole = framed(&call_msg(3, PROG_NFS, 3, 6, &read));
-    // More than the connection limit, each hanging up at another point of a record; then one
-    // that asks for 1 MiB and leaves before the answer.
+    // 200 clients one after another, each hanging up at another point of a record; then one
+    // that claims more than it sends, and one that asks for 1 MiB and leaves before the answer.
     for i in 0..200 {
         let cut = 1 + i % (whole.len() - 1);
         send_and_hang_up(port, &whole[..cut], Duration::ZERO);
@@ -803,10 +815,13 @@ fn a_client_that_hangs_up_mid_record_changes_nothing() {
         serde_json::from_str(&server.dfs_ok(&["status", "--json"])).unwrap();
     assert_eq!(status["errors"], 0, "{status}");
     no_panic(&server);
-    // SIGTERM stops a server that mounted nothing: exit 0, the views file removed.
+    // SIGTERM stops a server that mounted nothing: exit 0, the socket and the views file removed.
+    let views = digestfs::control::state::state_path(&server.socket);
+    assert!(views.exists(), "{}", views.display());
     unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
     assert!(server.wait_exit(Duration::from_secs(10)).success());
     assert!(!server.socket.exists(), "the control socket is removed");
+    assert!(!views.exists(), "the views file is removed");
 }
 
 /// One READDIRPLUS entry: name, fileid, attributes, whether a handle came with it.

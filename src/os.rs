@@ -7,6 +7,7 @@ use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum MountState {
@@ -41,6 +42,9 @@ pub struct MountEntry {
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The filesystem's own options (Linux's super options: `…,port=P,addr=A` for NFS); empty
+    /// where the system does not say.
+    pub options: String,
 }
 
 /// Every mount this process sees.
@@ -75,6 +79,7 @@ pub fn mounts() -> io::Result<Vec<MountEntry>> {
                 mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(fields.get(4)?))),
                 fstype: fields.get(sep + 1)?.to_string(),
                 source: fields.get(sep + 2)?.to_string(),
+                options: fields.get(sep + 3).unwrap_or(&"").to_string(),
             })
         })
         .collect())
@@ -99,6 +104,7 @@ pub fn mounts() -> io::Result<Vec<MountEntry>> {
                 mountpoint: PathBuf::from(text(&fs.f_mntonname)),
                 fstype: text(&fs.f_fstypename),
                 source: text(&fs.f_mntfromname),
+                options: String::new(),
             }
         })
         .collect())
@@ -107,8 +113,17 @@ pub fn mounts() -> io::Result<Vec<MountEntry>> {
 /// Whether something is mounted at `path`, and whether it answers.
 pub fn mount_state(path: &Path) -> io::Result<MountState> {
     let abs = absolute(path)?;
-    if !mounts()?.iter().any(|m| m.mountpoint == abs) {
+    let Some(mount) = mounts()?.into_iter().find(|m| m.mountpoint == abs) else {
         return Ok(MountState::Free);
+    };
+    // A soft NFS mount whose server died makes statfs wait out every retry: ask the server's
+    // port instead, where the mount says which it is.
+    if let Some(server) = nfs_server(&mount) {
+        let answers = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(2));
+        return Ok(match answers {
+            Ok(_) => MountState::Live,
+            Err(_) => MountState::Stale,
+        });
     }
     // statfs always reaches the server (a stat may be answered from the kernel's cache).
     let c = c_path(&abs)?;
@@ -120,6 +135,21 @@ pub fn mount_state(path: &Path) -> io::Result<MountState> {
         }
     }
     Ok(MountState::Live)
+}
+
+/// The server of an NFS mount, from its options (`addr=`, `port=`).
+fn nfs_server(m: &MountEntry) -> Option<std::net::SocketAddr> {
+    if !m.fstype.starts_with("nfs") {
+        return None;
+    }
+    let opt = |key: &str| {
+        m.options
+            .split(',')
+            .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+    };
+    let ip: std::net::IpAddr = opt("addr")?.parse().ok()?;
+    let port: u16 = opt("port")?.parse().ok()?;
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 /// The mount of ours (FUSE type `digestfs`, or an NFS mount of `localhost:/`) containing
@@ -153,9 +183,10 @@ pub fn find_digestfs_mount(path: &Path) -> io::Result<Option<(PathBuf, PathBuf)>
 ///   (`acdirmin=acdirmax=1`): a rebind changes the mtime of the namespace directories it
 ///   touches, and NFS has no invalidation, so this is how long a client may show an old
 ///   listing. Store directories never change, so this costs only a GETATTR now and then.
-/// - `soft` with `timeo=300,retrans=4` (deciseconds): if the daemon dies, calls fail with an
-///   error after about two minutes instead of hanging forever; a live daemon answers long before
-///   (a read waiting on a remote CAS fetch is bounded by `--remote-timeout-ms`).
+/// - `soft` with `timeo=50,retrans=2` (deciseconds, growing by `timeo` each retry over TCP):
+///   if the daemon dies, calls fail with an error after 5 + 10 + 15 = 30 s instead of hanging
+///   forever; a live daemon answers long before (a read waiting on a remote CAS fetch is
+///   bounded by `--remote-timeout-ms`, 30 s by default: keep it below this).
 /// - Linux: `nocto`, since content never changes, opens need no GETATTR (as FUSE's zero-message
 ///   opens); `nolock` and `mountproto=tcp`: the server has neither NLM nor UDP.
 /// - macOS: `rdirplus` (READDIRPLUS: names and attributes in one round trip), `nolocks`,
@@ -163,15 +194,15 @@ pub fn find_digestfs_mount(path: &Path) -> io::Result<Option<(PathBuf, PathBuf)>
 ///
 /// Read sizes are left to the server's FSINFO (1 MiB).
 const NFS_CACHE_OPTIONS: &str =
-    "soft,timeo=300,retrans=4,acregmin=3600,acregmax=3600,acdirmin=1,acdirmax=1";
+    "soft,timeo=50,retrans=2,acregmin=3600,acregmax=3600,acdirmin=1,acdirmax=1";
 
 /// The command that mounts the NFS export `/` of the server at `addr` on `mountpoint`.
 pub fn nfs_mount_command(addr: std::net::SocketAddr, mountpoint: &Path) -> std::process::Command {
     let port = addr.port();
     #[cfg(target_os = "macos")]
     let cmd = {
+        // The literal address: `localhost` may resolve to ::1 first, where nothing listens.
         let host = match addr.ip() {
-            ip if ip == std::net::Ipv4Addr::LOCALHOST => "localhost".to_string(),
             std::net::IpAddr::V6(ip) => format!("[{ip}]"),
             ip => ip.to_string(),
         };

@@ -63,6 +63,31 @@ fn fusermount() -> Check {
     }
 }
 
+fn nfs_client() -> Check {
+    let tool = if cfg!(target_os = "macos") {
+        "mount_nfs"
+    } else {
+        "mount.nfs"
+    };
+    let found = find_in_path(tool).or_else(|| {
+        ["/sbin", "/usr/sbin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => pass(format!(
+            "{tool} is at {} (the NFS front end mounts with it)",
+            p.display()
+        )),
+        None => fail(
+            format!("{tool} is missing: the NFS front end cannot mount"),
+            "install the system's NFS client (Debian: sudo apt-get install nfs-common), or serve \
+             with --nfs-no-mount and mount by hand",
+        ),
+    }
+}
+
 fn allow_other() -> Check {
     let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
     let enabled = conf.lines().any(|l| l.trim() == "user_allow_other");
@@ -180,11 +205,19 @@ pub fn run(
     want_allow_other: bool,
     remote: Option<RemoteConfig>,
 ) -> Result<bool, Failure> {
-    let mut checks = vec![dev_fuse(), fusermount()];
-    if want_allow_other {
+    // Where the binary has no FUSE front end (macOS, or built without it), mounts go through
+    // the system's NFS client instead.
+    let mut checks = if crate::fuse::AVAILABLE {
+        vec![dev_fuse(), fusermount()]
+    } else {
+        vec![nfs_client()]
+    };
+    if want_allow_other && crate::fuse::AVAILABLE {
         checks.push(allow_other());
     }
-    checks.extend(kernel());
+    if crate::fuse::AVAILABLE {
+        checks.extend(kernel());
+    }
     checks.push(store_check(
         &store_dir.unwrap_or_else(store::default_store_dir),
     ));

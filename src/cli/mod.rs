@@ -34,7 +34,7 @@ Exit codes: 0 success (also when a reader such as `head` closes the output early
 1 failure (one line on stderr), 2 usage error.";
 
 #[derive(Parser, Debug)]
-#[command(name = "digestfs", version, about = "A read-only FUSE view over the Pants local store", after_help = EXAMPLES)]
+#[command(name = "digestfs", version, about = "Read-only views over the Pants local store, served by FUSE or NFS", after_help = EXAMPLES)]
 pub struct Cli {
     /// The Pants local store [default: $PANTS_LOCAL_STORE_DIR, else $XDG_CACHE_HOME/pants/lmdb_store, else ~/.cache/pants/lmdb_store]
     #[arg(long, global = true, value_name = "DIR")]

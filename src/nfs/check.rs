@@ -19,7 +19,7 @@ const MAX_AUTH: usize = 400;
 const MAX_MACHINE_NAME: usize = 255;
 const MAX_GROUPS: usize = 16;
 /// The most a client may ask one reply to carry.
-pub const MAX_REPLY: u32 = 1 << 20;
+pub const MAX_REPLY: u32 = super::MAX_READ;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Malformed {
@@ -199,8 +199,11 @@ pub fn check_call(record: &mut [u8]) -> Result<Call, Malformed> {
 fn arguments(call: &Call, c: &mut Cur, clamps: &mut Vec<usize>) -> Result<(), Stop> {
     let any = usize::MAX;
     let mut clamp = |c: &mut Cur| {
-        clamps.push(c.pos);
-        c.u32().map(|_| ())
+        let at = c.pos;
+        c.u32()?;
+        // Recorded only once the four bytes are known to be there.
+        clamps.push(at);
+        Ok(())
     };
     match (call.prog, call.vers, call.proc_) {
         (PROG_MOUNT, 3, 1 | 3) => c.opaque(any).map(|_| ()),
@@ -251,9 +254,34 @@ fn arguments(call: &Call, c: &mut Cur, clamps: &mut Vec<usize>) -> Result<(), St
     }
 }
 
-/// The xid of a reply record (its first word), for matching replies to calls.
-pub fn reply_xid(record: &[u8]) -> Option<u32> {
+/// The xid of a record (its first word): a call's or a reply's.
+pub fn xid(record: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(record.get(..4)?.try_into().ok()?))
+}
+
+/// Sets the xid of a record (its first word), which must hold one.
+pub fn set_xid(record: &mut [u8], xid: u32) {
+    record[..4].copy_from_slice(&xid.to_be_bytes());
+}
+
+/// The reply to a mutating call the crate does not answer with NFS3ERR_ROFS (it answers MKNOD
+/// and LINK with PROC_UNAVAIL): an accepted call whose result is NFS3ERR_ROFS and empty
+/// attributes. `None` for every other call.
+pub fn rofs_reply(call: &Call) -> Option<Vec<u8>> {
+    const REPLY: u32 = 1;
+    const NFS3ERR_ROFS: u32 = 30;
+    // After the status: MKNOD3resfail is a wcc_data (pre_op_attr, post_op_attr: both absent);
+    // LINK3resfail a post_op_attr and a wcc_data.
+    let absent = match (call.prog, call.vers, call.proc_) {
+        (PROG_NFS, 3, 11) => 2,
+        (PROG_NFS, 3, 15) => 3,
+        _ => return None,
+    };
+    // xid, REPLY, MSG_ACCEPTED, verifier AUTH_NONE (flavor, empty body), SUCCESS, the result.
+    let words = [call.xid, REPLY, 0, 0, 0, 0, NFS3ERR_ROFS]
+        .into_iter()
+        .chain(std::iter::repeat_n(0, absent));
+    Some(words.flat_map(u32::to_be_bytes).collect())
 }
 
 #[cfg(test)]
@@ -305,6 +333,45 @@ pub mod tests {
         // Unknown programs, versions and procedures are the crate's to answer.
         assert!(check_call(&mut call(1, 99, 1, 0, &[])).is_ok());
         assert!(check_call(&mut call(1, PROG_NFS, 4, 1, &[0xff; 4])).is_ok());
+    }
+
+    #[test]
+    fn clamped_calls_cut_anywhere_never_panic() {
+        // READ, READDIR and READDIRPLUS with their counts, cut at every length: a count that is
+        // not there is not clamped (the crate refuses the short call itself).
+        for (proc_, fixed) in [(6u32, 12usize), (16, 24), (17, 24)] {
+            let mut args = opaque(&[1; 9]);
+            args.extend(std::iter::repeat_n(0xff, fixed));
+            let whole = call(5, PROG_NFS, 3, proc_, &args);
+            for cut in 0..=whole.len() {
+                let _ = check_call(&mut whole[..cut].to_vec());
+            }
+        }
+    }
+
+    #[test]
+    fn the_writes_the_crate_does_not_refuse_are_answered_rofs() {
+        for (proc_, words) in [(11u32, 9usize), (15, 10)] {
+            let c = Call {
+                xid: 77,
+                prog: PROG_NFS,
+                vers: 3,
+                proc_,
+            };
+            let reply = rofs_reply(&c).unwrap();
+            assert_eq!(reply.len(), words * 4, "proc {proc_}");
+            assert_eq!(xid(&reply), Some(77));
+            assert_eq!(&reply[24..28], &30u32.to_be_bytes(), "NFS3ERR_ROFS");
+        }
+        for proc_ in [0, 6, 7] {
+            let c = Call {
+                xid: 1,
+                prog: PROG_NFS,
+                vers: 3,
+                proc_,
+            };
+            assert!(rofs_reply(&c).is_none());
+        }
     }
 
     #[test]

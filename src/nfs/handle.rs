@@ -11,7 +11,8 @@
 //!   digests; a symlink by the `Directory` that lists it and a hash of its name.
 //!
 //! The memo below only saves searches; losing any of it changes no answer, except `..` of a
-//! store directory, which is known only from where the directory was last found.
+//! store directory (known only from where the directory was last found) and a merged directory
+//! more than a bounded search below its view's root (STALE: the client looks it up again).
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -251,13 +252,17 @@ impl Object {
     }
 }
 
+/// A merged directory's set, as remembered: (its view's generation, the set's hash).
+type SetKey = (H16, H16);
+
 /// What the handle functions remember to avoid searches; bounded, and never needed for a right
 /// answer except `..` of store directories.
 pub struct Memo {
     /// Namespace directory and view paths by their hash.
     paths: Mutex<LruCache<H16, Arc<str>>>,
-    /// Merged directories' digest sets by their hash.
-    sets: Mutex<LruCache<H16, Arc<[Digest]>>>,
+    /// Merged directories' digest sets, by the generation of the view they were found in and
+    /// their own hash: a handle never resolves to a directory of another view.
+    sets: Mutex<LruCache<SetKey, Arc<[Digest]>>>,
     /// Where a store or merged directory was last found: its parent's key, for `..`.
     parents: Mutex<LruCache<Key, Key>>,
     /// File blobs seen present (content never changes, so this only saves store look-ups).
@@ -265,8 +270,11 @@ pub struct Memo {
 }
 
 const MEMO_ENTRIES: usize = 16384;
-/// How many merged directories a search for a handle's set may visit before giving up.
-const MAX_SEARCH: usize = 100_000;
+/// How many merged directories a search for a handle's set may visit before giving up: a
+/// forged handle must stay cheap. (A directory appears merged only where layers disagree about
+/// it, so real views have few; one deeper than this reads STALE to a client whose handle fell
+/// out of the memo, and the client looks the name up again.)
+const MAX_SEARCH: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -388,8 +396,14 @@ fn find_view<'a>(ns: &'a Namespace, memo: &Memo, hash: &H16) -> Option<(Arc<str>
 
 /// The merged directory with this set hash below the view's root `top`: from the memo, else
 /// searched breadth-first through the merged directories only.
-fn find_set(core: &DigestFs, memo: &Memo, top: &Node, set: &H16) -> Result<Node, nfsstat3> {
-    if let Some(ds) = lock(&memo.sets).get(set).cloned() {
+fn find_set(
+    core: &DigestFs,
+    memo: &Memo,
+    top: &Node,
+    generation: &H16,
+    set: &H16,
+) -> Result<Node, nfsstat3> {
+    if let Some(ds) = lock(&memo.sets).get(&(*generation, *set)).cloned() {
         return Ok(Node::Merged(ds));
     }
     let mut queue = std::collections::VecDeque::new();
@@ -405,7 +419,7 @@ fn find_set(core: &DigestFs, memo: &Memo, top: &Node, set: &H16) -> Result<Node,
         for (_, child) in core.children_of(&dir).map_err(stale_or_io)?.iter() {
             if let Node::Merged(ds) = child {
                 let h = set_hash(ds);
-                lock(&memo.sets).put(h, ds.clone());
+                lock(&memo.sets).put((*generation, h), ds.clone());
                 if h == *set {
                     return Ok(child.clone());
                 }
@@ -480,7 +494,7 @@ pub fn resolve(core: &DigestFs, memo: &Memo, key: &Key) -> Result<Object, nfssta
                 Some((_, v)) if generation(v) == *g => v.node(),
                 _ => return Err(nfsstat3::NFS3ERR_STALE),
             };
-            plain(find_set(core, memo, &top, set)?)
+            plain(find_set(core, memo, &top, g, set)?)
         }
         Key::Symlink { dir, name } => load_tree(core, dir)?
             .iter()
@@ -507,7 +521,7 @@ fn content_child(
         Node::Merged(ds) => {
             let (path, generation) = parent.view().ok_or(nfsstat3::NFS3ERR_IO)?;
             let set = set_hash(ds);
-            lock(&memo.sets).put(set, ds.clone());
+            lock(&memo.sets).put((generation, set), ds.clone());
             Key::Merged {
                 path,
                 generation,

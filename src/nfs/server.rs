@@ -14,9 +14,13 @@
 //! One base context serves the whole life of the server, so every connection shares one handle
 //! generation (a restarted server's handles are stale, never confused with ours). Each
 //! connection gets its own transaction tracker: the crate's tracker drops a retransmitted xid
-//! without replaying the reply, and keeps a client's entry forever without its cleaner task, so
-//! sharing one would leak and could leave a reconnecting client unanswered. Retransmissions on
-//! one connection are dropped here instead, while the original is in flight or just answered.
+//! without replying (`NoReply`), and keeps a client's entry forever without its cleaner task, so
+//! sharing one would leak and could leave a reconnecting client unanswered. The crate never sees
+//! the client's xids at all: each call it gets carries ours, increasing per connection, mapped
+//! back on the reply, so no call of ours goes unanswered and holds its permits forever.
+//! Retransmissions of a client's xid are dropped here instead, while the original is in flight
+//! or just answered. The two mutating procedures the crate does not answer with NFS3ERR_ROFS
+//! (MKNOD, LINK) are answered here.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -60,6 +64,9 @@ const RECORD_TIME: Duration = Duration::from_secs(60);
 const WRITE_TIME: Duration = Duration::from_secs(60);
 /// Retransmitted xids answered already that are still recognised, per connection.
 const RECENT_XIDS: usize = 1024;
+/// How long a call may wait for a place among the calls in flight before the connection is
+/// closed (its client holds on to replies, or the server is saturated).
+const PLACE_TIME: Duration = Duration::from_secs(60);
 const PIPE_BYTES: usize = 1 << 20;
 
 /// The listening socket, bound before anything is served so its port can be reported.
@@ -282,31 +289,46 @@ async fn accept_loop(tcp: TcpListener, base: RPCContext<NfsFront>) {
     }
 }
 
-/// The calls of one connection: in flight (holding their permits) and recently answered.
+/// The calls of one connection: in flight (by our xid, with the client's and the permits the
+/// call holds) and recently answered (by the client's xid).
 #[derive(Default)]
 struct Xids {
-    in_flight: HashMap<u32, (OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    next: u32,
+    in_flight: HashMap<u32, (u32, OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    theirs_in_flight: HashSet<u32>,
     recent: VecDeque<u32>,
     recent_set: HashSet<u32>,
 }
 
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
 impl Xids {
+    /// Whether the client's `xid` is in flight or was answered lately (a retransmission).
     fn seen(&self, xid: u32) -> bool {
-        self.in_flight.contains_key(&xid) || self.recent_set.contains(&xid)
+        self.theirs_in_flight.contains(&xid) || self.recent_set.contains(&xid)
     }
 
-    fn answered(&mut self, xid: u32) {
-        if self.in_flight.remove(&xid).is_none() {
-            return;
-        }
-        if self.recent_set.insert(xid) {
-            self.recent.push_back(xid);
+    /// Records a call of the client's `xid`; the xid the crate gets instead.
+    fn start(&mut self, theirs: u32, (mine, all): Permits) -> u32 {
+        self.next = self.next.wrapping_add(1);
+        self.in_flight.insert(self.next, (theirs, mine, all));
+        self.theirs_in_flight.insert(theirs);
+        self.next
+    }
+
+    /// The reply to our xid `ours` arrived: the client's xid, its permits released.
+    fn answered(&mut self, ours: u32) -> Option<u32> {
+        let (theirs, _, _) = self.in_flight.remove(&ours)?;
+        self.theirs_in_flight.remove(&theirs);
+        if self.recent_set.insert(theirs) {
+            self.recent.push_back(theirs);
         }
         while self.recent.len() > RECENT_XIDS {
             if let Some(old) = self.recent.pop_front() {
                 self.recent_set.remove(&old);
             }
         }
+        Some(theirs)
     }
 }
 
@@ -327,9 +349,10 @@ async fn connection(
     let (pipe_r, pipe_w) = tokio::io::split(ours);
     let xids = Mutex::new(Xids::default());
     let per_conn = Arc::new(Semaphore::new(CONN_IN_FLIGHT));
+    let (local_tx, local_rx) = tokio::sync::mpsc::unbounded_channel();
     let why = tokio::select! {
-        why = calls(tcp_r, pipe_w, &xids, &per_conn, &in_flight) => why,
-        why = replies(pipe_r, tcp_w, &xids) => why,
+        why = calls(tcp_r, pipe_w, local_tx, &xids, &per_conn, &in_flight) => why,
+        why = replies(pipe_r, local_rx, tcp_w, &xids) => why,
     };
     match why {
         End::Closed => log::debug!("NFS client {peer} disconnected"),
@@ -343,10 +366,12 @@ enum End {
     Refused(String),
 }
 
-/// Reads calls from the client, checks each, and passes the good ones to the crate.
+/// Reads calls from the client, checks each, and passes the good ones to the crate (or answers
+/// them itself, through `local`).
 async fn calls(
     tcp: tokio::net::tcp::OwnedReadHalf,
     mut pipe: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    local: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     xids: &Mutex<Xids>,
     per_conn: &Arc<Semaphore>,
     in_flight: &Arc<Semaphore>,
@@ -374,34 +399,66 @@ async fn calls(
             log::debug!("dropping a retransmission of xid {}", call.xid);
             continue;
         }
-        let (Ok(mine), Ok(all)) = (
-            per_conn.clone().acquire_owned().await,
-            in_flight.clone().acquire_owned().await,
-        ) else {
+        if let Some(reply) = check::rofs_reply(&call) {
+            if local.send(reply).is_err() {
+                return End::Closed;
+            }
+            continue;
+        }
+        let permits = timeout(PLACE_TIME, async {
+            let mine = per_conn.clone().acquire_owned().await;
+            let all = in_flight.clone().acquire_owned().await;
+            (mine, all)
+        })
+        .await;
+        let (Ok(mine), Ok(all)) = (match permits {
+            Ok(p) => p,
+            Err(_) => {
+                return End::Refused("a call that found no place among those in flight".into())
+            }
+        }) else {
             return End::Closed;
         };
-        lock(xids).in_flight.insert(call.xid, (mine, all));
+        let ours = lock(xids).start(call.xid, (mine, all));
+        check::set_xid(&mut record, ours);
         if pipe.write_all(&frame(&record)).await.is_err() {
             return End::Closed;
         }
     }
 }
 
-/// Copies the crate's replies to the client, releasing each call's permits.
+/// Copies the crate's replies to the client under the client's xids, releasing each call's
+/// permits, and sends the replies `calls` made itself.
 async fn replies(
     mut pipe: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    mut local: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     mut tcp: tokio::net::tcp::OwnedWriteHalf,
     xids: &Mutex<Xids>,
 ) -> End {
     let mut record = Vec::new();
     loop {
-        match read_record(&mut pipe, &REPLIES, &mut record).await {
-            Ok(true) => {}
-            Ok(false) => return End::Closed,
-            Err(e) => return End::Refused(format!("a reply of the server: {e}")),
-        }
-        if let Some(xid) = check::reply_xid(&record) {
-            lock(xids).answered(xid);
+        let from_crate = tokio::select! {
+            read = read_record(&mut pipe, &REPLIES, &mut record) => match read {
+                Ok(true) => true,
+                Ok(false) => return End::Closed,
+                Err(e) => return End::Refused(format!("a reply of the server: {e}")),
+            },
+            // Made under the client's xid already.
+            made = local.recv() => match made {
+                Some(r) => {
+                    record = r;
+                    false
+                }
+                None => return End::Closed,
+            },
+        };
+        if from_crate {
+            let theirs = check::xid(&record).and_then(|ours| lock(xids).answered(ours));
+            match theirs {
+                Some(theirs) => check::set_xid(&mut record, theirs),
+                // Not an answer to any call we passed on: nothing the client asked for.
+                None => continue,
+            }
         }
         match timeout(WRITE_TIME, tcp.write_all(&frame(&record))).await {
             Ok(Ok(())) => {}
