@@ -13,10 +13,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use crate::fs::DigestFs;
 use crate::store::Digest;
 
-/// What the lease keeper has done, for `digestfs status`.
+/// What the lease keeper has done, for `digestfs status`. `last_*` describe the last full
+/// round (everything bound); the renewals of single trees at bind time are only counted.
 #[derive(Default)]
 pub struct LeaseStats {
     pub rounds: AtomicU64,
+    /// Trees renewed on their own as they were bound.
+    pub tree_renewals: AtomicU64,
     /// Seconds since the epoch of the last renewal (0: none yet).
     pub last_unix: AtomicU64,
     pub last_renewed: AtomicU64,
@@ -36,15 +39,24 @@ fn bound_roots(core: &DigestFs) -> Vec<Digest> {
         .collect()
 }
 
-/// One round: renews every blob of the trees at `roots`. What cannot be read is logged and
-/// skipped: the rest still needs renewing.
-fn renew(core: &DigestFs, stats: &LeaseStats, roots: &[Digest]) {
+/// Renews every blob of the trees at `roots` (a full round when `full`). What cannot be read is
+/// logged and skipped: the rest still needs renewing.
+fn renew(core: &DigestFs, stats: &LeaseStats, roots: &[Digest], full: bool) {
     let started = Instant::now();
     let tree = core.cas().tree_blobs(roots);
     for e in &tree.errors {
         log::warn!("lease renewal: {e}");
     }
     match core.cas().store().renew_leases(&tree.files, &tree.dirs) {
+        Ok(report) if !full => {
+            stats.tree_renewals.fetch_add(1, Ordering::Relaxed);
+            if report.missing > 0 {
+                log::warn!(
+                    "lease renewal: {} blobs of a tree just bound are missing from the store",
+                    report.missing
+                );
+            }
+        }
         Ok(report) => {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -81,7 +93,7 @@ fn renew(core: &DigestFs, stats: &LeaseStats, roots: &[Digest]) {
 
 /// One round over everything bound now.
 pub fn renew_once(core: &DigestFs, stats: &LeaseStats) {
-    renew(core, stats, &bound_roots(core));
+    renew(core, stats, &bound_roots(core), true);
 }
 
 /// Renews everything bound every `interval`, and each tree that `bound` announces (at bind
@@ -103,7 +115,7 @@ pub fn spawn(
                     next = Instant::now() + interval;
                 }
                 match bound.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                    Ok(tree) => renew(&core, &theirs, &[tree]),
+                    Ok(tree) => renew(&core, &theirs, &[tree], false),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }

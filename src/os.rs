@@ -386,3 +386,34 @@ pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
     }
     Ok(f)
 }
+
+/// The address ranges where this process maps files whose path satisfies `which` (Linux reads
+/// /proc/self/maps; elsewhere there are none to report).
+pub fn file_mappings(which: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return Vec::new();
+        };
+        maps.lines()
+            .filter(|l| l.split_whitespace().nth(5).is_some_and(&which))
+            .filter_map(|l| {
+                let (a, b) = l.split(' ').next()?.split_once('-')?;
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .collect()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = which;
+        Vec::new()
+    }
+}
+
+/// `madvise` over `[start, end)`; advice only, so failure changes nothing.
+pub fn advise_range((start, end): (usize, usize), advice: libc::c_int) {
+    unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
+}

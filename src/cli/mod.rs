@@ -29,6 +29,10 @@ Examples:
   digestfs bind .pants.d/bsp/jvm/resolves jvm-default/lib <digest> --layer modules.src/jvm:lib
   digestfs unmount .pants.d/bsp/jvm/resolves
 
+The daemon's refusals name their kind (error_kind in docs/PROTOCOL.md): missing (a digest
+is not in the store: store or fetch it, then retry), conflict, bad_request, unavailable (the
+remote CAS: retry later), internal.
+
 Logging: RUST_LOG=debug digestfs …  (default: info for digestfs, warn otherwise)
 Exit codes: 0 success (also when a reader such as `head` closes the output early),
 1 failure (one line on stderr), 2 usage error.";

@@ -76,8 +76,9 @@ pub(super) struct MountArgs {
     /// FUSE: kernel entry and attribute cache lifetime, in seconds
     #[arg(long, default_value_t = 3600, value_name = "SECS")]
     ttl: u64,
-    /// FUSE: request-handling threads
-    #[arg(long, default_value_t = 2)]
+    /// FUSE: request-handling threads. Each waits on the disk while it serves a cold read, so
+    /// concurrent readers need several (8 cold IDE readers: 20% faster with 8 than with 2)
+    #[arg(long, default_value_t = 8)]
     threads: usize,
     /// FUSE: kernel readahead for the mount in KiB (needs root; 0 keeps the kernel's 128)
     #[arg(long, default_value_t = 4096, value_name = "KIB")]

@@ -378,6 +378,7 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
         cached_dir_entries: core.cached_entries() as u64,
         views: core.namespace().views().len() as u64,
         lease_rounds: lease(|l| &l.rounds),
+        lease_tree_renewals: lease(|l| &l.tree_renewals),
         lease_last_unix: lease(|l| &l.last_unix),
         lease_last_renewed: lease(|l| &l.last_renewed),
         lease_last_missing: lease(|l| &l.last_missing),

@@ -96,7 +96,11 @@ pub struct StatusInfo {
     pub inodes: u64,
     pub cached_dir_entries: u64,
     pub views: u64,
+    /// Full lease rounds (everything bound); the `lease_last_*` fields describe the last one.
     pub lease_rounds: u64,
+    /// Trees renewed on their own as they were bound.
+    #[serde(default)]
+    pub lease_tree_renewals: u64,
     /// Seconds since the epoch of the last lease renewal (0: none yet).
     pub lease_last_unix: u64,
     pub lease_last_renewed: u64,

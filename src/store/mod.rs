@@ -217,17 +217,7 @@ impl Store {
                 actual,
             });
         }
-        // Jars are mostly read front to back: a larger readahead window on the store file.
-        // Advice only: failure changes nothing. (macOS has no posix_fadvise.)
-        #[cfg(target_os = "linux")]
-        unsafe {
-            libc::posix_fadvise(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-                0,
-                libc::POSIX_FADV_SEQUENTIAL,
-            )
-        };
+        advice::on_open(&file);
         Ok(Blob::Large(*digest, Arc::new(file)))
     }
 
