@@ -79,10 +79,10 @@ fn every_printing_command_stops_quietly_when_its_reader_goes() {
 
 #[test]
 fn a_chain_of_100k_directories_binds_renews_and_reads() {
-    let (m, socket) = Mount::fixture_with_control(&[], &["--lease-interval", "3600"]);
+    let (m, socket) = Mount::fixture_with_control(&[], &["--lease-interval", "1"]);
     let root = chain_tree(&m.store, 100_000, b"at the bottom");
     let (mnt, sock) = (m.mnt.to_str().unwrap(), socket.to_str().unwrap());
-    // The bind checks all 100,001 Directories; the lease keeper renews them as it is bound.
+    // The bind checks all 100,001 Directories; the lease keeper's rounds renew them all.
     dfs_ok(&["bind", mnt, "--control", sock, "deep", &root]);
     let status = wait_until("the lease round of the bound chain", T, || {
         let s: serde_json::Value =
