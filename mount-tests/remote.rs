@@ -481,6 +481,36 @@ fn prefetch_fetches_a_bound_tree_in_the_background() {
 }
 
 #[test]
+fn a_chain_of_100k_directories_is_pushed_bound_and_prefetched() {
+    let bg = BuildGrid::start();
+    let src = tempfile::tempdir().unwrap();
+    let store = src.path().join("store");
+    let root = chain_tree(&store, 100_000, b"at the bottom of the chain");
+    // push walks the chain (without recursion) and uploads its 100,001 Directories.
+    let out = push(&bg, "", &store, &[&root]);
+    assert!(out.contains("100002 blobs were missing"), "{out}");
+    // An empty local store: the bind fetches every Directory, the prefetcher the leaf.
+    let (m, socket) = mount_remote(&bg.address, &[], &["--prefetch"]);
+    bind(&m, &socket, "deep", &root);
+    let status = wait_for_status(&socket, |s| {
+        s.prefetch.trees == 1 && s.prefetch.running == 0
+    });
+    assert_eq!(
+        (status.prefetch.blobs_done, status.prefetch.blobs_failed),
+        (1, 0),
+        "{status:?}"
+    );
+    let leaf = Digest::of_bytes(b"at the bottom of the chain");
+    let local = Store::open(&m.store).unwrap();
+    assert_eq!(
+        local.read_all(&leaf).unwrap(),
+        b"at the bottom of the chain"
+    );
+    assert!(local.tree_blobs(&[root.parse().unwrap()]).errors.is_empty());
+    assert!(m.log_text().lines().all(|l| !l.contains("overflow")));
+}
+
+#[test]
 fn grpcs_with_the_servers_ca_works_and_without_it_is_refused() {
     let (bg, ca) = BuildGrid::start_tls();
     let fixture = fixture_store();

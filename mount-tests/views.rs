@@ -388,32 +388,21 @@ fn conflicts_and_bad_input_leave_the_view_unchanged() {
         &[&format!("{VIEW}/x.jar"), &x_one, &x_conflict],
     );
     let absent = format!("{}-10", "cd".repeat(32));
-    refused(
-        &[
-            "bind",
-            &mnt,
-            "--control",
-            sock,
-            VIEW,
-            &absent,
-            "--layer",
-            "g3",
-        ],
-        &[&absent],
-    );
-    refused(
-        &[
-            "bind",
-            &mnt,
-            "--control",
-            sock,
-            VIEW,
-            "zz-1",
-            "--layer",
-            "g3",
-        ],
-        &["zz-1"],
-    );
+    for digest in [absent.as_str(), "zz-1"] {
+        refused(
+            &[
+                "bind",
+                &mnt,
+                "--control",
+                sock,
+                VIEW,
+                digest,
+                "--layer",
+                "g3",
+            ],
+            &[digest],
+        );
+    }
     refused(&["bind", &mnt, "--control", sock, "a/../b", &da], &[".."]);
     refused(
         &["bind", &mnt, "--control", sock, "/abs/path", &da],

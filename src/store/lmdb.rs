@@ -194,6 +194,16 @@ impl Shards {
         let lease = until.to_le_bytes();
         for batch in digests.chunks(LEASE_BATCH) {
             let _guard = s.resize.read().unwrap_or_else(|p| p.into_inner());
+            // Walk the keys' pages in a read transaction first: a page not in memory is read
+            // from disk here, not while the write lock is held and pantsd waits for it.
+            {
+                let txn = s.env.begin_ro_txn().map_err(lmdb_err(ctx()))?;
+                for d in batch {
+                    let key = d.lmdb_key();
+                    let _ = txn.get(s.content, &key);
+                    let _ = txn.get(s.leases, &key);
+                }
+            }
             let mut txn = s.env.begin_rw_txn().map_err(lmdb_err(ctx()))?;
             // Timed from when this transaction holds the write lock.
             let held = std::time::Instant::now();
