@@ -399,7 +399,13 @@ impl Client {
 
     /// Every `Directory` under `root`, as the bytes the server sent, all pages. `Ok(None)` when
     /// the server does not implement `GetTree`.
-    pub async fn get_tree(&self, root: &Digest) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
+    /// `progress` grows by the bytes of each page as it arrives, so a caller waiting on a large
+    /// tree can tell a slow stream from a stalled one.
+    pub async fn get_tree(
+        &self,
+        root: &Digest,
+        progress: &AtomicU64,
+    ) -> Result<Option<Vec<Vec<u8>>>, RemoteError> {
         self.counters.get_trees.fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::new();
         let mut page_token = String::new();
@@ -429,6 +435,8 @@ impl Client {
                             .await
                             .map_err(|s| rpc_error("GetTree", s))?
                         {
+                            let bytes: usize = page.directories.iter().map(|d| d.len()).sum();
+                            progress.fetch_add(bytes as u64, Ordering::Relaxed);
                             pages.push(page);
                         }
                         Ok(pages)

@@ -696,7 +696,7 @@ impl Shared {
             return Ok(true);
         }
         match kind {
-            BlobKind::Directory => self.fetch_directory(store, &digest).await,
+            BlobKind::Directory => self.fetch_directory(store, &digest, flight).await,
             BlobKind::File if digest.is_large() => self.fetch_large(store, &digest, flight).await,
             BlobKind::File => self.fetch_small(store, kind, &digest).await,
         }
@@ -768,9 +768,14 @@ impl Shared {
     }
 
     /// Fetches a `Directory`, and with `GetTree` every `Directory` below it in the same call.
-    async fn fetch_directory(&self, store: &Store, digest: &Digest) -> Result<bool, FetchError> {
+    async fn fetch_directory(
+        &self,
+        store: &Store,
+        digest: &Digest,
+        flight: &Flight,
+    ) -> Result<bool, FetchError> {
         if !self.get_tree_unsupported.load(Ordering::Relaxed) {
-            match self.client.get_tree(digest).await {
+            match self.client.get_tree(digest, &flight.progress).await {
                 Ok(Some(dirs)) => {
                     let mut found = false;
                     let mut by_shard: Vec<Vec<(Digest, &[u8])>> = vec![Vec::new(); 16];
