@@ -489,8 +489,24 @@ fn a_chain_of_100k_directories_is_pushed_bound_and_prefetched() {
     // push walks the chain (without recursion) and uploads its 100,001 Directories.
     let out = push(&bg, "", &store, &[&root]);
     assert!(out.contains("100002 blobs were missing"), "{out}");
-    // An empty local store: the bind fetches every Directory, the prefetcher the leaf.
-    let (m, socket) = mount_remote(&bg.address, &[], &["--prefetch"]);
+    // An empty local store: the bind fetches every Directory, the prefetcher the leaf. The
+    // server is Python and the tests run in parallel: give its first GetTree page time.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("store")).unwrap();
+    let socket = tmp.path().join("ctl.sock");
+    let m = Mount::over(
+        tmp,
+        &[],
+        &[
+            "--remote-store-address",
+            &bg.address,
+            "--remote-timeout-ms",
+            "60000",
+            "--control",
+            socket.to_str().unwrap(),
+            "--prefetch",
+        ],
+    );
     bind(&m, &socket, "deep", &root);
     let status = wait_for_status(&socket, |s| {
         s.prefetch.trees == 1 && s.prefetch.running == 0

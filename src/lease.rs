@@ -113,15 +113,15 @@ pub fn spawn(
                 if Instant::now() >= next {
                     renew_once(&core, &theirs);
                     next = Instant::now() + interval;
+                    release_freed_memory();
+                    // A round reads every bound Directory and lease: hand those pages back.
+                    crate::store::release_mapped_pages();
                 }
                 match bound.recv_timeout(next.saturating_duration_since(Instant::now())) {
                     Ok(tree) => renew(&core, &theirs, &[tree], false),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
-                release_freed_memory();
-                // A round reads every bound Directory and lease: hand those pages back too.
-                crate::store::release_mapped_pages();
             }
         })?;
     Ok(stats)

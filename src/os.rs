@@ -395,8 +395,16 @@ pub fn file_mappings(which: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
         let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
             return Vec::new();
         };
+        // Fields: range, perms, offset, device, inode, then the path (which may hold spaces).
+        let path = |line: &str| {
+            let mut rest = line;
+            for _ in 0..5 {
+                rest = rest.trim_start().split_once(' ').map_or("", |(_, r)| r);
+            }
+            rest.trim_start().to_string()
+        };
         maps.lines()
-            .filter(|l| l.split_whitespace().nth(5).is_some_and(&which))
+            .filter(|l| which(&path(l)))
             .filter_map(|l| {
                 let (a, b) = l.split(' ').next()?.split_once('-')?;
                 Some((

@@ -58,7 +58,8 @@ fn set_read_ahead(mp: &Path, kb: u32) {
 
 /// Mounts `core` and serves until the mount goes away (unmount, `fusermount3 -u`, or one of
 /// `signals`, which unmounts). `ready` is called once: when the mount answers, or with the
-/// reason it could not be made.
+/// reason it could not be made. Errors are text: each is the one line the daemon
+/// reports to `mount --daemon`'s parent through the readiness pipe, and prints.
 pub fn serve(
     core: Arc<DigestFs>,
     cfg: &MountConfig,
@@ -147,6 +148,7 @@ fn spawn_signal_thread(mp: PathBuf, signals: SignalSet) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Until the mount answers, or why it will not (a line for the readiness pipe).
 fn wait_until_answering(mp: &Path, ended: &AtomicBool) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

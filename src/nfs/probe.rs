@@ -94,7 +94,8 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     }
 }
 
-/// Probes until the server answers, or fails with the last reason after `limit`.
+/// Probes until the server answers, or fails with the last reason after `limit` (a line for
+/// the readiness pipe, hence text).
 pub fn wait_until_answering(addr: SocketAddr, limit: Duration) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     loop {

@@ -107,7 +107,8 @@ struct MountFlags {
 
 /// Serves `core` until a signal (which unmounts), or until the OS mount goes away. `ready` is
 /// called once: when the server answers NULL and MOUNT (and the mount, if any, answers too),
-/// or with the reason it could not.
+/// or with the reason it could not. Errors are text: each is the one line the daemon
+/// reports to `mount --daemon`'s parent through the readiness pipe, and prints.
 pub fn serve(
     core: Arc<DigestFs>,
     listener: Listener,
@@ -188,7 +189,7 @@ pub fn serve(
 }
 
 /// Waits until the server answers, then mounts (unless serving only) and waits until the
-/// mount answers too.
+/// mount answers too; the error is a line for the readiness pipe.
 fn become_ready(
     addr: SocketAddr,
     mountpoint: Option<&Path>,

@@ -108,6 +108,7 @@ impl Shards {
             let end = start.saturating_add(len).min(value.len());
             will_need(&value[start..end]);
             out.extend_from_slice(&value[start..end]);
+            touched(end - start);
         })
         .map(|found| found.is_some())
     }
@@ -152,12 +153,7 @@ impl Shards {
                     digest: *digest,
                     actual: value.len() as u64,
                 }),
-                Ok(value) => {
-                    let out = (f.take().expect("called once"))(value);
-                    // The value, and about a page of B-tree on the way to it.
-                    touched(value.len() + 4096);
-                    Ok(Some(out))
-                }
+                Ok(value) => Ok(Some((f.take().expect("called once"))(value))),
                 Err(lmdb::Error::NotFound) => Ok(None),
                 Err(e) => Err(lmdb_err(format!("reading {digest}"))(e)),
             };
@@ -294,8 +290,9 @@ impl Shards {
     }
 }
 
-/// Counts bytes read out of the maps, handing their pages back now and then.
-fn touched(n: usize) {
+/// Counts bytes copied out of the maps (values read, `Directory`s decoded), handing their
+/// pages back now and then.
+pub(super) fn touched(n: usize) {
     if TOUCHED.fetch_add(n, Ordering::Relaxed) + n >= RELEASE_AFTER {
         TOUCHED.store(0, Ordering::Relaxed);
         release_mapped_pages();
