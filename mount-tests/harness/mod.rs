@@ -19,13 +19,139 @@ use crate::common::*;
 /// How long one mounted test may take before the watchdog tears its mount down.
 const TEST_LIMIT: Duration = Duration::from_secs(300);
 
+/// A `digestfs … mount` running in the foreground as the test's child, as `mount --daemon`
+/// runs its daemon: READY (or ERROR and the reason) on stdout once it answers, the log in a
+/// file. A watchdog runs `on_timeout` and kills it if the test outlives its limit; dropping it
+/// stops it (SIGTERM, then SIGKILL) and shows its log if the test failed.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+    done: Arc<AtomicBool>,
+}
+
+impl Daemon {
+    /// Starts `digestfs --store STORE mount ARGS… MOUNTPOINT` and waits until it is ready.
+    pub fn start(
+        store: &Path,
+        args: &[&str],
+        mountpoint: &Path,
+        log: PathBuf,
+        limit: Duration,
+        on_timeout: impl FnOnce() + Send + 'static,
+    ) -> Daemon {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--store")
+            .arg(store)
+            .arg("mount")
+            .args(args)
+            .arg(mountpoint);
+        cmd.env("RUST_LOG", "digestfs=debug")
+            .env("DIGESTFS_DAEMON_CHILD", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let d = Daemon {
+            child: Some(child),
+            log,
+            done: Arc::new(AtomicBool::new(false)),
+        };
+        d.watchdog(limit, on_timeout);
+        // The watchdog bounds this wait.
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        assert_eq!(
+            line.trim_end(),
+            "READY",
+            "the daemon did not become ready:\n{}",
+            d.log_text()
+        );
+        d
+    }
+
+    fn watchdog(&self, limit: Duration, on_timeout: impl FnOnce() + Send + 'static) {
+        let done = self.done.clone();
+        let pid = self.pid();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                if done.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            eprintln!("watchdog: a test outlived {limit:?}; stopping its daemon {pid}");
+            on_timeout();
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        });
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether the daemon is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Waits for the daemon to exit on its own (after an unmount or a signal).
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let status = wait_until("the daemon to exit", limit, || child.try_wait().unwrap());
+        self.child = None;
+        status
+    }
+
+    /// Kills the daemon with SIGKILL (a FUSE mount is left stale).
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = wait_until_or_not(Duration::from_secs(5), || child.try_wait().ok().flatten());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.done.store(true, Ordering::Relaxed);
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// Polls `f` like [`wait_until`], but gives up quietly after `limit`.
+fn wait_until_or_not<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub struct Mount {
     pub tmp: tempfile::TempDir,
     pub mnt: PathBuf,
     pub store: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-    done: Arc<AtomicBool>,
+    pub daemon: Daemon,
 }
 
 pub fn is_mounted(mnt: &Path) -> bool {
@@ -91,74 +217,33 @@ impl Mount {
     pub fn over(tmp: tempfile::TempDir, binds: &[(&str, &str)], extra: &[&str]) -> Mount {
         let mnt = tmp.path().join("mnt");
         let store = tmp.path().join("store");
-        let log = tmp.path().join("daemon.log");
         std::fs::create_dir_all(&mnt).unwrap();
-        let mut cmd = Command::new(bin());
-        cmd.arg("--store").arg(&store).arg("mount");
-        for (path, digest) in binds {
-            cmd.arg("--bind").arg(format!("{path}={digest}"));
-        }
-        cmd.args(extra).arg(&mnt);
-        // As `mount --daemon` does: the daemon writes READY (or ERROR and its reason) on
-        // stdout once the mount answers.
-        cmd.env("RUST_LOG", "digestfs=debug")
-            .env("DIGESTFS_DAEMON_CHILD", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = cmd.spawn().unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let mut m = Mount {
+        let bind_args: Vec<String> = binds.iter().map(|(p, d)| format!("{p}={d}")).collect();
+        let mut args: Vec<&str> = bind_args
+            .iter()
+            .flat_map(|b| ["--bind", b.as_str()])
+            .collect();
+        args.extend(extra);
+        let torn = mnt.clone();
+        let daemon = Daemon::start(
+            &store,
+            &args,
+            &mnt,
+            tmp.path().join("daemon.log"),
+            TEST_LIMIT,
+            move || teardown(&torn),
+        );
+        assert!(is_mounted(&mnt) && statfs(&mnt).is_ok());
+        Mount {
             tmp,
             mnt,
             store,
-            log,
-            child: Some(child),
-            done,
-        };
-        m.watchdog();
-        m.wait_ready();
-        m
-    }
-
-    fn watchdog(&self) {
-        let (done, mnt) = (self.done.clone(), self.mnt.clone());
-        let pid = self.child.as_ref().map(|c| c.id());
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + TEST_LIMIT;
-            while Instant::now() < deadline {
-                if done.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            eprintln!(
-                "watchdog: {} outlived {TEST_LIMIT:?}; tearing it down",
-                mnt.display()
-            );
-            teardown(&mnt);
-            if let Some(pid) = pid {
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        });
-    }
-
-    /// Waits for the daemon's readiness line (the watchdog bounds the wait).
-    fn wait_ready(&mut self) {
-        let stdout = self.child.as_mut().unwrap().stdout.take().unwrap();
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        assert_eq!(
-            line.trim_end(),
-            "READY",
-            "the mount did not become ready:\n{}",
-            self.log_text()
-        );
-        assert!(is_mounted(&self.mnt) && statfs(&self.mnt).is_ok());
+            daemon,
+        }
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.daemon.log_text()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -166,43 +251,24 @@ impl Mount {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.daemon.pid()
     }
 
     /// Waits for the daemon to exit on its own (after an unmount or a signal).
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        let status = wait_until("the daemon to exit", limit, || child.try_wait().unwrap());
-        self.child = None;
-        status
+        self.daemon.wait_exit(limit)
     }
 
     /// Kills the daemon with SIGKILL, leaving a stale mount behind.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
+        self.daemon.kill9()
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        // Unmounted first, so the daemon (dropped next) exits on its own.
         teardown(&self.mnt);
-        if let Some(mut child) = self.child.take() {
-            // Give it a moment to exit on its own, then make sure it is gone.
-            for _ in 0..250 {
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.done.store(true, Ordering::Relaxed);
-        if std::thread::panicking() {
-            eprintln!("--- daemon log ---\n{}", self.log_text());
-        }
     }
 }
 

@@ -4,13 +4,11 @@
 //! client in `mount-tests/nfs.rs`. `Drop` stops the daemon on every path, and a watchdog kills
 //! it if a test outlives its time limit.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
+use super::Daemon;
 use crate::common::*;
 
 /// How long one NFS test may take before the watchdog kills its server.
@@ -20,10 +18,8 @@ pub struct NfsServer {
     pub tmp: tempfile::TempDir,
     pub socket: PathBuf,
     pub mnt: PathBuf,
-    pub log: PathBuf,
     pub port: u16,
-    child: Option<Child>,
-    done: Arc<AtomicBool>,
+    daemon: Daemon,
 }
 
 impl NfsServer {
@@ -31,65 +27,37 @@ impl NfsServer {
     pub fn fixture(binds: &[(&str, &str)]) -> NfsServer {
         let tmp = fixture_store();
         let (store, mnt) = (tmp.path().join("store"), tmp.path().join("mnt"));
-
-        let (socket, log) = (tmp.path().join("ctl.sock"), tmp.path().join("daemon.log"));
+        let socket = tmp.path().join("ctl.sock");
         std::fs::create_dir_all(&mnt).unwrap();
-        let mut cmd = Command::new(bin());
-        cmd.arg("--store").arg(&store).arg("mount");
-        cmd.args(["--frontend", "nfs", "--nfs-no-mount", "--control"])
-            .arg(&socket);
-        for (path, digest) in binds {
-            cmd.arg("--bind").arg(format!("{path}={digest}"));
-        }
-        cmd.arg(&mnt)
-            .env("RUST_LOG", "digestfs=debug")
-            .env("DIGESTFS_DAEMON_CHILD", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = cmd.spawn().unwrap();
+        let bind_args: Vec<String> = binds.iter().map(|(p, d)| format!("{p}={d}")).collect();
+        let mut args = vec![
+            "--frontend",
+            "nfs",
+            "--nfs-no-mount",
+            "--control",
+            socket.to_str().unwrap(),
+        ];
+        args.extend(bind_args.iter().flat_map(|b| ["--bind", b.as_str()]));
+        let daemon = Daemon::start(
+            &store,
+            &args,
+            &mnt,
+            tmp.path().join("daemon.log"),
+            TEST_LIMIT,
+            || {},
+        );
         let mut s = NfsServer {
             tmp,
             socket,
             mnt,
-            log,
             port: 0,
-            child: Some(child),
-            done: Arc::new(AtomicBool::new(false)),
+            daemon,
         };
-        s.watchdog();
-        let stdout = s.child.as_mut().unwrap().stdout.take().unwrap();
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        assert_eq!(
-            line.trim_end(),
-            "READY",
-            "the NFS server did not become ready:\n{}",
-            s.log_text()
-        );
         let status: serde_json::Value =
             serde_json::from_str(&s.dfs_ok(&["status", "--json"])).expect("status --json is JSON");
         assert_eq!(status["frontend"], "nfs");
         s.port = status["nfs_port"].as_u64().expect("an NFS port") as u16;
         s
-    }
-
-    fn watchdog(&self) {
-        let done = self.done.clone();
-        let pid = self.child.as_ref().map(|c| c.id());
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + TEST_LIMIT;
-            while Instant::now() < deadline {
-                if done.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            eprintln!("watchdog: an NFS test outlived {TEST_LIMIT:?}; killing its server");
-            if let Some(pid) = pid {
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        });
     }
 
     /// A libnfs URL for `path` under the export's root.
@@ -148,46 +116,19 @@ impl NfsServer {
 
     /// Whether the daemon is still running.
     pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.daemon.alive()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.daemon.pid()
     }
 
     /// Waits for the daemon to exit on its own (after a signal).
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        let status = wait_until("the NFS server to exit", limit, || {
-            child.try_wait().unwrap()
-        });
-        self.child = None;
-        status
+        self.daemon.wait_exit(limit)
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NfsServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            for _ in 0..100 {
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        self.done.store(true, Ordering::Relaxed);
-        if std::thread::panicking() {
-            eprintln!("--- NFS server log ---\n{}", self.log_text());
-        }
+        self.daemon.log_text()
     }
 }
