@@ -598,3 +598,46 @@ fn tar_archives_a_view_exactly() {
         }
     }
 }
+
+/// A store Pants wrote with 4 shards (here: `import --local-store-shard-count 4` of the
+/// fixture's trees), mounted with nothing said about its count: every file reads byte for byte
+/// and `status` says 4 shards.
+#[test]
+fn a_store_of_4_shards_mounts_and_reads_byte_for_byte() {
+    let fixture = fixture_store();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    for (i, (_, tree)) in all_trees().into_iter().enumerate() {
+        let out = tmp.path().join(format!("tree-{i}"));
+        dfs_ok(&[
+            "--store",
+            fixture.path().join("store").to_str().unwrap(),
+            "materialize",
+            tree,
+            out.to_str().unwrap(),
+        ]);
+        let got = dfs_ok(&[
+            "--store",
+            store.to_str().unwrap(),
+            "--local-store-shard-count",
+            "4",
+            "import",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(got.trim(), tree);
+    }
+    let m = Mount::over(tmp, &all_trees(), &[]);
+    let manifest = manifest();
+    for (bound, tree) in all_trees() {
+        for (path, kind) in &manifest[tree] {
+            if let Kind::File { digest, size, .. } = kind {
+                let bytes = std::fs::read(m.path(bound).join(path)).unwrap();
+                assert_eq!(bytes.len() as u64, *size, "{bound}/{path}");
+                assert_eq!(format!("{}-{size}", sha256_hex(&bytes)), *digest);
+            }
+        }
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&dfs_ok(&["status", "--json", m.mnt.to_str().unwrap()])).unwrap();
+    assert_eq!(status["shard_count"], 4, "{status}");
+}

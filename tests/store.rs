@@ -549,3 +549,213 @@ fn a_chain_of_100k_directories_is_one_error_line_never_an_abort() {
     let leaf = dest.join("d/".repeat(500)).join("leaf.txt");
     assert_eq!(std::fs::read(leaf).unwrap(), b"short");
 }
+
+/// The shard folders of one kind (`files` or `directories`) in a store, sorted by number.
+fn shard_folders(store: &Path, kind: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.join(kind))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort_by_key(|n| usize::from_str_radix(n, 16).unwrap());
+    names
+}
+
+/// Stores of 1, 2, 4 and 128 shards, written by `import` with `--local-store-shard-count` (or
+/// its environment variable): every folder Pants would make, every blob in the folder of its
+/// shard, and `ls -R` and `cat` of every file, told nothing, give exactly what the fixture's
+/// 16-shard store gives.
+#[test]
+fn stores_of_any_shard_count_import_and_read_back_byte_for_byte() {
+    use digestfs::store::ShardCount;
+    let tmp = fixture_store();
+    let fixture = tmp.path().join("store");
+    let trees = [LIB_TREE, SRC_SYMLINKS, SRC_FOLLOWED];
+    let ls = |store: &Path, tree: &str, env: Option<&str>| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--store").arg(store).args(["ls", "-R", tree]);
+        match env {
+            Some(n) => cmd.env("DIGESTFS_LOCAL_STORE_SHARD_COUNT", n),
+            None => cmd.env_remove("DIGESTFS_LOCAL_STORE_SHARD_COUNT"),
+        };
+        stdout_ok(run_timeout(&mut cmd, T))
+    };
+    let expected: Vec<String> = trees.iter().map(|t| ls(&fixture, t, None)).collect();
+    let fixture_store = Store::open(&fixture).unwrap();
+    assert_eq!(fixture_store.shard_count(), ShardCount::DEFAULT);
+    let dirs: Vec<_> = trees
+        .iter()
+        .map(|t| {
+            let dest = tmp.path().join(format!("out-{}", &t[..8]));
+            dfs_ok(&[
+                "--store",
+                fixture.to_str().unwrap(),
+                "materialize",
+                t,
+                dest.to_str().unwrap(),
+            ]);
+            dest
+        })
+        .collect();
+    for (count, via_env) in [(1, false), (2, true), (4, false), (128, false)] {
+        let store = tmp.path().join(format!("store-{count}"));
+        let n = count.to_string();
+        for (tree, dir) in trees.iter().zip(&dirs) {
+            let mut cmd = Command::new(bin());
+            cmd.arg("--store").arg(&store);
+            if via_env {
+                cmd.env("DIGESTFS_LOCAL_STORE_SHARD_COUNT", &n);
+            } else {
+                cmd.args(["--local-store-shard-count", &n]);
+            }
+            let got = run_ok(cmd.arg("import").arg(dir));
+            assert_eq!(got.trim(), *tree, "{count} shards");
+        }
+        let folders: Vec<String> = (0..count).map(|i| format!("{i:x}")).collect();
+        assert_eq!(shard_folders(&store, "files"), folders, "{count} shards");
+        assert_eq!(
+            shard_folders(&store, "directories"),
+            folders,
+            "{count} shards"
+        );
+
+        // Told nothing, a reader finds the count from the folders.
+        let reader = Store::open(&store).unwrap();
+        assert_eq!(reader.shard_count().get(), count);
+        for ((tree, want), _) in trees.iter().zip(&expected).zip(&dirs) {
+            assert_eq!(
+                &ls(&store, tree, None),
+                want,
+                "ls -R {tree}, {count} shards"
+            );
+            let walked = fixture_store.tree_blobs(&[tree.parse().unwrap()]);
+            for d in walked.dirs {
+                assert_eq!(
+                    reader.directory_bytes(&d).unwrap(),
+                    fixture_store.directory_bytes(&d).unwrap()
+                );
+            }
+            for f in walked.files {
+                let a = dfs_ok_bytes(&["--store", store.to_str().unwrap(), "cat", &f.to_string()]);
+                let b =
+                    dfs_ok_bytes(&["--store", fixture.to_str().unwrap(), "cat", &f.to_string()]);
+                assert_eq!(a, b, "cat {f}, {count} shards");
+                assert_eq!(sha256_hex(&a), f.hex());
+            }
+        }
+        assert!(reader.schema_check().unwrap() > 0);
+        drop(reader);
+        // Each small blob sits in the environment of the folder Pants would read it from.
+        let count_ = ShardCount::new(count as u32).unwrap();
+        let walked = fixture_store.tree_blobs(&[LIB_TREE.parse().unwrap()]);
+        for kind in ["files", "directories"] {
+            let digests: Vec<Digest> = match kind {
+                "files" => walked
+                    .files
+                    .iter()
+                    .filter(|d| !d.is_large() && !d.is_empty())
+                    .copied()
+                    .collect(),
+                _ => walked.dirs.clone(),
+            };
+            assert!(!digests.is_empty());
+            for i in 0..count {
+                let dir = store.join(kind).join(format!("{i:x}"));
+                if !dir.join("data.mdb").exists() {
+                    assert!(digests.iter().all(|d| d.shard(count_) != i), "{dir:?}");
+                    continue;
+                }
+                use lmdb::Transaction;
+                let env = lmdb::Environment::new().set_max_dbs(2).open(&dir).unwrap();
+                let db = env.open_db(Some("content-versioned")).unwrap();
+                let txn = env.begin_ro_txn().unwrap();
+                for d in &digests {
+                    assert_eq!(
+                        txn.get(db, &d.lmdb_key()).is_ok(),
+                        d.shard(count_) == i,
+                        "{d} in {kind}/{i:x}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `digestfs cat` output that must have succeeded.
+fn dfs_ok_bytes(args: &[&str]) -> Vec<u8> {
+    let out = dfs(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// An option that contradicts the store's folders, and counts that are no count, are refused
+/// with a clear message; `doctor` says how many shards it found.
+#[test]
+fn a_shard_count_that_contradicts_the_store_is_refused_naming_the_folder() {
+    let tmp = fixture_store();
+    let store = tmp.path().join("store");
+    let s = store.to_str().unwrap();
+    for n in ["4", "8"] {
+        let err = dfs_err(&["--store", s, "--local-store-shard-count", n, "ls", LIB_TREE]);
+        assert!(err.contains(&format!("{s}/files/f")), "{err}");
+        assert!(
+            err.contains(&format!("a store of {n} shards"))
+                && err.contains("--local-store-shard-count 16"),
+            "{err}"
+        );
+    }
+    // The same for the environment variable, and for cat.
+    let out = run_timeout(
+        Command::new(bin())
+            .args(["--store", s, "cat", GUAVA])
+            .env("DIGESTFS_LOCAL_STORE_SHARD_COUNT", "2"),
+        T,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("files/f"));
+    // The right count, given, changes nothing.
+    dfs_ok(&[
+        "--store",
+        s,
+        "--local-store-shard-count",
+        "16",
+        "ls",
+        LIB_TREE,
+    ]);
+    // Not a count: a usage error that says what is accepted.
+    for bad in ["3", "0", "256", "many"] {
+        let out = dfs(&[
+            "--store",
+            s,
+            "--local-store-shard-count",
+            bad,
+            "ls",
+            LIB_TREE,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("power of two from 1 to 128"), "{err}");
+    }
+    // doctor names the count it found, and a count the keys contradict.
+    let out = dfs(&["--store", s, "doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("16 shards (found from its folders"), "{text}");
+    let four = tmp.path().join("four");
+    dfs_ok(&[
+        "--store",
+        four.to_str().unwrap(),
+        "--local-store-shard-count",
+        "4",
+        "import",
+        fixtures_dir().join("README.md").to_str().unwrap(),
+    ]);
+    let out = dfs(&["--store", four.to_str().unwrap(), "doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("4 shards (found from its folders: files/0…files/3)"),
+        "{text}"
+    );
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use lmdb::{DatabaseFlags, Environment, EnvironmentFlags, Transaction, WriteFlags};
 
-use digestfs::store::{lease_until, Digest};
+use digestfs::store::{lease_until, Digest, ShardCount, Store};
 
 #[derive(Parser)]
 #[command(about = "Write new blobs into a Pants store as pantsd does (for tests and benchmarks)")]
@@ -20,9 +20,13 @@ struct Args {
     /// The store (an lmdb_store directory)
     #[arg(long)]
     store: PathBuf,
-    /// Only write blobs of this shard (0-15); default: any shard
+    /// Only write blobs of this shard (0 to the shard count - 1); default: any shard
     #[arg(long)]
     shard: Option<usize>,
+    /// The store's LMDB shard count, as Pants' option of that name (a power of two, 1 to 128)
+    /// [default: what the store's folders show, else 16]
+    #[arg(long, value_name = "N", env = "DIGESTFS_LOCAL_STORE_SHARD_COUNT")]
+    local_store_shard_count: Option<ShardCount>,
     /// Map size to open each environment with, in bytes (Pants: 4 GiB for files)
     #[arg(long, default_value_t = 4 << 30)]
     map_size: usize,
@@ -50,7 +54,7 @@ struct Shard {
 }
 
 fn open(args: &Args, shard: usize) -> Shard {
-    let dir = args.store.join("files").join(format!("{shard:x}"));
+    let dir = args.store.join("files").join(ShardCount::folder(shard));
     std::fs::create_dir_all(&dir).expect("creating the shard directory");
     let env = Environment::new()
         .set_flags(EnvironmentFlags::NO_SYNC | EnvironmentFlags::NO_TLS)
@@ -77,7 +81,20 @@ fn main() {
         args.blob_size < 512 * 1024,
         "--blob-size must stay below 512 KiB"
     );
-    let mut shards: Vec<Option<Shard>> = (0..16).map(|_| None).collect();
+    // Every shard folder of the count, as Pants makes them (no environment is opened here:
+    // this process opens its own, below).
+    let count = match Store::create_with(&args.store, args.local_store_shard_count) {
+        Ok(store) => store.shard_count(),
+        Err(e) => {
+            eprintln!("digestfs-store-writer: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Some(s) = args.shard.filter(|s| *s >= count.get()) {
+        eprintln!("digestfs-store-writer: --shard {s}: the store has {count} shards");
+        std::process::exit(2);
+    }
+    let mut shards: Vec<Option<Shard>> = (0..count.get()).map(|_| None).collect();
     let started = Instant::now();
     let stop = args.seconds.map(Duration::from_secs_f64);
     let gap = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
@@ -94,10 +111,11 @@ fn main() {
             .copied()
             .collect();
         let d = Digest::of_bytes(&blob);
-        if args.shard.is_some_and(|s| s != d.shard()) {
+        let index = d.shard(count);
+        if args.shard.is_some_and(|s| s != index) {
             continue;
         }
-        let shard = shards[d.shard()].get_or_insert_with(|| open(&args, d.shard()));
+        let shard = shards[index].get_or_insert_with(|| open(&args, index));
         // Timed from asking for the write lock to the commit: what a lease renewal delays.
         let t = Instant::now();
         let mut txn = shard.env.begin_rw_txn().expect("write transaction");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use super::{outln, Failure};
 use crate::os::{self as mount, MountState};
 use crate::remote::{Remote, RemoteConfig};
-use crate::store::{self, Store};
+use crate::store::{self, ShardCount, Store};
 
 /// One check's outcome.
 struct Check {
@@ -120,35 +120,58 @@ fn kernel() -> Vec<Check> {
     vec![pass(format!("kernel {release}")), pass(passthrough)]
 }
 
-fn store_check(dir: &Path) -> Check {
+fn store_check(dir: &Path, asked: Option<ShardCount>) -> Check {
     if !dir.is_dir() {
         return fail(
             format!("no store at {}", dir.display()),
             "run a Pants build first, or pass --store DIR",
         );
     }
-    let shards: Vec<PathBuf> = ["files", "directories"]
+    let store =
+        match Store::open_with(dir, asked) {
+            Ok(s) => s,
+            Err(e) => return fail(
+                format!("store {}: {e}", dir.display()),
+                "pass the shard count Pants writes this store with (--local-store-shard-count N, \
+                 or DIGESTFS_LOCAL_STORE_SHARD_COUNT), or leave it out to follow the store",
+            ),
+        };
+    let count = store.shard_count();
+    let envs = ["files", "directories"]
         .iter()
         .flat_map(|kind| {
-            (0..16).map(move |i| dir.join(kind).join(format!("{i:x}")).join("data.mdb"))
+            (0..count.get())
+                .map(move |i| dir.join(kind).join(ShardCount::folder(i)).join("data.mdb"))
         })
         .filter(|p| p.exists())
-        .collect();
-    if shards.is_empty() {
+        .count();
+    let last = ShardCount::folder(count.get() - 1);
+    let how = if asked.is_some() {
+        "as --local-store-shard-count says"
+    } else {
+        "found from its folders"
+    };
+    if envs == 0 {
         return fail(
             format!(
-                "{} holds no LMDB shards (files/<0-f>, directories/<0-f>)",
+                "{} holds no LMDB shards (files/0…files/{last}, directories/0…directories/{last} \
+                 for its {count} shards, {how})",
                 dir.display()
             ),
             "point --store at Pants' lmdb_store directory",
         );
     }
-    match Store::open(dir).and_then(|s| s.schema_check()) {
+    match store.schema_check() {
         Ok(n) => pass(format!(
-            "store {} is readable: {} shards, schema version 2 ({n} keys checked)",
+            "store {} is readable: {count} shards ({how}: files/0…files/{last}), {envs} LMDB \
+             environments, schema version 2 ({n} keys checked)",
             dir.display(),
-            shards.len()
         )),
+        Err(e @ store::StoreError::Shards { .. }) => fail(
+            format!("store {}: {e}", dir.display()),
+            "pass the shard count Pants writes this store with: --local-store-shard-count N \
+             (or DIGESTFS_LOCAL_STORE_SHARD_COUNT)",
+        ),
         Err(e) => fail(
             format!("store {}: {e}", dir.display()),
             "check the path and its permissions",
@@ -200,7 +223,8 @@ fn remote_check(cfg: RemoteConfig) -> Check {
 
 /// Runs every check, prints one line each, and returns whether all passed.
 pub fn run(
-    store_dir: Option<PathBuf>,
+    store_dir: PathBuf,
+    shard_count: Option<ShardCount>,
     mountpoint: Option<&Path>,
     want_allow_other: bool,
     remote: Option<RemoteConfig>,
@@ -218,9 +242,7 @@ pub fn run(
     if crate::fuse::AVAILABLE {
         checks.extend(kernel());
     }
-    checks.push(store_check(
-        &store_dir.unwrap_or_else(store::default_store_dir),
-    ));
+    checks.push(store_check(&store_dir, shard_count));
     if let Some(mp) = mountpoint {
         checks.push(mountpoint_check(mp));
     }

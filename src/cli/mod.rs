@@ -18,7 +18,7 @@ use crate::control::{self, protocol::Request, protocol::Response, protocol::Whic
 use crate::fs::DEFAULT_LAYER;
 use crate::os;
 use crate::remote::Remote;
-use crate::store::{self, Digest, EntryKind, Importer, Store};
+use crate::store::{self, Digest, EntryKind, Importer, ShardCount, Store};
 use remote::RemoteArgs;
 
 const EXAMPLES: &str = "\
@@ -43,6 +43,16 @@ pub struct Cli {
     /// The Pants local store [default: $PANTS_LOCAL_STORE_DIR, else $XDG_CACHE_HOME/pants/lmdb_store, else ~/.cache/pants/lmdb_store]
     #[arg(long, global = true, value_name = "DIR")]
     store: Option<PathBuf>,
+    /// The store's LMDB shard count, as Pants' option of that name: a power of two from 1 to
+    /// 128. What `import` creates a new store with [default: what the store's folders show
+    /// (files/0…files/<N-1 in hex>), else 16]
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        env = "DIGESTFS_LOCAL_STORE_SHARD_COUNT"
+    )]
+    local_store_shard_count: Option<ShardCount>,
     #[command(subcommand)]
     command: Command,
 }
@@ -260,22 +270,53 @@ fn init_logging(file: Option<&Path>) {
     let _ = b.try_init();
 }
 
-fn store_dir(cli_store: &Option<PathBuf>) -> PathBuf {
-    cli_store.clone().unwrap_or_else(store::default_store_dir)
+/// Which store a command works on: `--store` and `--local-store-shard-count`.
+#[derive(Clone, Debug)]
+pub(crate) struct StoreChoice {
+    dir: Option<PathBuf>,
+    shard_count: Option<ShardCount>,
+}
+
+impl StoreChoice {
+    fn of(cli: &Cli) -> StoreChoice {
+        StoreChoice {
+            dir: cli.store.clone(),
+            shard_count: cli.local_store_shard_count,
+        }
+    }
+
+    /// The same choice, for the store at `dir`.
+    fn at(&self, dir: PathBuf) -> StoreChoice {
+        StoreChoice {
+            dir: Some(dir),
+            ..self.clone()
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.dir.clone().unwrap_or_else(store::default_store_dir)
+    }
+
+    fn open(&self) -> Result<Store, Failure> {
+        Ok(Store::open_with(self.dir(), self.shard_count)?)
+    }
+
+    fn create(&self) -> Result<Store, Failure> {
+        Ok(Store::create_with(self.dir(), self.shard_count)?)
+    }
 }
 
 /// The local store, reading through to the remote CAS if one is given. With a remote the local
 /// store may start empty, so it is created if need be.
 fn open_cas(
-    cli_store: &Option<PathBuf>,
+    choice: &StoreChoice,
     remote: Option<&RemoteArgs>,
 ) -> Result<(Arc<Cas>, Option<Arc<Remote>>), Failure> {
-    let dir = store_dir(cli_store);
     match remote.map(RemoteArgs::config).transpose()?.flatten() {
-        None => Ok((Arc::new(Cas::local(Store::open(dir)?)), None)),
+        None => Ok((Arc::new(Cas::local(choice.open()?)), None)),
         Some(cfg) => {
             let remote = Remote::new(cfg)?;
-            let cas = Cas::new(Store::create(dir)?, Some(remote.clone()));
+            let cas = Cas::new(choice.create()?, Some(remote.clone()));
             Ok((Arc::new(cas), Some(remote)))
         }
     }
@@ -286,18 +327,19 @@ fn parse_digest(s: &str) -> Result<Digest, Failure> {
 }
 
 fn run(cli: Cli) -> CliResult {
+    let choice = StoreChoice::of(&cli);
     match cli.command {
         Command::Ls {
             recursive,
             digest,
             remote,
         } => ls(
-            &open_cas(&cli.store, Some(&remote))?.0,
+            &open_cas(&choice, Some(&remote))?.0,
             &parse_digest(&digest)?,
             recursive,
         ),
         Command::Cat { digest, remote } => cat(
-            &open_cas(&cli.store, Some(&remote))?.0,
+            &open_cas(&choice, Some(&remote))?.0,
             &parse_digest(&digest)?,
         ),
         Command::Push { digests, remote } => {
@@ -305,7 +347,7 @@ fn run(cli: Cli) -> CliResult {
                 .iter()
                 .map(|d| parse_digest(d))
                 .collect::<Result<Vec<_>, _>>()?;
-            let store = Store::open(store_dir(&cli.store))?;
+            let store = choice.open()?;
             let cfg = remote
                 .config()?
                 .ok_or_else(|| Failure::Msg("push needs --remote-store-address".into()))?;
@@ -320,7 +362,7 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Import { path } => {
-            let store = Store::create(store_dir(&cli.store))?;
+            let store = choice.create()?;
             let bar = progress::bytes(|| progress::disk_size(&path), "importing");
             let digest = Importer::new(&store)
                 .with_progress(|n| bar.inc(n))
@@ -335,13 +377,13 @@ fn run(cli: Cli) -> CliResult {
             remote,
         } => {
             let digest = parse_digest(&digest)?;
-            let cas = open_cas(&cli.store, Some(&remote))?.0;
+            let cas = open_cas(&choice, Some(&remote))?.0;
             let bar = progress::bytes(|| progress::tree_size(&cas, &digest), "materializing");
             crate::materialize::materialize(&cas, &digest, &dest, &mut |n| bar.inc(n))?;
             bar.finish_and_clear();
             Ok(())
         }
-        Command::Mount(args) => mount::run(&cli.store, args),
+        Command::Mount(args) => mount::run(&choice, args),
         Command::Bind {
             target,
             path,
@@ -419,7 +461,8 @@ fn run(cli: Cli) -> CliResult {
         } => {
             let remote = remote.config()?;
             if doctor::run(
-                cli.store.clone(),
+                choice.dir(),
+                choice.shard_count,
                 mountpoint.as_deref(),
                 allow_other,
                 remote,
@@ -448,6 +491,9 @@ fn run(cli: Cli) -> CliResult {
 fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
     outln!("mountpoint     {}", s.mountpoint);
     outln!("store          {}", s.store);
+    if let Some(n) = s.shard_count {
+        outln!("shards         {n}");
+    }
     outln!("pid            {}", s.pid);
     outln!("uptime         {} s", s.uptime_secs);
     if let Some(port) = s.nfs_port {

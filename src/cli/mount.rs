@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::remote::{self as remote_args, RemoteArgs};
-use super::{daemon, open_cas, parse_digest, CliResult, Failure};
+use super::{daemon, open_cas, parse_digest, CliResult, Failure, StoreChoice};
 use crate::control::{self, protocol::Request, state::StateKeeper};
 use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
 use crate::fuse::Passthrough;
@@ -141,14 +141,17 @@ pub(super) fn absolute_store(dir: &Path) -> PathBuf {
 /// With `--reuse`: the pid of a live daemon already serving `mountpoint` from `store`; `None`
 /// when there is none (a free or stale mountpoint); an error when another store is served
 /// there, or something that is not ours is mounted.
-fn reusable(mountpoint: &Path, socket: &Path, store: &Path) -> Result<Option<u32>, Failure> {
+fn reusable(
+    mountpoint: &Path,
+    socket: &Path,
+    store: &Path,
+    shard_count: Option<crate::store::ShardCount>,
+) -> Result<Option<u32>, Failure> {
     if let Ok(resp) = control::call(socket, &Request::Status) {
         if let Some(s) = resp.status {
             let theirs = absolute_store(Path::new(&s.store));
-            return if theirs == store {
-                Ok(Some(s.pid))
-            } else {
-                Err(Failure::Msg(format!(
+            if theirs != store {
+                return Err(Failure::Msg(format!(
                     "{} is served by digestfs (pid {}) from the store {}, not from {}; unmount it \
                      first (digestfs unmount {})",
                     mountpoint.display(),
@@ -156,8 +159,22 @@ fn reusable(mountpoint: &Path, socket: &Path, store: &Path) -> Result<Option<u32
                     theirs.display(),
                     store.display(),
                     mountpoint.display()
-                )))
-            };
+                )));
+            }
+            if let (Some(asked), Some(served)) = (shard_count, s.shard_count) {
+                if asked.get() as u32 != served {
+                    return Err(Failure::Msg(format!(
+                        "{} is served by digestfs (pid {}) reading {} as {served} shards, not \
+                         {asked} as --local-store-shard-count says; unmount it first (digestfs \
+                         unmount {})",
+                        mountpoint.display(),
+                        s.pid,
+                        store.display(),
+                        mountpoint.display()
+                    )));
+                }
+            }
+            return Ok(Some(s.pid));
         }
     }
     match os::mount_state(mountpoint)? {
@@ -194,7 +211,7 @@ fn claim(mountpoint: &Path) -> CliResult {
     }
 }
 
-pub(super) fn run(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
+pub(super) fn run(choice: &StoreChoice, args: MountArgs) -> CliResult {
     if args.frontend == Frontend::Fuse && !crate::fuse::AVAILABLE {
         return Err(Failure::Msg(
             "this digestfs has no FUSE front end (it is built only on Linux, with the `fuse` \
@@ -204,11 +221,8 @@ pub(super) fn run(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
     }
     let mountpoint = args.mountpoint()?;
     let socket = args.socket(&mountpoint);
-    let store_dir = absolute_store(
-        &cli_store
-            .clone()
-            .unwrap_or_else(crate::store::default_store_dir),
-    );
+    let store_dir = absolute_store(&choice.dir());
+    let choice = choice.at(store_dir.clone());
     if !daemon::is_child() {
         // Concurrent `--reuse` callers (several BSP servers starting) queue here, so one
         // starts the daemon and the others find it live.
@@ -217,7 +231,7 @@ pub(super) fn run(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
             false => None,
         };
         if args.reuse {
-            if let Some(pid) = reusable(&mountpoint, &socket, &store_dir)? {
+            if let Some(pid) = reusable(&mountpoint, &socket, &store_dir, choice.shard_count)? {
                 log::info!(
                     "reusing the live daemon (pid {pid}) at {}",
                     mountpoint.display()
@@ -231,9 +245,9 @@ pub(super) fn run(cli_store: &Option<PathBuf>, args: MountArgs) -> CliResult {
             super::outln!("{pid}");
             return Ok(());
         }
-        return serve(&store_dir, args, &mountpoint, &socket);
+        return serve(&choice, args, &mountpoint, &socket);
     }
-    serve(&store_dir, args, &mountpoint, &socket)
+    serve(&choice, args, &mountpoint, &socket)
 }
 
 /// Serialises `--reuse` starts: an exclusive lock on the socket's directory (no lock file is
@@ -248,11 +262,12 @@ fn lock_mount(socket: &Path) -> Result<std::fs::File, Failure> {
 }
 
 /// Everything after the reuse decision, in this process (the daemon child, or the foreground).
-fn serve(store_dir: &Path, args: MountArgs, mountpoint: &Path, socket: &Path) -> CliResult {
+fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path) -> CliResult {
     // Before any thread starts, so that only the mount's signal thread ever takes SIGTERM.
     let signals = os::block_termination_signals();
+    let store_dir = choice.dir();
     let res = (|| -> CliResult {
-        let (cas, remote) = open_cas(&Some(store_dir.to_path_buf()), Some(&args.remote))?;
+        let (cas, remote) = open_cas(choice, Some(&args.remote))?;
         if let Some(r) = &remote {
             r.probe_in_background();
         }

@@ -364,6 +364,7 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
         pid: std::process::id(),
         mountpoint: info.mountpoint.display().to_string(),
         store: info.store.display().to_string(),
+        shard_count: Some(core.cas().store().shard_count().get() as u32),
         frontend: info.frontend.to_string(),
         nfs_port: info.nfs_port,
         uptime_secs: info.started.elapsed().as_secs(),

@@ -79,6 +79,9 @@ pub struct StatusInfo {
     pub mountpoint: String,
     /// The store's absolute path.
     pub store: String,
+    /// How many LMDB shards the daemon reads the store as (Pants' `--local-store-shard-count`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub shard_count: Option<u32>,
     /// `fuse` or `nfs`.
     #[serde(default)]
     pub frontend: String,

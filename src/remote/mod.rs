@@ -778,13 +778,14 @@ impl Shared {
             match self.client.get_tree(digest, &flight.progress).await {
                 Ok(Some(dirs)) => {
                     let mut found = false;
-                    let mut by_shard: Vec<Vec<(Digest, &[u8])>> = vec![Vec::new(); 16];
+                    let mut by_shard: Vec<Vec<(Digest, &[u8])>> =
+                        vec![Vec::new(); store.shard_count().get()];
                     for bytes in &dirs {
                         // Stored under the hash of what arrived, so nothing can be misfiled.
                         let d = Digest::of_bytes(bytes);
                         found |= d == *digest;
                         if !d.is_empty() {
-                            by_shard[d.shard()].push((d, bytes));
+                            by_shard[store.shard_of(&d)].push((d, bytes));
                         }
                     }
                     for (shard, batch) in by_shard.iter().enumerate() {

@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
 
+use super::ShardCount;
+
 /// Blobs at or above this size live as plain files under `immutable/files/`; smaller ones in LMDB.
 pub const LARGE_BLOB_THRESHOLD: u64 = 512 * 1024;
 
@@ -73,9 +75,10 @@ impl Digest {
         key
     }
 
-    /// Index of the LMDB shard (first hex digit of the hash).
-    pub fn shard(&self) -> usize {
-        (self.hash[0] >> 4) as usize
+    /// Index of the LMDB shard in a store of `count` shards: the top log2(count) bits of the
+    /// hash's first byte (with Pants' default 16, its first hex digit).
+    pub fn shard(&self, count: ShardCount) -> usize {
+        count.shard_of(self)
     }
 }
 
@@ -133,7 +136,7 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.size, 2920436);
         assert_eq!(a.to_string(), format!("{HEX}-2920436"));
-        assert_eq!(a.shard(), 1);
+        assert_eq!(a.shard(ShardCount::DEFAULT), 1);
     }
 
     #[test]

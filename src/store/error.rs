@@ -34,6 +34,9 @@ pub enum StoreError {
     Schema { shard: String, len: usize, last: u8 },
     #[error("{}: {reason}", path.display())]
     Unimportable { path: PathBuf, reason: String },
+    /// The store's shard folders, or the keys in them, do not fit its shard count.
+    #[error("{}: {reason}", path.display())]
+    Shards { path: PathBuf, reason: String },
     #[error("the content changed while it was imported (expected {digest})")]
     ChangedWhileImported { digest: Digest },
     #[error("{context}: {source}")]

@@ -30,8 +30,8 @@ impl<'a> Importer<'a> {
     pub fn new(store: &'a Store) -> Importer<'a> {
         Importer {
             store,
-            files: vec![Vec::new(); 16],
-            directories: vec![Vec::new(); 16],
+            files: vec![Vec::new(); store.shard_count().get()],
+            directories: vec![Vec::new(); store.shard_count().get()],
             pending_bytes: 0,
             linked: std::collections::HashMap::new(),
             progress: None,
@@ -124,7 +124,7 @@ impl<'a> Importer<'a> {
         let digest = Digest::of_bytes(&bytes);
         if digest != Digest::EMPTY {
             self.pending_bytes += bytes.len();
-            self.directories[digest.shard()].push((digest, bytes));
+            self.directories[self.store.shard_of(&digest)].push((digest, bytes));
         }
         self.maybe_flush()?;
         Ok(digest)
@@ -137,7 +137,7 @@ impl<'a> Importer<'a> {
             self.write_large(&digest, &mut io::Cursor::new(bytes))?;
         } else if !digest.is_empty() {
             self.pending_bytes += bytes.len();
-            self.files[digest.shard()].push((digest, bytes.to_vec()));
+            self.files[self.store.shard_of(&digest)].push((digest, bytes.to_vec()));
             self.maybe_flush()?;
         }
         Ok(digest)

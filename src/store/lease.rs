@@ -30,7 +30,8 @@ impl Store {
     ) -> Result<LeaseReport, StoreError> {
         let until = lease_until();
         let mut report = LeaseReport::default();
-        let mut small: Vec<Vec<Digest>> = vec![Vec::new(); 16];
+        let shards = self.shard_count().get();
+        let mut small: Vec<Vec<Digest>> = vec![Vec::new(); shards];
         for d in files.iter().filter(|d| !d.is_empty()) {
             if d.is_large() {
                 match set_lease_mtime(&self.large_blob_path(d), until) {
@@ -44,12 +45,12 @@ impl Store {
                     }
                 }
             } else {
-                small[d.shard()].push(*d);
+                small[self.shard_of(d)].push(*d);
             }
         }
-        let mut dir_shards: Vec<Vec<Digest>> = vec![Vec::new(); 16];
+        let mut dir_shards: Vec<Vec<Digest>> = vec![Vec::new(); shards];
         for d in dirs.iter().filter(|d| **d != Digest::EMPTY) {
-            dir_shards[d.shard()].push(*d);
+            dir_shards[self.shard_of(d)].push(*d);
         }
         for (shard, (fs, ds)) in small.iter().zip(&dir_shards).enumerate() {
             for (shards, digests) in [(&self.files, fs), (&self.directories, ds)] {

@@ -1,4 +1,5 @@
-//! The 16 sharded LMDB environments Pants keeps per kind of blob (`files/`, `directories/`).
+//! The sharded LMDB environments Pants keeps per kind of blob (`files/`, `directories/`): as
+//! many as the store's shard count (16 by default; see [`super::ShardCount`]).
 //!
 //! Environments are opened lazily, never created by a reader, and opened without a write
 //! transaction, so a reader never takes the environment's write lock. Read transactions live only
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use lmdb::{Database, DatabaseFlags, Environment, EnvironmentFlags, Transaction, WriteFlags};
 
-use super::{Digest, StoreError};
+use super::{Digest, ShardCount, StoreError};
 
 pub const CONTENT_DB: &str = "content-versioned";
 pub const LEASES_DB: &str = "leases-versioned";
@@ -49,6 +50,7 @@ pub struct Shards {
     dir: PathBuf,
     /// Map size for environments this process creates (Pants' own sizes).
     create_map_size: usize,
+    count: ShardCount,
     shards: Vec<Mutex<Option<Arc<Shard>>>>,
 }
 
@@ -57,21 +59,33 @@ fn lmdb_err(context: String) -> impl FnOnce(lmdb::Error) -> StoreError {
 }
 
 impl Shards {
-    pub fn new(dir: PathBuf, create_map_size: usize) -> Shards {
+    pub fn new(dir: PathBuf, create_map_size: usize, count: ShardCount) -> Shards {
         Shards {
             dir,
             create_map_size,
-            shards: (0..16).map(|_| Mutex::new(None)).collect(),
+            count,
+            shards: (0..count.get()).map(|_| Mutex::new(None)).collect(),
         }
     }
 
     fn shard_dir(&self, shard: usize) -> PathBuf {
-        self.dir.join(format!("{shard:x}"))
+        self.dir.join(ShardCount::folder(shard))
     }
 
-    /// The shard for `digest`, or `None` if Pants has not created it yet.
+    /// The shard of `digest` in this store.
+    fn index(&self, digest: &Digest) -> usize {
+        digest.shard(self.count)
+    }
+
+    /// The environment of shard `shard`, or `None` if Pants has not created it yet.
     fn shard(&self, shard: usize, create: bool) -> Result<Option<Arc<Shard>>, StoreError> {
-        let mut slot = self.shards[shard].lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = self.shards.get(shard) else {
+            return Err(StoreError::Shards {
+                path: self.shard_dir(shard),
+                reason: format!("no such shard in a store of {}", self.count),
+            });
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = slot.as_ref() {
             return Ok(Some(s.clone()));
         }
@@ -124,7 +138,7 @@ impl Shards {
         digest: &Digest,
         f: impl FnOnce(&[u8]) -> T,
     ) -> Result<Option<T>, StoreError> {
-        let Some(shard) = self.shard(digest.shard(), false)? else {
+        let Some(shard) = self.shard(self.index(digest), false)? else {
             return Ok(None);
         };
         let mut f = Some(f);
@@ -143,7 +157,7 @@ impl Shards {
                         .env
                         .set_map_size(0)
                         .map_err(lmdb_err(format!("resizing {}", self.dir.display())))?;
-                    map_random(&self.shard_dir(digest.shard()));
+                    map_random(&self.shard_dir(self.index(digest)));
                     continue;
                 }
                 Err(e) => return Err(lmdb_err(format!("reading {}", self.dir.display()))(e)),
@@ -220,11 +234,12 @@ impl Shards {
         Ok(out)
     }
 
-    /// Checks the first keys of every present shard against Pants' key schema.
+    /// Checks the first keys of every present shard against Pants' key schema, and that each
+    /// belongs in the shard that holds it (which a wrong shard count would break).
     pub fn schema_check(&self) -> Result<usize, StoreError> {
         use lmdb::Cursor;
         let mut checked = 0;
-        for shard in 0..16 {
+        for shard in 0..self.count.get() {
             let Some(s) = self.shard(shard, false)? else {
                 continue;
             };
@@ -243,6 +258,22 @@ impl Shards {
                         last: key.last().copied().unwrap_or(0),
                     });
                 }
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&key[..32]);
+                let belongs = Digest { hash, size: 0 }.shard(self.count);
+                if belongs != shard {
+                    return Err(StoreError::Shards {
+                        path: self.shard_dir(shard),
+                        reason: format!(
+                            "holds the key {}…, which a store of {} keeps in shard {}: the \
+                             store was written with another shard count (Pants' \
+                             --local-store-shard-count; pass the same to digestfs)",
+                            hex::encode(&key[..4]),
+                            self.count,
+                            ShardCount::folder(belongs)
+                        ),
+                    });
+                }
                 checked += 1;
             }
         }
@@ -251,7 +282,7 @@ impl Shards {
 
     /// The lease end recorded for a blob, if any.
     pub fn lease(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let Some(s) = self.shard(digest.shard(), false)? else {
+        let Some(s) = self.shard(self.index(digest), false)? else {
             return Ok(None);
         };
         let txn = s
@@ -272,6 +303,12 @@ impl Shards {
         blobs: &[(Digest, &[u8])],
         lease_until: u64,
     ) -> Result<(), StoreError> {
+        if let Some((d, _)) = blobs.iter().find(|(d, _)| self.index(d) != shard) {
+            return Err(StoreError::Shards {
+                path: self.shard_dir(shard),
+                reason: format!("{d} belongs in shard {}", ShardCount::folder(self.index(d))),
+            });
+        }
         let s = self.shard(shard, true)?.expect("created");
         let _guard = s.resize.read().unwrap_or_else(|p| p.into_inner());
         let ctx = || format!("writing to {}", self.shard_dir(shard).display());

@@ -2,7 +2,8 @@
 //! Nothing here knows about FUSE, NFS or a remote CAS: this is the format and nothing else.
 //!
 //! Layout: `files/<shard>` and `directories/<shard>` are LMDB environments holding blobs below
-//! 512 KiB; larger file blobs are plain read-only files at `immutable/files/<2 hex>/<64 hex>`.
+//! 512 KiB, as many of each as the store's shard count ([`ShardCount`]); larger file blobs are
+//! plain read-only files at `immutable/files/<2 hex>/<64 hex>`.
 
 mod advice;
 mod digest;
@@ -11,6 +12,7 @@ mod import;
 mod lease;
 mod lmdb;
 pub mod proto;
+mod shard;
 mod tree;
 pub mod walk;
 
@@ -27,6 +29,7 @@ pub use self::error::StoreError;
 pub use self::import::{Importer, LargeBlobWriter};
 pub use self::lease::{lease_until, set_lease_mtime, LeaseReport, LEASE_SECS};
 pub use self::lmdb::release_mapped_pages;
+pub use self::shard::{ShardCount, ShardCountError};
 pub use self::tree::{check_name, Entry, EntryKind, Listing, NAME_MAX};
 pub use self::walk::{TreeBlobs, PATH_MAX};
 
@@ -73,6 +76,7 @@ pub fn default_store_dir() -> PathBuf {
 #[derive(Clone)]
 pub struct Store {
     root: PathBuf,
+    shard_count: ShardCount,
     files: Arc<lmdb::Shards>,
     directories: Arc<lmdb::Shards>,
 }
@@ -104,35 +108,72 @@ impl Blob {
 }
 
 impl Store {
-    /// Opens the store at `root`, which must exist. Shards are opened on first use, so a store
-    /// that Pants has only partly populated is fine.
+    /// Opens the store at `root`, which must exist, with the shard count its folders show
+    /// (see [`Store::open_with`]).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        Store::open_with(root, None)
+    }
+
+    /// Opens the store at `root`, which must exist. Shards are opened on first use, so a store
+    /// that Pants has only partly populated is fine. `shard_count` is Pants'
+    /// `--local-store-shard-count`: without it the store's own folders say (16 if it has none);
+    /// with it, a shard folder beyond that count is an error naming the folder.
+    pub fn open_with(root: impl Into<PathBuf>, shard_count: Option<ShardCount>) -> Result<Store> {
         let root = root.into();
         let meta = std::fs::metadata(&root)
             .map_err(io_err(format!("opening the store {}", root.display())))?;
         if !meta.is_dir() {
             return Err(StoreError::NotADirectory(root));
         }
-        Ok(Store::new_unchecked(root))
+        let count = ShardCount::resolve(&root, shard_count)?;
+        Ok(Store::new_unchecked(root, count))
     }
 
-    /// Opens or creates the store at `root` (for writing into a fresh store).
+    /// Opens or creates the store at `root` (for writing into a fresh store), with the shard
+    /// count its folders show, else 16.
     pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
+        Store::create_with(root, None)
+    }
+
+    /// Opens or creates the store at `root`, as [`Store::open_with`] does, and creates every
+    /// shard folder of its count under `files/` and `directories/` as Pants does, so that any
+    /// reader finds the count from the folders alone.
+    pub fn create_with(root: impl Into<PathBuf>, shard_count: Option<ShardCount>) -> Result<Store> {
         let root = root.into();
         std::fs::create_dir_all(&root)
             .map_err(io_err(format!("creating the store {}", root.display())))?;
-        Ok(Store::new_unchecked(root))
+        let count = ShardCount::resolve(&root, shard_count)?;
+        for kind in shard::KIND_DIRS {
+            for i in 0..count.get() {
+                let dir = root.join(kind).join(ShardCount::folder(i));
+                std::fs::create_dir_all(&dir)
+                    .map_err(io_err(format!("creating {}", dir.display())))?;
+            }
+        }
+        Ok(Store::new_unchecked(root, count))
     }
 
-    fn new_unchecked(root: PathBuf) -> Store {
+    fn new_unchecked(root: PathBuf, count: ShardCount) -> Store {
         Store {
-            files: Arc::new(lmdb::Shards::new(root.join("files"), FILES_MAP_SIZE)),
+            files: Arc::new(lmdb::Shards::new(root.join("files"), FILES_MAP_SIZE, count)),
             directories: Arc::new(lmdb::Shards::new(
                 root.join("directories"),
                 DIRECTORIES_MAP_SIZE,
+                count,
             )),
+            shard_count: count,
             root,
         }
+    }
+
+    /// How many LMDB shards each kind of blob is spread over.
+    pub fn shard_count(&self) -> ShardCount {
+        self.shard_count
+    }
+
+    /// The LMDB shard of a blob in this store.
+    pub fn shard_of(&self, digest: &Digest) -> usize {
+        digest.shard(self.shard_count)
     }
 
     pub fn root(&self) -> &Path {
@@ -287,7 +328,7 @@ impl Store {
             return Ok(());
         }
         match kind {
-            BlobKind::Directory => self.put_directories(digest.shard(), &[(*digest, bytes)]),
+            BlobKind::Directory => self.put_directories(self.shard_of(digest), &[(*digest, bytes)]),
             BlobKind::File if digest.is_large() => match self.large_blob_writer(digest)? {
                 Some(mut w) => {
                     w.write(bytes)?;
@@ -295,7 +336,7 @@ impl Store {
                 }
                 None => Ok(()),
             },
-            BlobKind::File => self.put_small_files(digest.shard(), &[(*digest, bytes)]),
+            BlobKind::File => self.put_small_files(self.shard_of(digest), &[(*digest, bytes)]),
         }
     }
 
@@ -306,12 +347,12 @@ impl Store {
         LargeBlobWriter::new(self.large_blob_path(digest), *digest)
     }
 
-    /// Writes small file blobs, all of shard `shard`, in one transaction.
+    /// Writes small file blobs, all of shard `shard` ([`Store::shard_of`]), in one transaction.
     pub fn put_small_files(&self, shard: usize, blobs: &[(Digest, &[u8])]) -> Result<()> {
         self.files.put_batch(shard, blobs, lease_until())
     }
 
-    /// Writes `Directory` blobs, all of shard `shard`, in one transaction.
+    /// Writes `Directory` blobs, all of shard `shard` ([`Store::shard_of`]), in one transaction.
     pub fn put_directories(&self, shard: usize, blobs: &[(Digest, &[u8])]) -> Result<()> {
         self.directories.put_batch(shard, blobs, lease_until())
     }
@@ -322,8 +363,9 @@ impl Store {
         walk::tree_blobs(roots, &mut |d| self.load_directory(d))
     }
 
-    /// Checks that the keys of the store follow Pants' schema (33 bytes, version byte 2), on up
-    /// to a few keys per shard; returns how many were checked.
+    /// Checks that the keys of the store follow Pants' schema (33 bytes, version byte 2) and sit
+    /// in the shard the store's shard count gives them, on up to a few keys per shard; returns
+    /// how many were checked.
     pub fn schema_check(&self) -> Result<usize> {
         Ok(self.files.schema_check()? + self.directories.schema_check()?)
     }
@@ -334,8 +376,12 @@ impl Store {
             BlobKind::File if d.is_large() => {
                 set_lease_mtime(&self.large_blob_path(d), until).expect("large blob present")
             }
-            BlobKind::File => drop(self.files.renew_leases(d.shard(), &[*d], until)),
-            BlobKind::Directory => drop(self.directories.renew_leases(d.shard(), &[*d], until)),
+            BlobKind::File => drop(self.files.renew_leases(self.shard_of(d), &[*d], until)),
+            BlobKind::Directory => drop(self.directories.renew_leases(
+                self.shard_of(d),
+                &[*d],
+                until,
+            )),
         }
     }
 }

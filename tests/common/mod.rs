@@ -254,12 +254,18 @@ pub fn delete_small_blob(store: &Path, digest: &str) {
     let d: digestfs::store::Digest = digest.parse().unwrap();
     let env = lmdb::Environment::new()
         .set_max_dbs(2)
-        .open(&store.join(format!("files/{:x}", d.shard())))
+        .open(&store.join("files").join(shard_folder(store, &d)))
         .unwrap();
     let db = env.open_db(Some("content-versioned")).unwrap();
     let mut txn = env.begin_rw_txn().unwrap();
     txn.del(db, &d.lmdb_key(), None).unwrap();
     txn.commit().unwrap();
+}
+
+/// The folder of `digest`'s LMDB shard in the store at `store`, by the count its folders show.
+pub fn shard_folder(store: &Path, digest: &digestfs::store::Digest) -> String {
+    use digestfs::store::ShardCount;
+    ShardCount::folder(digest.shard(ShardCount::resolve(store, None).unwrap()))
 }
 
 /// Runs `digestfs --store STORE ARGS…`.
@@ -305,7 +311,7 @@ pub fn put_raw(kind_dir: &Path, digest: &digestfs::store::Digest, value: &[u8]) 
     let env = lmdb::Environment::new()
         .set_max_dbs(2)
         .set_map_size(1 << 30)
-        .open(&kind_dir.join(format!("{:x}", digest.shard())))
+        .open(&kind_dir.join(shard_folder(kind_dir.parent().unwrap(), digest)))
         .unwrap();
     let db = env
         .create_db(Some("content-versioned"), lmdb::DatabaseFlags::empty())
