@@ -27,8 +27,11 @@ class Digestfs < Formula
 
   def caveats
     <<~EOS
-      digestfs mounts through macOS's NFS client (no macFUSE):
-        digestfs mount --daemon --bind jvm/resolves/default/lib=<digest> .pants.d/bsp
+      digestfs mounts through macOS's NFS client (no macFUSE). For Pants' BSP server the
+      mountpoint is .pants.d/bsp/jvm/resolves, never .pants.d/bsp itself (Pants writes compile
+      output, resources and its launcher there):
+        digestfs mount --daemon --reuse .pants.d/bsp/jvm/resolves
+        digestfs bind .pants.d/bsp/jvm/resolves default/lib <digest> --layer modules.pants:app
       The daemon serves NFSv3 on 127.0.0.1 and runs mount_nfs; `digestfs unmount DIR` or
       `umount DIR` undoes it. If mount_nfs is not permitted for your user, serve with
       --nfs-no-mount and mount by hand with the command in docs/macos.md.

@@ -31,6 +31,8 @@ PRISTINE = os.environ.get(
 )
 
 sys.path.insert(0, HERE)
+# The stdlib client, importable as `digestfs_client` (it imports nothing relative).
+sys.path.insert(0, os.path.join(HERE, "plugin", "pants_digestfs"))
 
 
 def require_binary(test: unittest.TestCase) -> str:
@@ -201,3 +203,20 @@ def import_patched_module(name: str):
     module = importlib.import_module(name)
     assert module.__file__.startswith(src), f"{name} imported from {module.__file__}, not {src}"
     return module
+
+
+def is_mounted(path: str) -> bool:
+    """Whether `path` is a mountpoint, per /proc/self/mountinfo (never stats `path` itself, which
+    would hang on a hung daemon). The tests' view; the module under test asks the daemon."""
+    import re
+
+    parent, name = os.path.split(os.path.abspath(path))
+    path = os.path.join(os.path.realpath(parent), name)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if len(fields) > 4:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if point == path:
+                    return True
+    return False

@@ -11,7 +11,7 @@ import logging
 import os
 
 from _fake_engine import FakeDigest, FakeStore, FakeWorkspace, bsp_context, glue
-from _support import MountTestCase, import_dir, make_jar, require_binary, sha256_file
+from _support import MountTestCase, import_dir, is_mounted, make_jar, require_binary, sha256_file
 
 BSP = ".pants.d/bsp"
 
@@ -155,7 +155,7 @@ class GlueTest(MountTestCase):
         self.assertEqual(len(logs.records), 1, logs.output)
         self.assertIn("stray.jar", logs.output[0])
         self.assertFalse(digestfs.active)
-        self.assertFalse(self.glue.digestfs.is_mounted(self.mnt))
+        self.assertFalse(is_mounted(self.mnt))
         # Everything under jvm/resolves was written to disk where the mount was.
         written, prefix = self.workspace.writes[-1]
         self.assertEqual(prefix, BSP)

@@ -16,6 +16,8 @@ import unittest
 
 from _support import HERE, PATCH, PRISTINE, patched_tree, run
 
+PLUGIN = os.path.join(HERE, "plugin", "pants_digestfs")
+
 NEW_FILES = {
     "src/python/pants/bsp/digestfs.py",
     "src/python/pants/bsp/digestfs_client.py",
@@ -123,10 +125,10 @@ class PatchTest(unittest.TestCase):
         root = patched_tree()
         self.assertEqual(
             read(root, "src/python/pants/bsp/digestfs.py"),
-            read(HERE, "src/python/pants/bsp/digestfs.py"),
+            read(PLUGIN, "digestfs.py"),
         )
         client = read(root, "src/python/pants/bsp/digestfs_client.py")
-        self.assertTrue(client.endswith(read(HERE, "digestfs_client.py")))
+        self.assertTrue(client.endswith(read(PLUGIN, "digestfs_client.py")))
         self.assertTrue(client.startswith("# Copyright 2026 Pants project contributors"))
         done = run(os.path.join(HERE, "make-patch"), "--check", check=False, timeout=120)
         self.assertEqual(done.returncode, 0, done.stderr + done.stdout)
@@ -136,11 +138,12 @@ class PatchTest(unittest.TestCase):
         imported = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                imported.add(node.module or "")
+                imported.add("." * node.level + (node.module or ""))
             elif isinstance(node, ast.Import):
                 imported.update(a.name for a in node.names)
-        pants = {m for m in imported if m.split(".")[0] == "pants"}
-        self.assertEqual(pants, {"pants.bsp.digestfs_client"})
+        pants = {m for m in imported if m.split(".")[0] in ("pants", "")}
+        # Relative, so that the plugin and the patch share it as it is.
+        self.assertEqual(pants, {".digestfs_client"})
 
     def test_the_three_jar_writing_sites_go_through_write_bsp_output(self):
         root = patched_tree()

@@ -23,7 +23,7 @@ import shlex
 import socket
 import struct
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -76,9 +76,15 @@ class DigestfsInternal(DigestfsError):
 
 
 class DigestfsUnreachable(DigestfsError):
-    """No daemon answered on the control socket (not running, gone, or hung up)."""
+    """No daemon answered on the control socket (not running, gone, or hung up).
+
+    `timed_out`: a daemon accepted the connection but did not answer in time (it hangs)."""
 
     kind = "unreachable"
+
+    def __init__(self, message: str, *, timed_out: bool = False, **kwargs):
+        super().__init__(message, **kwargs)
+        self.timed_out = timed_out
 
 
 class DigestfsPeerRefused(DigestfsError):
@@ -178,6 +184,12 @@ class DigestfsClient:
         except DigestfsError:
             raise
         except OSError as e:
+            if isinstance(e, socket.timeout):
+                raise DigestfsUnreachable(
+                    f"the daemon at {self.socket_path} did not answer within {self.timeout:g}s",
+                    path=self.socket_path,
+                    timed_out=True,
+                ) from e
             raise DigestfsUnreachable(
                 f"cannot reach the daemon at {self.socket_path}: {e}", path=self.socket_path
             ) from e
@@ -222,10 +234,15 @@ def mount_command(
     remote_store_address: str | None = None,
     remote_instance_name: str | None = None,
     remote_ca_certs: str | None = None,
+    store_args: Sequence[str] = (),
+    mount_args: Sequence[str] = (),
 ) -> list:
     """The `digestfs mount --daemon --reuse` command line that `ensure_mounted` runs. Remote
-    headers (which may carry tokens) go in its environment instead: see `mount_env`."""
-    cmd = [binary, "--store", store, "mount", "--daemon", "--reuse"]
+    headers (which may carry tokens) go in its environment instead: see `mount_env`.
+
+    `store_args` are global options about the store (`--local-store-shard-count N`), `mount_args`
+    more options of `mount` (`--frontend nfs`)."""
+    cmd = [binary, "--store", store, *store_args, "mount", "--daemon", "--reuse", *mount_args]
     if remote_store_address:
         cmd += ["--remote-store-address", remote_store_address]
         if remote_instance_name:
@@ -255,6 +272,8 @@ def ensure_mounted(
     remote_ca_certs: str | None = None,
     remote_headers: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    store_args: Sequence[str] = (),
+    mount_args: Sequence[str] = (),
 ) -> int:
     """Starts a digestfs daemon serving `store` at `mountpoint`, or reuses the one already there.
 
@@ -270,7 +289,14 @@ def ensure_mounted(
     mountpoint = _absolute(mountpoint)
     store = os.path.abspath(os.path.expanduser(store))
     cmd = mount_command(
-        mountpoint, store, binary, remote_store_address, remote_instance_name, remote_ca_certs
+        mountpoint,
+        store,
+        binary,
+        remote_store_address,
+        remote_instance_name,
+        remote_ca_certs,
+        store_args=store_args,
+        mount_args=mount_args,
     )
     shown = shlex.join(cmd)
     try:
