@@ -249,3 +249,170 @@ fn a_remount_leaves_every_stat_identical() {
         );
     }
 }
+
+/// Sends SIGKILL to a daemon left running when a test fails early.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if process_alive(self.0) {
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `digestfs --store STORE mount --daemon --reuse ARGS… MNT`: its output.
+fn reuse_with(store: &Path, args: &[&str], mnt: &Path) -> std::process::Output {
+    run_timeout(
+        Command::new(bin())
+            .arg("--store")
+            .arg(store)
+            .args(["mount", "--daemon", "--reuse"])
+            .args(args)
+            .arg(mnt),
+        T,
+    )
+}
+
+#[test]
+fn reuse_refuses_a_daemon_of_another_frontend() {
+    // A FUSE daemon: asking for NFS is refused, naming both front ends; FUSE is reused.
+    let tmp = fixture_store();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = UnmountOnDrop(&mnt);
+    let store = tmp.path().join("store");
+    let pid = start_or_reuse(tmp.path(), store.to_str().unwrap(), &mnt);
+    let _kill = KillOnDrop(pid);
+    for args in [
+        &["--frontend", "nfs", "--nfs-no-mount"][..],
+        &["--frontend", "nfs"],
+    ] {
+        let out = reuse_with(&store, args, &mnt);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("through the fuse front end, not nfs as asked")
+                && err.contains(&pid.to_string()),
+            "{err}"
+        );
+        assert!(out.stdout.is_empty(), "no pid printed: {out:?}");
+    }
+    assert_eq!(status(&mnt)["pid"], pid, "the daemon is untouched");
+    let out = reuse_with(&store, &["--frontend", "fuse"], &mnt);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pid.to_string());
+    dfs_ok(&["unmount", mnt.to_str().unwrap()]);
+    wait_until("the daemon to exit", Duration::from_secs(10), || {
+        (!process_alive(pid)).then_some(())
+    });
+
+    // An NFS server (without a mount: this kernel has no NFS client): asking for FUSE is
+    // refused, naming both; asking for a mounted NFS is refused, naming --nfs-no-mount; the
+    // same request is reused.
+    let server = crate::harness::nfs::NfsServer::fixture(&[]);
+    let _guard = UnmountOnDrop(&server.mnt);
+    let store = server.tmp.path().join("store");
+    let socket = server.socket.to_str().unwrap();
+    let out = reuse_with(&store, &["--control", socket], &server.mnt);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("through the nfs front end, not fuse as asked"),
+        "{err}"
+    );
+    let out = reuse_with(
+        &store,
+        &["--control", socket, "--frontend", "nfs"],
+        &server.mnt,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--nfs-no-mount"), "{err}");
+    let out = reuse_with(
+        &store,
+        &["--control", socket, "--frontend", "nfs", "--nfs-no-mount"],
+        &server.mnt,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        server.pid().to_string(),
+        "{out:?}"
+    );
+    let s: serde_json::Value = serde_json::from_str(&server.dfs_ok(&["status", "--json"])).unwrap();
+    assert_eq!(
+        (&s["frontend"], &s["mount_state"], &s["attached"]),
+        (&"nfs".into(), &"none".into(), &false.into()),
+        "{s}"
+    );
+}
+
+#[test]
+fn reuse_replaces_a_daemon_whose_mount_was_lazily_detached() {
+    let tmp = fixture_store();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = UnmountOnDrop(&mnt);
+    let store = tmp.path().join("store");
+    let bind = format!("lib={JAR_TREE}");
+    let start = || -> i32 {
+        let out = reuse_with(&store, &["--bind", &bind], &mnt);
+        stdout_ok(out).trim().parse().unwrap()
+    };
+    let pid = start();
+    let _kill = KillOnDrop(pid);
+    let s = status(&mnt);
+    assert_eq!(
+        (&s["frontend"], &s["mount_state"], &s["attached"]),
+        (&"fuse".into(), &"attached".into(), &true.into()),
+        "{s}"
+    );
+    let text = dfs_ok(&["status", mnt.to_str().unwrap()]);
+    assert!(
+        text.contains("frontend       fuse") && text.contains("mount          attached"),
+        "{text}"
+    );
+
+    // A file held open keeps the daemon serving after a lazy detach.
+    let jar = mnt.join("lib/lib/jansi.jar");
+    let mut held = std::fs::File::open(&jar).unwrap();
+    let mut head = [0u8; 4];
+    std::io::Read::read_exact(&mut held, &mut head).unwrap();
+    assert_eq!(&head, b"PK\x03\x04");
+    run_ok(Command::new("fusermount3").args(["-u", "-z"]).arg(&mnt));
+    assert!(!crate::harness::is_mounted(&mnt));
+    assert!(process_alive(pid), "the detached daemon still runs");
+    let s = status(&mnt);
+    assert_eq!(s["pid"], pid);
+    assert_eq!(
+        (&s["mount_state"], &s["attached"]),
+        (&"detached".into(), &false.into()),
+        "{s}"
+    );
+    let text = dfs_ok(&["status", mnt.to_str().unwrap()]);
+    assert!(text.contains("mount          detached"), "{text}");
+
+    // --reuse does not hand out the detached daemon: it stops it and mounts afresh.
+    let pid2 = start();
+    let _kill2 = KillOnDrop(pid2);
+    assert_ne!(pid, pid2);
+    wait_until(
+        "the detached daemon to exit",
+        Duration::from_secs(10),
+        || (!process_alive(pid)).then_some(()),
+    );
+    assert!(crate::harness::is_mounted(&mnt));
+    assert_eq!(std::fs::read(&jar).unwrap().len(), 94545);
+    let s = status(&mnt);
+    assert_eq!(
+        (&s["pid"], &s["mount_state"], &s["attached"]),
+        (&pid2.into(), &"attached".into(), &true.into()),
+        "{s}"
+    );
+    // And it is reused in turn.
+    assert_eq!(start(), pid2);
+    drop(held);
+    dfs_ok(&["unmount", mnt.to_str().unwrap()]);
+    wait_until("the daemon to exit", Duration::from_secs(10), || {
+        (!process_alive(pid2)).then_some(())
+    });
+}

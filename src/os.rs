@@ -45,6 +45,42 @@ pub struct MountEntry {
     /// The filesystem's own options (Linux's super options: `…,port=P,addr=A` for NFS); empty
     /// where the system does not say.
     pub options: String,
+    /// The device number of the mounted filesystem (`st_dev` of its root), where the system
+    /// says (Linux: mountinfo's `major:minor`).
+    pub device: Option<u64>,
+}
+
+/// What tells one mount from another at the same mountpoint: a FUSE mount by its device (each
+/// FUSE connection has its own), an NFS mount by its server's port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountId {
+    Device(u64),
+    NfsPort(u16),
+}
+
+/// Whether the mount `id` is what `mountpoint` (absolute) shows now: the topmost mount there is
+/// it. False once it has been unmounted or lazily detached (`fusermount3 -u -z`, `umount -l`),
+/// even while its server still runs for files held open, or when another mount covers it.
+pub fn is_attached(mountpoint: &Path, id: MountId) -> io::Result<bool> {
+    let top = mounts()?
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == mountpoint);
+    let Some(top) = top else {
+        return Ok(false);
+    };
+    Ok(match id {
+        MountId::Device(dev) => match top.device {
+            Some(d) => d == dev,
+            // No device in the table (macOS): a FUSE mount of ours is there.
+            None => top.fstype.contains("fuse") || top.fstype.contains("digestfs"),
+        },
+        MountId::NfsPort(port) => match nfs_server(&top) {
+            Some(server) => server.port() == port,
+            // No options in the table (macOS): an NFS mount of a loopback server is there.
+            None => top.fstype.starts_with("nfs"),
+        },
+    })
 }
 
 /// Every mount this process sees.
@@ -75,7 +111,12 @@ pub fn mounts() -> io::Result<Vec<MountEntry>> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let sep = fields.iter().position(|f| *f == "-")?;
+            let device = fields.get(2).and_then(|d| {
+                let (major, minor) = d.split_once(':')?;
+                Some(libc::makedev(major.parse().ok()?, minor.parse().ok()?))
+            });
             Some(MountEntry {
+                device,
                 mountpoint: PathBuf::from(std::ffi::OsStr::from_bytes(&unescape(fields.get(4)?))),
                 fstype: fields.get(sep + 1)?.to_string(),
                 source: fields.get(sep + 2)?.to_string(),
@@ -105,6 +146,7 @@ pub fn mounts() -> io::Result<Vec<MountEntry>> {
                 fstype: text(&fs.f_fstypename),
                 source: text(&fs.f_mntfromname),
                 options: String::new(),
+                device: None,
             }
         })
         .collect())

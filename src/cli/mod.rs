@@ -14,7 +14,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::cas::{Cas, ReadError};
-use crate::control::{self, protocol::Request, protocol::Response, protocol::WhichInfo};
+use crate::control::{self, protocol, protocol::Request, protocol::Response, protocol::WhichInfo};
 use crate::fs::DEFAULT_LAYER;
 use crate::os;
 use crate::remote::Remote;
@@ -496,6 +496,21 @@ fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
     }
     outln!("pid            {}", s.pid);
     outln!("uptime         {} s", s.uptime_secs);
+    if !s.frontend.is_empty() {
+        outln!("frontend       {}", s.frontend);
+    }
+    if !s.mount_state.is_empty() {
+        let what = match s.mount_state.as_str() {
+            protocol::MOUNT_ATTACHED => "attached (the mountpoint shows this daemon's mount)",
+            protocol::MOUNT_DETACHED => {
+                "detached (unmounted or lazily detached; serving only files still open)"
+            }
+            protocol::MOUNT_NONE => "none (serving NFS without a mount)",
+            protocol::MOUNT_STARTING => "starting",
+            other => other,
+        };
+        outln!("mount          {what}");
+    }
     if let Some(port) = s.nfs_port {
         outln!("nfs            127.0.0.1 port {port}");
     }

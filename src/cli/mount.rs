@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::remote::{self as remote_args, RemoteArgs};
 use super::{daemon, open_cas, parse_digest, CliResult, Failure, StoreChoice};
-use crate::control::{self, protocol::Request, state::StateKeeper};
+use crate::control::{self, protocol, protocol::Request, state::StateKeeper};
 use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
 use crate::fuse::Passthrough;
 use crate::os::{self, MountState};
@@ -138,43 +138,74 @@ pub(super) fn absolute_store(dir: &Path) -> PathBuf {
         .unwrap_or_else(|_| dir.to_path_buf())
 }
 
-/// With `--reuse`: the pid of a live daemon already serving `mountpoint` from `store`; `None`
-/// when there is none (a free or stale mountpoint); an error when another store is served
-/// there, or something that is not ours is mounted.
-fn reusable(
-    mountpoint: &Path,
-    socket: &Path,
-    store: &Path,
+/// What `--reuse` asks of a daemon it would reuse.
+struct Wanted<'a> {
+    store: &'a Path,
     shard_count: Option<crate::store::ShardCount>,
-) -> Result<Option<u32>, Failure> {
-    if let Ok(resp) = control::call(socket, &Request::Status) {
-        if let Some(s) = resp.status {
-            let theirs = absolute_store(Path::new(&s.store));
-            if theirs != store {
+    frontend: Frontend,
+    /// `--nfs-no-mount`: serving without a mount is what is wanted.
+    no_mount: bool,
+}
+
+/// How long `--reuse` waits for a daemon whose mount is not ready yet, and for a stale one to
+/// exit once asked.
+const REUSE_WAIT: Duration = Duration::from_secs(30);
+
+/// With `--reuse`: the pid of a live daemon already serving `mountpoint` as `want` says; `None`
+/// when there is none (a free or stale mountpoint, or a daemon whose mount is gone, which is
+/// stopped first); an error when it serves another store or through another front end, or
+/// something that is not ours is mounted.
+fn reusable(mountpoint: &Path, socket: &Path, want: &Wanted) -> Result<Option<u32>, Failure> {
+    let deadline = std::time::Instant::now() + REUSE_WAIT;
+    let status = loop {
+        let Some(s) = control::call(socket, &Request::Status)
+            .ok()
+            .and_then(|r| r.status)
+        else {
+            break None;
+        };
+        check_same(mountpoint, &s, want)?;
+        if s.mount_state == protocol::MOUNT_STARTING && std::time::Instant::now() < deadline {
+            // Another caller's daemon (without --reuse, so not behind our lock) is mounting.
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        break Some(s);
+    };
+    if let Some(s) = status {
+        match s.mount_state.as_str() {
+            protocol::MOUNT_ATTACHED => return Ok(Some(s.pid)),
+            protocol::MOUNT_NONE if want.no_mount => return Ok(Some(s.pid)),
+            protocol::MOUNT_NONE => {
                 return Err(Failure::Msg(format!(
-                    "{} is served by digestfs (pid {}) from the store {}, not from {}; unmount it \
-                     first (digestfs unmount {})",
+                    "{} is served by digestfs (pid {}) over NFS without a mount \
+                     (--nfs-no-mount), not mounted as asked; stop it first (kill {}), or reuse \
+                     it with --nfs-no-mount",
                     mountpoint.display(),
                     s.pid,
-                    theirs.display(),
-                    store.display(),
+                    s.pid
+                )))
+            }
+            protocol::MOUNT_STARTING => {
+                return Err(Failure::Msg(format!(
+                    "{} is being mounted by digestfs (pid {}), which did not become ready \
+                     within {} s",
+                    mountpoint.display(),
+                    s.pid,
+                    REUSE_WAIT.as_secs()
+                )))
+            }
+            // A daemon that predates `mount_state`: the mount table says.
+            "" if os::mount_state(mountpoint)? == MountState::Live => return Ok(Some(s.pid)),
+            _ => {
+                log::warn!(
+                    "the daemon (pid {}) of {} no longer has its mount there (it was unmounted \
+                     or lazily detached); stopping it and mounting afresh",
+                    s.pid,
                     mountpoint.display()
-                )));
+                );
+                stop_stale(mountpoint, socket, s.pid)?;
             }
-            if let (Some(asked), Some(served)) = (shard_count, s.shard_count) {
-                if asked.get() as u32 != served {
-                    return Err(Failure::Msg(format!(
-                        "{} is served by digestfs (pid {}) reading {} as {served} shards, not \
-                         {asked} as --local-store-shard-count says; unmount it first (digestfs \
-                         unmount {})",
-                        mountpoint.display(),
-                        s.pid,
-                        store.display(),
-                        mountpoint.display()
-                    )));
-                }
-            }
-            return Ok(Some(s.pid));
         }
     }
     match os::mount_state(mountpoint)? {
@@ -185,6 +216,79 @@ fn reusable(
         ))),
         MountState::Free | MountState::Stale => Ok(None),
     }
+}
+
+/// Refuses to reuse a daemon that serves another store, reads it with another shard count, or
+/// serves it through another front end; each message names both.
+fn check_same(mountpoint: &Path, s: &protocol::StatusInfo, want: &Wanted) -> CliResult {
+    let mp = mountpoint.display();
+    let theirs = absolute_store(Path::new(&s.store));
+    if theirs != want.store {
+        return Err(Failure::Msg(format!(
+            "{mp} is served by digestfs (pid {}) from the store {}, not from {}; unmount it \
+             first (digestfs unmount {mp})",
+            s.pid,
+            theirs.display(),
+            want.store.display(),
+        )));
+    }
+    if let (Some(asked), Some(served)) = (want.shard_count, s.shard_count) {
+        if asked.get() as u32 != served {
+            return Err(Failure::Msg(format!(
+                "{mp} is served by digestfs (pid {}) reading {} as {served} shards, not {asked} \
+                 as --local-store-shard-count says; unmount it first (digestfs unmount {mp})",
+                s.pid,
+                want.store.display(),
+            )));
+        }
+    }
+    // Daemons that predate the field served FUSE only.
+    let frontend = if s.frontend.is_empty() {
+        "fuse"
+    } else {
+        s.frontend.as_str()
+    };
+    if frontend != want.frontend.name() {
+        return Err(Failure::Msg(format!(
+            "{mp} is served by digestfs (pid {}) through the {frontend} front end, not {} as \
+             asked (--frontend {}); unmount it first (digestfs unmount {mp}), or reuse it with \
+             --frontend {frontend}",
+            s.pid,
+            want.frontend.name(),
+            want.frontend.name(),
+        )));
+    }
+    Ok(())
+}
+
+/// Asks the daemon `pid` behind `socket`, whose mount is gone, to exit (SIGTERM: a daemon whose
+/// mount is detached exits at once, leaving the mountpoint alone), and waits until its socket
+/// no longer answers.
+fn stop_stale(mountpoint: &Path, socket: &Path, pid: u32) -> CliResult {
+    let pid_t = libc::pid_t::try_from(pid)
+        .map_err(|_| Failure::Msg(format!("the daemon's pid {pid} is out of range")))?;
+    if unsafe { libc::kill(pid_t, libc::SIGTERM) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(Failure::Msg(format!(
+                "stopping the daemon (pid {pid}) of {}, whose mount is gone: {e}",
+                mountpoint.display()
+            )));
+        }
+    }
+    let deadline = std::time::Instant::now() + REUSE_WAIT;
+    while std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if std::time::Instant::now() > deadline {
+            return Err(Failure::Msg(format!(
+                "the daemon (pid {pid}) of {}, whose mount is gone, did not exit within {} s of \
+                 SIGTERM; stop it (kill {pid}) and mount again",
+                mountpoint.display(),
+                REUSE_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// Refuses a live mount and clears a stale one: the one place that checks the mountpoint.
@@ -231,7 +335,13 @@ pub(super) fn run(choice: &StoreChoice, args: MountArgs) -> CliResult {
             false => None,
         };
         if args.reuse {
-            if let Some(pid) = reusable(&mountpoint, &socket, &store_dir, choice.shard_count)? {
+            let want = Wanted {
+                store: &store_dir,
+                shard_count: choice.shard_count,
+                frontend: args.frontend,
+                no_mount: args.frontend == Frontend::Nfs && args.nfs_no_mount,
+            };
+            if let Some(pid) = reusable(&mountpoint, &socket, &want)? {
                 log::info!(
                     "reusing the live daemon (pid {pid}) at {}",
                     mountpoint.display()
@@ -332,6 +442,18 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
             }
             Frontend::Fuse => None,
         };
+        let attachment = Arc::new(control::Attachment::new(mountpoint.to_path_buf()));
+        // Ready: `status` says attached from here on, and then the waiting parent is told.
+        let ready = {
+            let attachment = attachment.clone();
+            move |res: Result<Option<os::MountId>, String>| match res {
+                Ok(id) => {
+                    attachment.ready(id);
+                    daemon::report_ready(Ok(()));
+                }
+                Err(msg) => daemon::report_ready(Err(msg)),
+            }
+        };
         server.spawn(
             core.clone(),
             control::MountInfo {
@@ -342,6 +464,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                 leases,
                 nfs_port: nfs.as_ref().map(|l| l.addr().port()),
                 frontend: args.frontend.name(),
+                attachment,
             },
         )?;
         log::info!("control socket at {}", socket.display());
@@ -351,10 +474,21 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                     mountpoint: (!args.nfs_no_mount).then(|| mountpoint.to_path_buf()),
                     owner: (!args.allow_other).then(|| unsafe { libc::getuid() }),
                 };
-                crate::nfs::serve(core, listener, opts, signals, daemon::report_ready)
-                    .map_err(Failure::Msg)?;
+                crate::nfs::serve(core, listener, opts, signals, ready).map_err(Failure::Msg)?;
             }
-            None => serve_fuse(core, &args, mountpoint, signals)?,
+            None => {
+                // Ending the process while the mount is detached (files still open on it): the
+                // views end with the mount, as after an unmount.
+                let on_exit = {
+                    let (state, socket) = (state.clone(), socket.to_path_buf());
+                    move || {
+                        state.remove();
+                        let _ = std::fs::remove_file(&socket);
+                    }
+                };
+                let ready = move |res: Result<os::MountId, String>| ready(res.map(Some));
+                serve_fuse(core, &args, mountpoint, signals, ready, on_exit)?
+            }
         }
         // Unmounted (or stopped) on purpose: the views end with the mount.
         state.remove();
@@ -372,6 +506,8 @@ fn serve_fuse(
     args: &MountArgs,
     mountpoint: &Path,
     signals: os::SignalSet,
+    ready: impl FnOnce(Result<os::MountId, String>) + Send + 'static,
+    on_exit: impl FnOnce() + Send + 'static,
 ) -> CliResult {
     let cfg = crate::fuse::mount::MountConfig {
         mountpoint: mountpoint.to_path_buf(),
@@ -381,7 +517,7 @@ fn serve_fuse(
         passthrough: args.passthrough,
         read_ahead_kb: args.read_ahead_kb,
     };
-    crate::fuse::mount::serve(core, &cfg, signals, daemon::report_ready).map_err(Failure::Msg)
+    crate::fuse::mount::serve(core, &cfg, signals, ready, on_exit).map_err(Failure::Msg)
 }
 
 /// Not reached: `run` refuses `--frontend fuse` in a build without FUSE.
@@ -391,6 +527,8 @@ fn serve_fuse(
     args: &MountArgs,
     _mountpoint: &Path,
     _signals: os::SignalSet,
+    _ready: impl FnOnce(Result<os::MountId, String>) + Send + 'static,
+    _on_exit: impl FnOnce() + Send + 'static,
 ) -> CliResult {
     let _ = (args.ttl, args.threads, args.passthrough, args.read_ahead_kb);
     Err(Failure::Msg("this digestfs has no FUSE front end".into()))

@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
@@ -183,6 +183,46 @@ impl Server {
     }
 }
 
+/// Whether the daemon's own mount is at its mountpoint, as `status` reports it: the daemon
+/// answers for its mount, so clients need not read the mount table themselves.
+pub struct Attachment {
+    mountpoint: PathBuf,
+    /// `None` until the front end is ready; then what identifies its mount (`None` inside:
+    /// serving without one).
+    mount: Mutex<Option<Option<os::MountId>>>,
+}
+
+impl Attachment {
+    pub fn new(mountpoint: PathBuf) -> Attachment {
+        Attachment {
+            mountpoint,
+            mount: Mutex::new(None),
+        }
+    }
+
+    /// The front end is ready, with this mount (or none).
+    pub fn ready(&self, id: Option<os::MountId>) {
+        *self.mount.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+
+    /// `mount_state` and `attached` for `status`.
+    pub fn state(&self) -> (&'static str, bool) {
+        let mount = *self.mount.lock().unwrap_or_else(|p| p.into_inner());
+        match mount {
+            None => (MOUNT_STARTING, false),
+            Some(None) => (MOUNT_NONE, false),
+            Some(Some(id)) => match os::is_attached(&self.mountpoint, id) {
+                Ok(true) => (MOUNT_ATTACHED, true),
+                Ok(false) => (MOUNT_DETACHED, false),
+                Err(e) => {
+                    log::warn!("reading the mount table: {e}");
+                    (MOUNT_DETACHED, false)
+                }
+            },
+        }
+    }
+}
+
 /// What `status` reports about the mount itself.
 pub struct MountInfo {
     pub mountpoint: PathBuf,
@@ -194,6 +234,7 @@ pub struct MountInfo {
     /// The NFS front end's port, when it serves one.
     pub nfs_port: Option<u16>,
     pub frontend: &'static str,
+    pub attachment: Arc<Attachment>,
 }
 
 fn reply(mut stream: &UnixStream, resp: &Response) -> io::Result<()> {
@@ -360,8 +401,11 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
     let lease = |f: fn(&LeaseStats) -> &std::sync::atomic::AtomicU64| {
         info.leases.as_deref().map_or(0, |l| load(f(l)))
     };
+    let (mount_state, attached) = info.attachment.state();
     StatusInfo {
         pid: std::process::id(),
+        attached: Some(attached),
+        mount_state: mount_state.to_string(),
         mountpoint: info.mountpoint.display().to_string(),
         store: info.store.display().to_string(),
         shard_count: Some(core.cas().store().shard_count().get() as u32),

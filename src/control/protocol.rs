@@ -73,6 +73,16 @@ pub struct ViewInfo {
     pub entries: Option<u64>,
 }
 
+/// `mount_state`: the control socket answers, the mount is not ready yet.
+pub const MOUNT_STARTING: &str = "starting";
+/// `mount_state`: the mountpoint shows this daemon's mount.
+pub const MOUNT_ATTACHED: &str = "attached";
+/// `mount_state`: the mount was made and is gone from the mountpoint (unmounted, lazily
+/// detached, or covered by another mount), though the daemon still runs.
+pub const MOUNT_DETACHED: &str = "detached";
+/// `mount_state`: serving without a mount (`--frontend nfs --nfs-no-mount`).
+pub const MOUNT_NONE: &str = "none";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub pid: u32,
@@ -85,6 +95,15 @@ pub struct StatusInfo {
     /// `fuse` or `nfs`.
     #[serde(default)]
     pub frontend: String,
+    /// Whether the mountpoint shows this daemon's own mount now: false before it is ready, once
+    /// it was unmounted or lazily detached (the daemon may live on while files are held open),
+    /// and when serving NFS without a mount. Absent from daemons that predate it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attached: Option<bool>,
+    /// One of [`MOUNT_STARTING`], [`MOUNT_ATTACHED`], [`MOUNT_DETACHED`], [`MOUNT_NONE`];
+    /// empty from daemons that predate it.
+    #[serde(default)]
+    pub mount_state: String,
     /// The port the NFS front end listens on (`--frontend nfs`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub nfs_port: Option<u16>,

@@ -3,14 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
 use super::{FuseAdapter, Passthrough};
 use crate::fs::{DigestFs, Invalidator};
-use crate::os::{self, SignalSet};
+use crate::os::{self, MountId, SignalSet};
 
 /// Forwards the core's invalidations to the kernel.
 struct KernelInvalidator(fuser::Notifier);
@@ -57,14 +57,17 @@ fn set_read_ahead(mp: &Path, kb: u32) {
 }
 
 /// Mounts `core` and serves until the mount goes away (unmount, `fusermount3 -u`, or one of
-/// `signals`, which unmounts). `ready` is called once: when the mount answers, or with the
-/// reason it could not be made. Errors are text: each is the one line the daemon
-/// reports to `mount --daemon`'s parent through the readiness pipe, and prints.
+/// `signals`, which unmounts). `ready` is called once: when the mount answers (with what
+/// identifies the mount: its device), or with the reason it could not be made. `on_exit` runs
+/// if a signal must end the process without the session ending (its mount detached while files
+/// are held open). Errors are text: each is the one line the daemon reports to
+/// `mount --daemon`'s parent through the readiness pipe, and prints.
 pub fn serve(
     core: Arc<DigestFs>,
     cfg: &MountConfig,
     signals: SignalSet,
-    ready: impl FnOnce(Result<(), String>) + Send + 'static,
+    ready: impl FnOnce(Result<MountId, String>) + Send + 'static,
+    on_exit: impl FnOnce() + Send + 'static,
 ) -> Result<(), String> {
     let mp = cfg.mountpoint.clone();
     let session = match start_session(core, cfg) {
@@ -74,7 +77,9 @@ pub fn serve(
             return Err(msg);
         }
     };
-    spawn_signal_thread(mp.clone(), signals).map_err(|e| e.to_string())?;
+    let mounted = Arc::new(OnceLock::new());
+    spawn_signal_thread(mp.clone(), signals, mounted.clone(), on_exit)
+        .map_err(|e| e.to_string())?;
 
     // Readiness: the session is mounted and initialised; wait until the root answers a stat,
     // which needs the request loop below to be running.
@@ -86,6 +91,9 @@ pub fn serve(
             let res = wait_until_answering(&probe_mp, &probe_ended);
             if res.is_ok() && ra_kb > 0 {
                 set_read_ahead(&probe_mp, ra_kb);
+            }
+            if let Ok(id) = res {
+                let _ = mounted.set(id);
             }
             ready(res);
         })
@@ -131,31 +139,51 @@ fn start_session(
     Ok(session)
 }
 
-/// Signals unmount, then give the session a moment to drain before giving up on it.
-fn spawn_signal_thread(mp: PathBuf, signals: SignalSet) -> std::io::Result<()> {
+/// Signals unmount, then give the session a moment to drain before giving up on it. A mount
+/// that is no longer attached (lazily detached while files are open: the session lives on
+/// until they close) is not unmounted, since whatever is at the mountpoint now is not ours:
+/// the process just ends.
+fn spawn_signal_thread(
+    mp: PathBuf,
+    signals: SignalSet,
+    mounted: Arc<OnceLock<MountId>>,
+    on_exit: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let sig = os::wait_for_signal(&signals);
+            let detached = mounted
+                .get()
+                .is_some_and(|id| !os::is_attached(&mp, *id).unwrap_or(true));
+            if detached {
+                log::info!(
+                    "signal {sig}: the mount at {} is already detached; exiting",
+                    mp.display()
+                );
+                on_exit();
+                std::process::exit(0);
+            }
             log::info!("signal {sig}: unmounting {}", mp.display());
             if let Err(e) = os::unmount_or_detach(&mp) {
                 log::error!("unmounting {} failed: {e}", mp.display());
             }
             std::thread::sleep(Duration::from_secs(5));
             log::warn!("the session did not end within 5 s of the unmount; exiting");
+            on_exit();
             std::process::exit(0);
         })?;
     Ok(())
 }
 
-/// Until the mount answers, or why it will not (a line for the readiness pipe).
-fn wait_until_answering(mp: &Path, ended: &AtomicBool) -> Result<(), String> {
+/// Until the mount answers (then its device), or why it will not (a line for the readiness
+/// pipe).
+fn wait_until_answering(mp: &Path, ended: &AtomicBool) -> Result<MountId, String> {
+    use std::os::unix::fs::MetadataExt;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match std::fs::metadata(mp) {
-            Ok(m) if std::os::unix::fs::MetadataExt::ino(&m) == crate::fs::ROOT_INO => {
-                return Ok(())
-            }
+            Ok(m) if m.ino() == crate::fs::ROOT_INO => return Ok(MountId::Device(m.dev())),
             // Unmounted before it was seen to answer: the session has ended.
             _ if ended.load(Ordering::SeqCst) => {
                 return Err(format!("{} was unmounted before it answered", mp.display()))

@@ -106,15 +106,15 @@ struct MountFlags {
 }
 
 /// Serves `core` until a signal (which unmounts), or until the OS mount goes away. `ready` is
-/// called once: when the server answers NULL and MOUNT (and the mount, if any, answers too),
-/// or with the reason it could not. Errors are text: each is the one line the daemon
+/// called once: when the server answers NULL and MOUNT (and the mount, if any, answers too;
+/// then with what identifies it, the server's port), or with the reason it could not. Errors are text: each is the one line the daemon
 /// reports to `mount --daemon`'s parent through the readiness pipe, and prints.
 pub fn serve(
     core: Arc<DigestFs>,
     listener: Listener,
     opts: Options,
     signals: SignalSet,
-    ready: impl FnOnce(Result<(), String>) + Send + 'static,
+    ready: impl FnOnce(Result<Option<os::MountId>, String>) + Send + 'static,
 ) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -168,7 +168,10 @@ pub fn serve(
             let res = become_ready(addr, mountpoint.as_deref(), &flags);
             match res {
                 Ok(()) => {
-                    ready(Ok(()));
+                    let id = mountpoint
+                        .as_ref()
+                        .map(|_| os::MountId::NfsPort(addr.port()));
+                    ready(Ok(id));
                     if let Some(mp) = mountpoint {
                         watch_mount(&mp, &flags);
                         let _ = stop.send(Ok(()));
