@@ -641,3 +641,129 @@ fn a_store_of_4_shards_mounts_and_reads_byte_for_byte() {
         serde_json::from_str(&dfs_ok(&["status", "--json", m.mnt.to_str().unwrap()])).unwrap();
     assert_eq!(status["shard_count"], 4, "{status}");
 }
+
+/// Reads `file` (a pipe's read end) to its end on a thread; the receiver gets what was read
+/// once the last writer has closed it.
+fn read_to_eof(file: std::fs::File) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut file = file;
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut file, &mut v);
+        let _ = tx.send(v);
+    });
+    rx
+}
+
+/// `mount --daemon` run as a build tool runs it (Python's `subprocess.run(capture_output=True)`,
+/// with relative paths, and handing it one more descriptor, as `pass_fds` does): every pipe the
+/// caller reads ends when the command exits; the daemon holds none of the caller's descriptors
+/// (stdin and stdout /dev/null, stderr the log), runs in a session of its own from `/`, and
+/// still serves its relative --control socket.
+#[test]
+fn daemon_mode_detaches_from_its_caller() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    let tmp = fixture_store();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::create_dir(tmp.path().join("ctl")).unwrap();
+    let _guard = harness::UnmountOnDrop(&mnt);
+    // One more pipe for the command to inherit: close-on-exec here, so that only this child
+    // (not another test's) gets its write end.
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (extra_r, extra_w) = (fds[0], fds[1]);
+    let mut cmd = Command::new(bin());
+    cmd.current_dir(tmp.path())
+        .args([
+            "--store",
+            "store",
+            "mount",
+            "--daemon",
+            "--log-file",
+            "daemon.log",
+        ])
+        .args([
+            "--control",
+            "ctl/ctl.sock",
+            "--bind",
+            &format!("lib={JAR_TREE}"),
+            "mnt",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(extra_w, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    unsafe { libc::close(extra_w) };
+    let stdout = read_to_eof(std::fs::File::from(std::os::fd::OwnedFd::from(
+        child.stdout.take().unwrap(),
+    )));
+    let stderr = read_to_eof(std::fs::File::from(std::os::fd::OwnedFd::from(
+        child.stderr.take().unwrap(),
+    )));
+    let extra = read_to_eof(unsafe { std::fs::File::from_raw_fd(extra_r) });
+    // A hang here is the failure: the daemon kept a pipe of its caller's open.
+    let limit = Duration::from_secs(60);
+    let out = stdout
+        .recv_timeout(limit)
+        .expect("EOF on the command's stdout");
+    let err = stderr
+        .recv_timeout(limit)
+        .expect("EOF on the command's stderr");
+    extra
+        .recv_timeout(limit)
+        .expect("EOF on the descriptor the command inherited");
+    let status = wait_until("the command to exit", limit, || child.try_wait().unwrap());
+    assert!(status.success(), "{}", String::from_utf8_lossy(&err));
+    let pid: i32 = String::from_utf8(out).unwrap().trim().parse().unwrap();
+    assert!(process_alive(pid));
+
+    let fd = |n: u32| std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+    assert_eq!(fd(0), Path::new("/dev/null"));
+    assert_eq!(fd(1), Path::new("/dev/null"));
+    assert_eq!(fd(2), tmp.path().join("daemon.log").canonicalize().unwrap());
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(entry.unwrap().path()).unwrap_or_default();
+        assert!(
+            !target.to_string_lossy().starts_with("pipe:"),
+            "the daemon holds a pipe: {target:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        Path::new("/")
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(fields[3], pid.to_string(), "a session of its own: {stat}");
+
+    // It serves, and its relative socket (and state file beside it) work from `/`.
+    assert_eq!(
+        std::fs::read(mnt.join("lib/lib/jansi.jar")).unwrap().len(),
+        94545
+    );
+    let socket = tmp.path().join("ctl/ctl.sock");
+    let m = mnt.to_str().unwrap();
+    let ctl = ["--control", socket.to_str().unwrap()];
+    dfs_ok(&[&["bind", m, "src", SRC_SYMLINKS][..], &ctl].concat());
+    assert!(digestfs::control::state::state_path(&socket).exists());
+    let s: serde_json::Value =
+        serde_json::from_str(&dfs_ok(&[&["status", "--json", m][..], &ctl].concat())).unwrap();
+    assert_eq!(s["pid"], pid);
+    dfs_ok(&["unmount", m]);
+    wait_until("the daemon to exit", limit, || {
+        (!process_alive(pid)).then_some(())
+    });
+}

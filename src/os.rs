@@ -418,6 +418,29 @@ pub fn wait_for_signal(set: &SignalSet) -> i32 {
     }
 }
 
+/// Marks every file descriptor of this process above stderr close-on-exec, so that a program
+/// it starts next inherits none of them: descriptors this process was itself given by its
+/// caller (a pipe the caller reads to its end, say) would otherwise outlive it in a daemon.
+pub fn cloexec_inherited_fds() -> io::Result<()> {
+    let dir = if cfg!(target_os = "linux") {
+        "/proc/self/fd"
+    } else {
+        "/dev/fd"
+    };
+    let fds: Vec<i32> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // The directory's own descriptor is closed by now: EBADF, nothing to do.
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+        }
+    }
+    Ok(())
+}
+
 /// Takes an exclusive `flock` on the directory `dir`, waiting for it; released when the
 /// returned handle is dropped.
 pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {

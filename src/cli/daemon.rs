@@ -1,10 +1,18 @@
 //! `mount --daemon`: the command re-runs itself in a new session with stdout as a readiness
 //! pipe, and exits 0 only once the child says the mount answers (or 1 with the child's reason).
 //! Re-executing rather than forking keeps the child free of a forked multi-threaded state.
+//!
+//! The daemon keeps nothing of its caller's: stdin is /dev/null, stdout the readiness pipe
+//! (then /dev/null), stderr the `--log-file` or /dev/null, no other descriptor is inherited,
+//! it runs in a session of its own, and once it has read what it needs from relative paths it
+//! moves to `/` ([`leave_cwd`]). So a caller that reads our output to its end (Python's
+//! `subprocess.run(capture_output=True)`) gets the end as soon as we exit, and the daemon pins
+//! no directory.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -43,21 +51,43 @@ pub fn report_ready(res: Result<(), String>) {
     }
 }
 
+/// In the daemon child, once every relative path it was given has been read or made absolute:
+/// moves to `/`, so the daemon does not keep its caller's directory busy (or unmountable).
+pub fn leave_cwd() {
+    if is_child() {
+        if let Err(e) = std::env::set_current_dir("/") {
+            log::warn!("could not change the daemon's directory to /: {e}");
+        }
+    }
+}
+
 /// Starts the daemon and waits until it reports; its pid, or the reason it gave (a line of text
-/// from the child, hence a `String`).
-pub fn spawn_and_wait() -> Result<u32, String> {
+/// from the child, hence a `String`). Its stderr goes to `log_file` (appended), else /dev/null.
+pub fn spawn_and_wait(log_file: Option<&Path>) -> Result<u32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding our own executable: {e}"))?;
     let args: Vec<OsString> = std::env::args_os()
         .skip(1)
         .filter(|a| a != "--daemon" && a != "-d")
         .collect();
+    // Panics and anything else written to stderr land in the log, if there is one.
+    let stderr = match log_file {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(Stdio::from)
+            .map_err(|e| format!("--log-file {}: {e}", path.display()))?,
+        None => Stdio::null(),
+    };
+    // Descriptors our caller gave us (beyond stdio) must not reach the daemon.
+    crate::os::cloexec_inherited_fds()
+        .map_err(|e| format!("closing inherited descriptors: {e}"))?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .env(CHILD_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        // The child writes its log to --log-file itself, if given.
-        .stderr(Stdio::null());
+        .stderr(stderr);
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();

@@ -124,10 +124,15 @@ impl MountArgs {
             .map_err(|e| Failure::Msg(format!("{}: {e}", self.mountpoint.display())))
     }
 
+    /// The control socket, absolute (the daemon leaves its starting directory).
     fn socket(&self, mountpoint: &Path) -> PathBuf {
-        self.control
-            .clone()
-            .unwrap_or_else(|| control::default_socket(mountpoint))
+        match &self.control {
+            Some(path) if path.is_relative() => std::env::current_dir()
+                .map(|cwd| cwd.join(path))
+                .unwrap_or_else(|_| path.clone()),
+            Some(path) => path.clone(),
+            None => control::default_socket(mountpoint),
+        }
     }
 }
 
@@ -351,7 +356,7 @@ pub(super) fn run(choice: &StoreChoice, args: MountArgs) -> CliResult {
             }
         }
         if args.daemon {
-            let pid = daemon::spawn_and_wait().map_err(Failure::Msg)?;
+            let pid = daemon::spawn_and_wait(args.log_file.as_deref()).map_err(Failure::Msg)?;
             super::outln!("{pid}");
             return Ok(());
         }
@@ -377,7 +382,10 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
     let signals = os::block_termination_signals();
     let store_dir = choice.dir();
     let res = (|| -> CliResult {
+        // The last read of a path the caller may have given relative (--remote-ca-certs); the
+        // mountpoint, store and socket are absolute already, and the log file is open.
         let (cas, remote) = open_cas(choice, Some(&args.remote))?;
+        daemon::leave_cwd();
         if let Some(r) = &remote {
             r.probe_in_background();
         }
