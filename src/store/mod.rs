@@ -34,9 +34,16 @@ pub use self::tree::{check_name, Entry, EntryKind, Listing, NAME_MAX};
 pub use self::walk::{TreeBlobs, PATH_MAX};
 
 const GIB: usize = 1 << 30;
-/// Map sizes Pants gives each shard; used only when this process creates an environment.
+/// Map sizes of one shard in a store of Pants' default 16 shards; used only when this process
+/// creates an environment.
 const FILES_MAP_SIZE: usize = 4 * GIB;
 const DIRECTORIES_MAP_SIZE: usize = GIB / 2;
+
+/// The map size of one of `count` shards: Pants splits one budget per kind of blob between the
+/// shards (`max_size / shard_count`), so fewer shards get larger maps.
+fn map_size_per_shard(size_of_16: usize, count: ShardCount) -> usize {
+    size_of_16 * ShardCount::DEFAULT.get() / count.get()
+}
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -155,10 +162,14 @@ impl Store {
 
     fn new_unchecked(root: PathBuf, count: ShardCount) -> Store {
         Store {
-            files: Arc::new(lmdb::Shards::new(root.join("files"), FILES_MAP_SIZE, count)),
+            files: Arc::new(lmdb::Shards::new(
+                root.join("files"),
+                map_size_per_shard(FILES_MAP_SIZE, count),
+                count,
+            )),
             directories: Arc::new(lmdb::Shards::new(
                 root.join("directories"),
-                DIRECTORIES_MAP_SIZE,
+                map_size_per_shard(DIRECTORIES_MAP_SIZE, count),
                 count,
             )),
             shard_count: count,
@@ -410,4 +421,19 @@ fn pread_exact(d: &Digest, file: &File, offset: u64, want: usize, out: &mut Vec<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_sizes_split_one_budget_between_the_shards() {
+        let n = |c| ShardCount::new(c).unwrap();
+        assert_eq!(map_size_per_shard(FILES_MAP_SIZE, n(16)), 4 * GIB);
+        assert_eq!(map_size_per_shard(FILES_MAP_SIZE, n(1)), 64 * GIB);
+        assert_eq!(map_size_per_shard(FILES_MAP_SIZE, n(4)), 16 * GIB);
+        assert_eq!(map_size_per_shard(FILES_MAP_SIZE, n(128)), GIB / 2);
+        assert_eq!(map_size_per_shard(DIRECTORIES_MAP_SIZE, n(128)), GIB / 16);
+    }
 }
