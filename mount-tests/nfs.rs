@@ -916,3 +916,69 @@ fn reads_listings_and_callers_at_the_protocol_level() {
     healthy(&mut server, "v");
     no_panic(&server);
 }
+
+/// The args of a READ of `count` bytes at `offset` of `fh`.
+fn read_args(fh: &[u8], offset: u64, count: u32) -> Vec<u8> {
+    let mut a = Vec::new();
+    put_opaque(&mut a, fh);
+    put64(&mut a, offset);
+    put32(&mut a, count);
+    a
+}
+
+/// The data of a READ reply record, after its xid was checked by the caller.
+fn read_reply_data(record: &[u8]) -> (u32, Vec<u8>) {
+    let mut r = Reader(record);
+    let xid = r.u32();
+    assert_eq!(r.u32(), 1, "a REPLY");
+    assert_eq!(r.u32(), 0, "MSG_ACCEPTED");
+    r.u32();
+    r.opaque();
+    assert_eq!(r.u32(), 0, "SUCCESS");
+    assert_eq!(r.u32(), 0, "NFS3_OK");
+    r.post_op_attr();
+    let n = r.u32() as usize;
+    r.u32(); // eof
+    let data = r.opaque();
+    assert_eq!(data.len(), n);
+    (xid, data)
+}
+
+#[test]
+fn a_client_that_half_closes_gets_every_reply() {
+    let mut server = NfsServer::fixture(&[("v", JAR_TREE)]);
+    let mut rpc = Rpc::connect(server.port);
+    let guava = rpc.walk("v/lib/guava.jar");
+    let whole = rpc.read_file(&guava);
+    assert_eq!(digest_of(&whole), GUAVA);
+    // 16 READs of 128 KiB written at once, then the write side shut: all 16 replies come back,
+    // with the right bytes, and only then does the server close its side.
+    let chunk = 128 * 1024u64;
+    let calls: Vec<(u32, u64)> = (0..16)
+        .map(|i| (1000 + i as u32, (i * chunk) % whole.len() as u64))
+        .collect();
+    let mut pipelined = Vec::new();
+    for (xid, offset) in &calls {
+        let args = read_args(&guava, *offset, chunk as u32);
+        pipelined.extend(framed(&call_msg(*xid, PROG_NFS, 3, 6, &args)));
+    }
+    let mut half = Rpc::connect(server.port);
+    half.s.write_all(&pipelined).unwrap();
+    half.s.shutdown(Shutdown::Write).unwrap();
+    let mut answered = BTreeMap::new();
+    for _ in 0..16 {
+        let record = half.read_record().expect("a reply after the half-close");
+        let (xid, data) = read_reply_data(&record);
+        assert!(answered.insert(xid, data).is_none(), "xid {xid} twice");
+    }
+    for (xid, offset) in &calls {
+        let start = *offset as usize;
+        let end = (start + chunk as usize).min(whole.len());
+        assert!(answered[xid] == whole[start..end], "READ {xid} at {offset}");
+    }
+    let mut rest = Vec::new();
+    half.s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "nothing after the 16 replies: {rest:?}");
+    healthy(&mut server, "v");
+    no_panic(&server);
+}

@@ -68,6 +68,8 @@ const RECENT_XIDS: usize = 1024;
 /// closed (its client holds on to replies, or the server is saturated).
 const PLACE_TIME: Duration = Duration::from_secs(60);
 const PIPE_BYTES: usize = 1 << 20;
+/// How long the calls in flight when a client stops sending may take to be answered.
+const DRAIN_TIME: Duration = Duration::from_secs(60);
 
 /// The listening socket, bound before anything is served so its port can be reported.
 pub struct Listener {
@@ -350,13 +352,25 @@ async fn connection(
         }
     });
     let (tcp_r, tcp_w) = sock.into_split();
-    let (pipe_r, pipe_w) = tokio::io::split(ours);
+    let (pipe_r, mut pipe_w) = tokio::io::split(ours);
     let xids = Mutex::new(Xids::default());
     let per_conn = Arc::new(Semaphore::new(CONN_IN_FLIGHT));
     let (local_tx, local_rx) = tokio::sync::mpsc::unbounded_channel();
+    let calls = calls(tcp_r, &mut pipe_w, local_tx, &xids, &per_conn, &in_flight);
+    let replies = replies(pipe_r, local_rx, tcp_w, &xids);
+    tokio::pin!(calls, replies);
     let why = tokio::select! {
-        why = calls(tcp_r, pipe_w, local_tx, &xids, &per_conn, &in_flight) => why,
-        why = replies(pipe_r, local_rx, tcp_w, &xids) => why,
+        why = &mut calls => match why {
+            // The client sent its last call (it closed or half-closed its side): every call
+            // received is still answered before the connection closes. The pipe to the crate
+            // stays open meanwhile, since the crate drops the replies in flight at its end.
+            End::Closed => match timeout(DRAIN_TIME, &mut replies).await {
+                Ok(why) => why,
+                Err(_) => End::Refused("replies that were not taken in time".into()),
+            },
+            refused => refused,
+        },
+        why = &mut replies => why,
     };
     match why {
         End::Closed => log::debug!("NFS client {peer} disconnected"),
@@ -374,7 +388,8 @@ enum End {
 /// them itself, through `local`).
 async fn calls(
     tcp: tokio::net::tcp::OwnedReadHalf,
-    mut pipe: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    pipe: &mut tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    // Dropped when this returns, which tells `replies` that no call will follow.
     local: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     xids: &Mutex<Xids>,
     per_conn: &Arc<Semaphore>,
@@ -432,7 +447,8 @@ async fn calls(
 }
 
 /// Copies the crate's replies to the client under the client's xids, releasing each call's
-/// permits, and sends the replies `calls` made itself.
+/// permits, and sends the replies `calls` made itself. Once `calls` has ended (its sender of
+/// `local` is gone), returns when the last call in flight is answered.
 async fn replies(
     mut pipe: tokio::io::ReadHalf<tokio::io::DuplexStream>,
     mut local: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
@@ -440,20 +456,28 @@ async fn replies(
     xids: &Mutex<Xids>,
 ) -> End {
     let mut record = Vec::new();
+    let mut last_call_read = false;
     loop {
+        if last_call_read && lock(xids).in_flight.is_empty() {
+            let _ = tcp.shutdown().await;
+            return End::Closed;
+        }
         let from_crate = tokio::select! {
             read = read_record(&mut pipe, &REPLIES, &mut record) => match read {
                 Ok(true) => true,
                 Ok(false) => return End::Closed,
                 Err(e) => return End::Refused(format!("a reply of the server: {e}")),
             },
-            // Made under the client's xid already.
-            made = local.recv() => match made {
+            // Made under the client's xid already; `None`: no call will follow.
+            made = local.recv(), if !last_call_read => match made {
                 Some(r) => {
                     record = r;
                     false
                 }
-                None => return End::Closed,
+                None => {
+                    last_call_read = true;
+                    continue;
+                }
             },
         };
         if from_crate {
