@@ -67,7 +67,11 @@ pub enum FsError {
     NotSupported,
     NoData,
     BadHandle,
-    /// The store failed us (missing or corrupt blob, I/O error); already logged.
+    /// The blob is no longer in the store (nor in the remote CAS, if there is one); already
+    /// logged. Content is named by digest, so NFS answers this NFS3ERR_STALE: the handle names
+    /// content that is gone. FUSE answers EIO, as for any file it cannot serve.
+    Gone,
+    /// The store failed us (corrupt blob, I/O error, an unreachable remote); already logged.
     Io,
 }
 
@@ -82,7 +86,7 @@ impl FsError {
             FsError::NotSupported => libc::ENOSYS,
             FsError::NoData => libc::ENODATA,
             FsError::BadHandle => libc::EBADF,
-            FsError::Io => libc::EIO,
+            FsError::Gone | FsError::Io => libc::EIO,
         }
     }
 }
@@ -198,8 +202,15 @@ impl DigestFs {
     }
 
     /// Logs a store failure once per digest, naming the path where the kernel found the node
-    /// (`ino`, if the front end has one), and maps it to EIO.
+    /// (`ino`, if the front end has one), and maps it to [`FsError::Gone`] (the blob is not
+    /// there) or [`FsError::Io`] (anything else). This is the one place a front end learns that
+    /// content is gone: nothing checks for presence ahead of the read that needs the blob.
     fn store_failure(&self, ino: Option<u64>, err: ReadError) -> FsError {
+        let kind = if err.is_missing() {
+            FsError::Gone
+        } else {
+            FsError::Io
+        };
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         let first = match err.digest() {
             Some(d) => {
@@ -217,7 +228,7 @@ impl DigestFs {
                 None => log::error!("{err}"),
             }
         }
-        FsError::Io
+        kind
     }
 
     fn node(&self, ino: u64) -> FsResult<Node> {

@@ -22,7 +22,7 @@ use nfs3_server::nfs3_types::nfs3::nfsstat3;
 use sha2::{Digest as _, Sha256};
 
 use crate::fs::{DigestFs, FsError, Namespace, Node, View, CONTENT_DIR};
-use crate::store::{BlobKind, Digest};
+use crate::store::Digest;
 
 /// The bytes of a handle that are ours.
 pub const MAX_LEN: usize = 56;
@@ -265,8 +265,6 @@ pub struct Memo {
     sets: Mutex<LruCache<SetKey, Arc<[Digest]>>>,
     /// Where a store or merged directory was last found: its parent's key, for `..`.
     parents: Mutex<LruCache<Key, Key>>,
-    /// File blobs seen present (content never changes, so this only saves store look-ups).
-    present: Mutex<LruCache<Digest, ()>>,
 }
 
 const MEMO_ENTRIES: usize = 16384;
@@ -287,7 +285,6 @@ impl Default for Memo {
             paths: Mutex::new(LruCache::new(n)),
             sets: Mutex::new(LruCache::new(n)),
             parents: Mutex::new(LruCache::new(n)),
-            present: Mutex::new(LruCache::new(n)),
         }
     }
 }
@@ -302,11 +299,14 @@ pub fn status(e: FsError) -> nfsstat3 {
         FsError::ReadOnly => nfsstat3::NFS3ERR_ROFS,
         FsError::NotSupported => nfsstat3::NFS3ERR_NOTSUPP,
         FsError::BadHandle => nfsstat3::NFS3ERR_BADHANDLE,
+        // A handle names content by digest: content that is gone makes the handle stale.
+        FsError::Gone => nfsstat3::NFS3ERR_STALE,
         FsError::Io => nfsstat3::NFS3ERR_IO,
     }
 }
 
-/// A store read behind a handle: gone is STALE, a failure to read is IO.
+/// A directory read behind a handle: anything but a failure to read means what the handle
+/// named is gone (STALE).
 fn stale_or_io(e: FsError) -> nfsstat3 {
     match e {
         FsError::Io => nfsstat3::NFS3ERR_IO,
@@ -314,13 +314,9 @@ fn stale_or_io(e: FsError) -> nfsstat3 {
     }
 }
 
-/// The entries of the store tree `d`: STALE if the local store lacks it and there is no remote
-/// CAS to fetch it from (which the core would log as a failure), IO if it cannot be read.
+/// The entries of the store tree `d`, read now (the store is asked only here, where the
+/// `Directory` is needed): STALE if it is gone from the store, IO if it cannot be read.
 fn load_tree(core: &DigestFs, d: &Digest) -> Result<Arc<Vec<(String, Node)>>, nfsstat3> {
-    let cas = core.cas();
-    if cas.remote().is_none() && !cas.store().has(d, BlobKind::Directory).unwrap_or(true) {
-        return Err(nfsstat3::NFS3ERR_STALE);
-    }
     core.children_of(&Node::Tree(*d)).map_err(stale_or_io)
 }
 
@@ -439,28 +435,13 @@ pub fn resolve(core: &DigestFs, memo: &Memo, key: &Key) -> Result<Object, nfssta
         Key::Content => plain(Node::Content),
         Key::Blobs => plain(Node::Blobs),
         Key::Trees => plain(Node::Trees),
-        Key::File { digest, executable } => {
-            if lock(&memo.present).get(digest).is_none() {
-                match core.cas().has_file(digest) {
-                    Ok(true) => {
-                        lock(&memo.present).put(*digest, ());
-                    }
-                    Ok(false) => return Err(nfsstat3::NFS3ERR_STALE),
-                    Err(e) => {
-                        log::warn!("checking file {digest}: {e}");
-                        return Err(nfsstat3::NFS3ERR_IO);
-                    }
-                }
-            }
-            plain(Node::File {
-                digest: *digest,
-                executable: *executable,
-            })
-        }
-        Key::Tree(d) => {
-            load_tree(core, d)?;
-            plain(Node::Tree(*d))
-        }
+        // Content is not looked for in the store here: a blob that is gone answers STALE
+        // where it is read (READ, or the listing behind GETATTR and LOOKUP of a tree).
+        Key::File { digest, executable } => plain(Node::File {
+            digest: *digest,
+            executable: *executable,
+        }),
+        Key::Tree(d) => plain(Node::Tree(*d)),
         Key::Namespace { path } => {
             let ns = core.namespace();
             let p = find_namespace(&ns, memo, path).ok_or(nfsstat3::NFS3ERR_STALE)?;

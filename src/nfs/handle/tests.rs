@@ -255,15 +255,42 @@ fn merged_directories_resolve_by_search_and_go_stale_with_their_view() {
 }
 
 #[test]
-fn content_the_store_lacks_is_stale() {
+fn content_the_store_lacks_is_stale_where_it_is_read() {
     let f = fixture();
+    let memo = Memo::default();
     let missing = Digest::of_bytes(b"never stored");
-    for key in [
-        Key::File {
+    // Handles of content resolve without asking the store: the check is where the blob is read.
+    let file = resolve(
+        &f.fs,
+        &memo,
+        &Key::File {
             digest: missing,
             executable: false,
         },
-        Key::Tree(missing),
+    )
+    .unwrap();
+    assert_eq!(f.fs.attr_of(&file.node).unwrap().size, missing.size);
+    assert_eq!(
+        f.fs.read_node(&file.node, 0, 10).map_err(status),
+        Err(nfsstat3::NFS3ERR_STALE)
+    );
+    let tree = resolve(&f.fs, &memo, &Key::Tree(missing)).unwrap();
+    assert_eq!(f.fs.attr_of(&tree.node), Err(FsError::Gone));
+    assert_eq!(
+        f.fs.attr_of(&tree.node).map_err(status),
+        Err(nfsstat3::NFS3ERR_STALE)
+    );
+    assert_eq!(
+        list(&f.fs, &memo, &tree).map(|_| ()),
+        Err(nfsstat3::NFS3ERR_STALE)
+    );
+    assert_eq!(
+        child(&f.fs, &memo, &tree, "x").map(|_| ()),
+        Err(nfsstat3::NFS3ERR_STALE)
+    );
+    // What a symlink handle names is found by reading its Directory: STALE there too, as for
+    // views and namespace directories that are not bound.
+    for key in [
         Key::Symlink {
             dir: missing,
             name: [0; 15],
@@ -275,7 +302,7 @@ fn content_the_store_lacks_is_stale() {
         },
     ] {
         assert_eq!(
-            resolve(&f.fs, &Memo::default(), &key),
+            resolve(&f.fs, &memo, &key),
             Err(nfsstat3::NFS3ERR_STALE),
             "{key:?}"
         );
@@ -289,6 +316,37 @@ fn content_the_store_lacks_is_stale() {
         resolve(&f.fs, &Memo::default(), &key),
         Err(nfsstat3::NFS3ERR_STALE)
     );
+}
+
+#[test]
+fn a_blob_removed_after_its_handle_was_issued_is_stale_and_the_rest_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let big = vec![7u8; 600 * 1024];
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("big.jar"), &big).unwrap();
+    std::fs::write(src.path().join("small.jar"), "small").unwrap();
+    let tree = Importer::new(&store).import_path(src.path()).unwrap();
+    let fs = DigestFs::new(Arc::new(Cas::local(store)), FsConfig::default());
+    fs.bind("v", crate::fs::DEFAULT_LAYER, tree, true).unwrap();
+    let memo = Memo::default();
+    let big_h = walk(&fs, &memo, "v/big.jar").unwrap();
+    let small_h = walk(&fs, &memo, "v/small.jar").unwrap();
+    assert_eq!(read_all(&fs, &big_h.node)[..4], [7; 4]);
+    // Pants' garbage collection takes the blob away (and the read cache forgets it).
+    let digest = Digest::of_bytes(&big);
+    std::fs::remove_file(fs.cas().store().large_blob_path(&digest)).unwrap();
+    let fresh = DigestFs::new(fs.cas().clone(), FsConfig::default());
+    fresh
+        .bind("v", crate::fs::DEFAULT_LAYER, tree, true)
+        .unwrap();
+    let again = resolve(&fresh, &memo, &big_h.key).unwrap();
+    assert_eq!(
+        fresh.read_node(&again.node, 0, 4096).map_err(status),
+        Err(nfsstat3::NFS3ERR_STALE)
+    );
+    let small = resolve(&fresh, &memo, &small_h.key).unwrap();
+    assert_eq!(read_all(&fresh, &small.node), b"small");
 }
 
 #[test]
