@@ -982,3 +982,51 @@ fn a_client_that_half_closes_gets_every_reply() {
     healthy(&mut server, "v");
     no_panic(&server);
 }
+
+/// A GETATTR of a handle from another server generation: the crate logs "cannot resolve fh"
+/// at warn (and its calls at debug) before it answers.
+fn a_call_the_crate_logs(port: u16) {
+    let mut rpc = Rpc::connect(port);
+    let root = rpc.mount_root();
+    let mut forged = root.clone();
+    forged[0] ^= 0xff;
+    assert!(rpc.getattr(&forged).is_err());
+    assert!(rpc.getattr(&root).is_ok());
+}
+
+#[test]
+fn the_server_crates_tracing_logs_reach_the_daemon_log_under_rust_log() {
+    // Asked for: the crate's warnings, and its debug lines only at debug.
+    for (filter, debug_lines) in [
+        ("digestfs=info,nfs3_server=debug", true),
+        ("digestfs=info,nfs3_server=warn", false),
+    ] {
+        let server = NfsServer::fixture_logging(&[("v", JAR_TREE)], Some(filter));
+        a_call_the_crate_logs(server.port);
+        let log = server.log_text();
+        assert!(
+            log.lines().any(|l| l.contains("WARN")
+                && l.contains("nfs3_server::")
+                && l.contains("cannot resolve fh")),
+            "RUST_LOG={filter}:\n{log}"
+        );
+        assert_eq!(
+            log.lines()
+                .any(|l| l.contains("DEBUG") && l.contains("nfs3_server::")),
+            debug_lines,
+            "RUST_LOG={filter}:\n{log}"
+        );
+        assert!(
+            log.contains("NFS server on"),
+            "digestfs' own lines too:\n{log}"
+        );
+    }
+    // Not asked for: neither RUST_LOG's other modules nor the default filter show them.
+    for filter in [Some("digestfs=debug"), None] {
+        let server = NfsServer::fixture_logging(&[("v", JAR_TREE)], filter);
+        a_call_the_crate_logs(server.port);
+        let log = server.log_text();
+        assert!(!log.contains("nfs3_server"), "RUST_LOG={filter:?}:\n{log}");
+        assert!(log.contains("NFS server on"), "RUST_LOG={filter:?}:\n{log}");
+    }
+}

@@ -39,14 +39,38 @@ impl Daemon {
         limit: Duration,
         on_timeout: impl FnOnce() + Send + 'static,
     ) -> Daemon {
+        Daemon::start_logging(
+            store,
+            args,
+            mountpoint,
+            log,
+            limit,
+            on_timeout,
+            Some("digestfs=debug"),
+        )
+    }
+
+    /// [`Daemon::start`] with `RUST_LOG` set to `rust_log` (`None`: unset, the default filter).
+    pub fn start_logging(
+        store: &Path,
+        args: &[&str],
+        mountpoint: &Path,
+        log: PathBuf,
+        limit: Duration,
+        on_timeout: impl FnOnce() + Send + 'static,
+        rust_log: Option<&str>,
+    ) -> Daemon {
         let mut cmd = Command::new(bin());
         cmd.arg("--store")
             .arg(store)
             .arg("mount")
             .args(args)
             .arg(mountpoint);
-        cmd.env("RUST_LOG", "digestfs=debug")
-            .env("DIGESTFS_DAEMON_CHILD", "1")
+        match rust_log {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        cmd.env("DIGESTFS_DAEMON_CHILD", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());

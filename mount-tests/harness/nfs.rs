@@ -25,7 +25,21 @@ pub struct NfsServer {
 impl NfsServer {
     /// Serves a fresh copy of the fixture store with `--bind PATH=DIGEST` for each pair.
     pub fn fixture(binds: &[(&str, &str)]) -> NfsServer {
+        NfsServer::fixture_logging(binds, Some("digestfs=debug"))
+    }
+
+    /// [`NfsServer::fixture`] with `RUST_LOG` set to `rust_log` (`None`: unset).
+    pub fn fixture_logging(binds: &[(&str, &str)], rust_log: Option<&str>) -> NfsServer {
         let tmp = fixture_store();
+        NfsServer::over(tmp, binds, rust_log)
+    }
+
+    /// Serves the store at `tmp/store` (which the caller may have added to).
+    pub fn over(
+        tmp: tempfile::TempDir,
+        binds: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> NfsServer {
         let (store, mnt) = (tmp.path().join("store"), tmp.path().join("mnt"));
         let socket = tmp.path().join("ctl.sock");
         std::fs::create_dir_all(&mnt).unwrap();
@@ -38,13 +52,14 @@ impl NfsServer {
             socket.to_str().unwrap(),
         ];
         args.extend(bind_args.iter().flat_map(|b| ["--bind", b.as_str()]));
-        let daemon = Daemon::start(
+        let daemon = Daemon::start_logging(
             &store,
             &args,
             &mnt,
             tmp.path().join("daemon.log"),
             TEST_LIMIT,
             || {},
+            rust_log,
         );
         let mut s = NfsServer {
             tmp,

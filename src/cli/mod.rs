@@ -33,7 +33,8 @@ The daemon's refusals name their kind (error_kind in docs/PROTOCOL.md): missing 
 is not in the store: store or fetch it, then retry), conflict, bad_request, unavailable (the
 remote CAS: retry later), internal.
 
-Logging: RUST_LOG=debug digestfs …  (default: info for digestfs, warn otherwise)
+Logging: RUST_LOG=debug digestfs …  (default: info for digestfs, off for nfs3_server, warn
+otherwise)
 Exit codes: 0 success (also when a reader such as `head` closes the output early),
 1 failure (one line on stderr), 2 usage error.";
 
@@ -254,9 +255,25 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The log filter when `RUST_LOG` is not set. The NFS server crate logs every call it answers
+/// with an error (a STALE handle after a rebind, a LOOKUP of a missing name) at warn and error,
+/// which are routine for an NFS client: off unless asked for (`RUST_LOG=nfs3_server=debug`).
+pub const DEFAULT_LOG_FILTER: &str = "warn,digestfs=info,nfs3_server=off";
+
+/// Logs go through `log` and env_logger, filtered by `RUST_LOG`. The crates that log through
+/// `tracing` instead (nfs3_server 0.11.1 above all; also tonic, h2 and hyper) reach the same
+/// logger by `tracing`'s own `log` feature, enabled in Cargo.toml: with no `tracing`
+/// subscriber installed (and digestfs installs none), every `tracing` event is emitted as a
+/// `log` record with its module path as the target, which `RUST_LOG` filters like any other.
+/// This needs nothing from nfs3_server, which depends on `tracing` with default features only
+/// (features unify, so our `log` feature reaches its calls too), and no subscriber of ours:
+/// the `tracing-log` crate bridges the other way (log records into a `tracing` subscriber).
+/// `nfs3_server` uses events only, no spans, so nothing is lost by the absence of a
+/// subscriber. `mount-tests/nfs.rs` checks that its lines reach the daemon's log when
+/// `RUST_LOG` asks for them, and only then.
 fn init_logging(file: Option<&Path>) {
     let mut b = env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,digestfs=info"),
+        env_logger::Env::default().default_filter_or(DEFAULT_LOG_FILTER),
     );
     if let Some(path) = file {
         if let Ok(f) = std::fs::OpenOptions::new()
