@@ -967,7 +967,13 @@ fn a_client_that_half_closes_gets_every_reply() {
     half.s.shutdown(Shutdown::Write).unwrap();
     let mut answered = BTreeMap::new();
     for _ in 0..16 {
-        let record = half.read_record().expect("a reply after the half-close");
+        let record = half.read_record().unwrap_or_else(|e| {
+            panic!(
+                "reply {} after the half-close: {e}\n{}",
+                answered.len(),
+                server.log_text()
+            )
+        });
         let (xid, data) = read_reply_data(&record);
         assert!(answered.insert(xid, data).is_none(), "xid {xid} twice");
     }
@@ -1029,4 +1035,184 @@ fn the_server_crates_tracing_logs_reach_the_daemon_log_under_rust_log() {
         assert!(!log.contains("nfs3_server"), "RUST_LOG={filter:?}:\n{log}");
         assert!(log.contains("NFS server on"), "RUST_LOG={filter:?}:\n{log}");
     }
+}
+
+/// The distinct content of a fixture tree, as FSSTAT counts it: (bytes, files).
+fn usage_of(tree: &str) -> (u64, u64) {
+    let mut files = BTreeMap::new();
+    let mut dirs = std::collections::BTreeSet::from([tree.to_string()]);
+    let mut links = 0;
+    for kind in manifest()[tree].values() {
+        match kind {
+            Kind::File { digest, size, .. } => {
+                files.insert(digest.clone(), *size);
+            }
+            Kind::Dir { digest } => {
+                dirs.insert(digest.clone());
+            }
+            Kind::Symlink { .. } => links += 1,
+        }
+    }
+    (
+        files.values().sum(),
+        files.len() as u64 + dirs.len() as u64 + links,
+    )
+}
+
+/// One call of `proc_` whose only argument is `fh`: its status and the words after the
+/// post_op_attr (which must be there on success).
+fn fh_call(rpc: &mut Rpc, proc_: u32, fh: &[u8], extra: &[u8]) -> (u32, Vec<u8>, Option<Attr>) {
+    let mut args = Vec::new();
+    put_opaque(&mut args, fh);
+    args.extend_from_slice(extra);
+    let (stat, body) = rpc.nfs(proc_, &args);
+    let mut r = Reader(&body);
+    let attr = r.post_op_attr();
+    (stat, r.0.to_vec(), attr)
+}
+
+#[test]
+fn fsstat_fsinfo_pathconf_and_access_are_answered_from_the_view() {
+    let mut server = NfsServer::fixture(&[("v", JAR_TREE)]);
+    let mut rpc = Rpc::connect(server.port);
+    let root = rpc.mount_root();
+    let view = rpc.walk("v");
+    let jar = rpc.walk("v/lib/guava.jar");
+    let lib = rpc.walk("v/lib");
+
+    // FSINFO: 1 MiB reads, the largest file size, nanosecond times, read-only (no hard links,
+    // no settable times) and homogeneous.
+    let (stat, body, attr) = fh_call(&mut rpc, 19, &root, &[]);
+    assert_eq!(stat, 0, "FSINFO");
+    assert_eq!(attr.unwrap().fileid, rpc.getattr(&root).unwrap().fileid);
+    let mut r = Reader(&body);
+    let (rtmax, rtpref, rtmult) = (r.u32(), r.u32(), r.u32());
+    assert_eq!((rtmax, rtpref, rtmult), (1 << 20, 1 << 20, 4096));
+    r.skip(16); // wtmax, wtpref, wtmult, dtpref
+    assert_eq!(r.u64(), i64::MAX as u64, "maxfilesize");
+    assert_eq!((r.u32(), r.u32()), (0, 1), "time_delta: 1 ns");
+    assert_eq!(r.u32(), 0x2 | 0x8, "properties: SYMLINK | HOMOGENEOUS only");
+    // READs are served up to exactly rtmax.
+    assert_eq!(rpc.read(&jar, 0, rtmax).unwrap().0.len(), rtmax as usize);
+
+    // FSSTAT: the bound content's size and file count; nothing free or available; variant.
+    let fsstat = |rpc: &mut Rpc, fh: &[u8]| {
+        let (stat, body, attr) = fh_call(rpc, 18, fh, &[]);
+        assert_eq!(stat, 0, "FSSTAT");
+        assert!(attr.is_some(), "FSSTAT attributes");
+        let mut r = Reader(&body);
+        let v: Vec<u64> = (0..6).map(|_| r.u64()).collect();
+        (v, r.u32())
+    };
+    let (jar_bytes, jar_files) = usage_of(JAR_TREE);
+    assert!(
+        jar_bytes > 1 << 20 && jar_files > 70,
+        "{jar_bytes} {jar_files}"
+    );
+    assert_eq!(
+        fsstat(&mut rpc, &root),
+        (vec![jar_bytes, 0, 0, jar_files, 0, 0], 0)
+    );
+    // The same from any handle of the export; and it follows binds.
+    assert_eq!(fsstat(&mut rpc, &jar).0[0], jar_bytes);
+    server.bind_layer("w", SRC_SYMLINKS, "default");
+    let (src_bytes, src_files) = usage_of(SRC_SYMLINKS);
+    assert_eq!(
+        fsstat(&mut rpc, &root).0,
+        vec![jar_bytes + src_bytes, 0, 0, jar_files + src_files, 0, 0]
+    );
+
+    // PATHCONF: 255-byte names, never truncated, case-sensitive and case-preserving.
+    for fh in [&root, &lib, &jar] {
+        let (stat, body, attr) = fh_call(&mut rpc, 20, fh, &[]);
+        assert_eq!(stat, 0, "PATHCONF");
+        assert!(attr.is_some());
+        let mut r = Reader(&body);
+        let words: Vec<u32> = (0..6).map(|_| r.u32()).collect();
+        // linkmax, name_max, no_trunc, chown_restricted, case_insensitive, case_preserving
+        assert_eq!(words, [1, 255, 1, 1, 0, 1]);
+    }
+    // A name longer than name_max is refused as too long, not truncated.
+    assert_eq!(rpc.lookup(&lib, &"x".repeat(256)), Err(63), "NAMETOOLONG");
+
+    // ACCESS: read and lookup (and execute where the mode has it), never modify, extend or
+    // delete, and only what was asked.
+    let access = |rpc: &mut Rpc, fh: &[u8], asked: u32| {
+        let (stat, body, attr) = fh_call(rpc, 4, fh, &asked.to_be_bytes());
+        (stat, (stat == 0).then(|| Reader(&body).u32()), attr)
+    };
+    let all = 0x3f;
+    let (stat, granted, attr) = access(&mut rpc, &lib, all);
+    assert_eq!((stat, granted), (0, Some(0x1 | 0x2 | 0x20)), "a directory");
+    assert_eq!(attr.unwrap().kind, 2);
+    assert_eq!(access(&mut rpc, &jar, all).1, Some(0x1), "a plain file");
+    assert_eq!(
+        access(&mut rpc, &jar, 0x4 | 0x8 | 0x10).1,
+        Some(0),
+        "no changes"
+    );
+    assert_eq!(
+        access(&mut rpc, &lib, 0x2).1,
+        Some(0x2),
+        "only what was asked"
+    );
+    let run_sh = rpc.walk("w/bin/run.sh");
+    assert_eq!(
+        access(&mut rpc, &run_sh, all).1,
+        Some(0x1 | 0x20),
+        "an executable"
+    );
+    let link = rpc.walk("w/link_to_app.java");
+    assert_eq!(access(&mut rpc, &link, all).1, Some(0x1), "a symlink");
+
+    // A view that was unbound is STALE for all four, never a fixed answer.
+    server.unbind("v");
+    for proc_ in [4u32, 18, 19, 20] {
+        let extra = if proc_ == 4 {
+            all.to_be_bytes().to_vec()
+        } else {
+            vec![]
+        };
+        let (stat, _, attr) = fh_call(&mut rpc, proc_, &view, &extra);
+        assert_eq!((stat, attr), (NFS3ERR_STALE, None), "procedure {proc_}");
+    }
+    // A handle of another server generation: the crate's own error, not NFS3_OK.
+    let mut other = root.clone();
+    other[0] ^= 0xff;
+    for proc_ in [4u32, 18, 20] {
+        let extra = if proc_ == 4 {
+            all.to_be_bytes().to_vec()
+        } else {
+            vec![]
+        };
+        let (stat, _, _) = fh_call(&mut rpc, proc_, &other, &extra);
+        assert!(
+            [NFS3ERR_STALE, NFS3ERR_BADHANDLE].contains(&stat),
+            "{proc_}: {stat}"
+        );
+    }
+    // Another uid's ACCESS, FSSTAT, PATHCONF are refused like any other call.
+    for proc_ in [4u32, 18, 20] {
+        let mut args = Vec::new();
+        put_opaque(&mut args, &root);
+        if proc_ == 4 {
+            put32(&mut args, all);
+        }
+        let mut msg = call_msg(9, PROG_NFS, 3, proc_, &args);
+        msg[44..48].copy_from_slice(&4242u32.to_be_bytes());
+        let got = send_and_hang_up(server.port, &framed(&msg), Duration::from_secs(10));
+        assert_eq!(got.get(12..16), Some(&1u32.to_be_bytes()[..]), "MSG_DENIED");
+    }
+    // Arguments that do not decode are the crate's to refuse.
+    let mut args = Vec::new();
+    put_opaque(&mut args, &root);
+    args.extend_from_slice(&[1, 2, 3, 4]);
+    assert_eq!(
+        rpc.call(PROG_NFS, 3, 20, &args),
+        Answer::Accepted(4),
+        "GARBAGE_ARGS"
+    );
+    server.bind("v", JAR_TREE);
+    healthy(&mut server, "v");
+    no_panic(&server);
 }

@@ -129,23 +129,28 @@ pub struct Call {
     pub prog: u32,
     pub vers: u32,
     pub proc_: u32,
+    /// The uid of an AUTH_UNIX credential; `None` for other flavors.
+    pub uid: Option<u32>,
+    /// Where the procedure's arguments begin in the record.
+    pub args: usize,
 }
 
-fn auth_unix(body: &[u8]) -> Result<(), Malformed> {
+/// Checks an AUTH_UNIX credential's body; its uid.
+fn auth_unix(body: &[u8]) -> Result<u32, Malformed> {
     let mut c = Cur { b: body, pos: 0 };
     let walk = (|| {
         c.u32()?; // stamp
         c.opaque(MAX_MACHINE_NAME)?;
-        c.u32()?; // uid
+        let uid = c.u32()?;
         c.u32()?; // gid
         let groups = c.u32()? as usize;
         if groups > MAX_GROUPS || groups * 4 > c.left() {
             return Err(Stop::Bad(Malformed::BadAuth));
         }
-        Ok(())
+        Ok(uid)
     })();
     match walk {
-        Ok(()) => Ok(()),
+        Ok(uid) => Ok(uid),
         // A credential cut short fails the crate's decoding harmlessly; still, it is garbage.
         Err(_) => Err(Malformed::BadAuth),
     }
@@ -165,9 +170,10 @@ pub fn check_call(record: &mut [u8]) -> Result<Call, Malformed> {
             let (prog, vers, proc_) = (c.u32()?, c.u32()?, c.u32()?);
             let flavor = c.u32()?;
             let body = c.opaque(MAX_AUTH).map_err(|_| Malformed::BadAuth)?;
-            if flavor == AUTH_UNIX {
-                auth_unix(body)?;
-            }
+            let uid = match flavor {
+                AUTH_UNIX => Some(auth_unix(body)?),
+                _ => None,
+            };
             let _verifier_flavor = c.u32()?;
             c.opaque(MAX_AUTH).map_err(|_| Malformed::BadAuth)?;
             Ok(Call {
@@ -175,6 +181,8 @@ pub fn check_call(record: &mut [u8]) -> Result<Call, Malformed> {
                 prog,
                 vers,
                 proc_,
+                uid,
+                args: c.pos,
             })
         })();
         let call = match header {
@@ -323,7 +331,12 @@ pub mod tests {
         read.extend_from_slice(&u32::MAX.to_be_bytes());
         let mut rec = call(42, PROG_NFS, 3, 6, &read);
         let c = check_call(&mut rec).unwrap();
-        assert_eq!((c.xid, c.proc_), (42, 6));
+        assert_eq!((c.xid, c.proc_, c.uid), (42, 6, Some(0)));
+        assert_eq!(
+            &rec[c.args..c.args + 4],
+            &9u32.to_be_bytes(),
+            "the handle's length"
+        );
         assert_eq!(&rec[rec.len() - 4..], &MAX_REPLY.to_be_bytes());
 
         let mut lookup = opaque(&[1; 9]);
@@ -357,6 +370,8 @@ pub mod tests {
                 prog: PROG_NFS,
                 vers: 3,
                 proc_,
+                uid: None,
+                args: 0,
             };
             let reply = rofs_reply(&c).unwrap();
             assert_eq!(reply.len(), words * 4, "proc {proc_}");
@@ -369,6 +384,8 @@ pub mod tests {
                 prog: PROG_NFS,
                 vers: 3,
                 proc_,
+                uid: None,
+                args: 0,
             };
             assert!(rofs_reply(&c).is_none());
         }

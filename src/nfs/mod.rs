@@ -17,6 +17,7 @@
 //! - `server`: our accept loop, per-connection limits, readiness and the OS mount.
 //! - [`probe`]: a tiny NFS client that says whether the server answers (readiness).
 
+mod answer;
 mod check;
 pub mod handle;
 pub mod probe;
@@ -135,6 +136,8 @@ pub struct NfsFront {
     /// private to their owner. AUTH_UNIX is the client's word: this keeps other users out of the
     /// kernel's mount, not a user who speaks NFS to the port directly.
     owner: Option<u32>,
+    /// What FSSTAT last counted (`answer`).
+    usage: Arc<answer::UsageCache>,
 }
 
 impl NfsFront {
@@ -143,6 +146,16 @@ impl NfsFront {
             core,
             memo: Arc::new(Memo::default()),
             owner,
+            usage: Arc::default(),
+        }
+    }
+
+    /// Whether a call with this AUTH_UNIX uid (`None`: another flavor) is served; see
+    /// `authorize`.
+    fn allows(&self, uid: Option<u32>) -> bool {
+        match (self.owner, uid) {
+            (None, _) | (_, None) => true,
+            (Some(owner), Some(uid)) => uid == owner || uid == 0,
         }
     }
 
@@ -339,10 +352,7 @@ impl NfsReadFileSystem for NfsFront {
     /// calls carry their uid. A call with no credential (AUTH_NONE: the kernel's NULL ping on
     /// Linux) claims no one and is let through; AUTH_UNIX is the client's own word anyway.
     fn authorize(&self, auth: Option<&auth_unix>) -> bool {
-        match (self.owner, auth) {
-            (None, _) | (_, None) => true,
-            (Some(owner), Some(a)) => a.uid == owner || a.uid == 0,
-        }
+        self.allows(auth.map(|a| a.uid))
     }
 
     async fn lookup(&self, dirid: &Fh, filename: &filename3<'_>) -> Result<Fh, nfsstat3> {
@@ -418,11 +428,11 @@ impl NfsReadFileSystem for NfsFront {
         Ok(nfspath3(Opaque::owned(target)))
     }
 
+    /// FSINFO, from the view: reads of up to 1 MiB (what READ serves, `MAX_READ`), files as
+    /// large as the protocol can say, nanosecond times, and properties that say read-only (no
+    /// hard links, no settable times) and homogeneous. A handle that is gone is STALE.
     async fn fsinfo(&self, root: &Fh) -> Result<FSINFO3resok, nfsstat3> {
-        let obj_attributes = match self.getattr(root).await {
-            Ok(a) => post_op_attr::Some(a),
-            Err(_) => post_op_attr::None,
-        };
+        let obj_attributes = post_op_attr::Some(self.getattr(root).await?);
         Ok(FSINFO3resok {
             obj_attributes,
             rtmax: MAX_READ,

@@ -35,8 +35,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
 
-use super::record::{frame, read_record, Limits};
-use super::{check, probe, NfsFront};
+use super::record::{frame, read_record, Limits, RecordError};
+use super::{answer, check, probe, NfsFront};
 use crate::fs::DigestFs;
 use crate::os::{self, SignalSet};
 
@@ -338,6 +338,14 @@ impl Xids {
     }
 }
 
+/// The first 8 bytes of every handle the crate makes for this server (its generation).
+fn generation_of(ctx: &RPCContext<NfsFront>) -> [u8; 8] {
+    let root = ctx.root_dir();
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&root.data[..8]);
+    g
+}
+
 async fn connection(
     sock: TcpStream,
     peer: SocketAddr,
@@ -345,6 +353,8 @@ async fn connection(
     in_flight: Arc<Semaphore>,
 ) {
     let _ = sock.set_nodelay(true);
+    let front = ctx.vfs.clone();
+    let generation = generation_of(&ctx);
     let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
     let server = tokio::spawn(async move {
         if let Err(e) = process_socket(theirs, ctx).await {
@@ -356,8 +366,20 @@ async fn connection(
     let xids = Mutex::new(Xids::default());
     let per_conn = Arc::new(Semaphore::new(CONN_IN_FLIGHT));
     let (local_tx, local_rx) = tokio::sync::mpsc::unbounded_channel();
-    let calls = calls(tcp_r, &mut pipe_w, local_tx, &xids, &per_conn, &in_flight);
-    let replies = replies(pipe_r, local_rx, tcp_w, &xids);
+    let calls = calls(
+        tcp_r,
+        &mut pipe_w,
+        local_tx,
+        &xids,
+        &per_conn,
+        &in_flight,
+        (&front, &generation),
+    );
+    // The crate's replies are read whole by a task of their own: `replies` waits on them and on
+    // its own answers at once, and a read of a record must never be cancelled halfway.
+    let (crate_tx, crate_rx) = tokio::sync::mpsc::channel(2);
+    let reader = tokio::spawn(read_replies(pipe_r, crate_tx));
+    let replies = replies(crate_rx, local_rx, tcp_w, &xids);
     tokio::pin!(calls, replies);
     let why = tokio::select! {
         why = &mut calls => match why {
@@ -377,6 +399,27 @@ async fn connection(
         End::Refused(why) => log::warn!("NFS client {peer}: {why}; closing the connection"),
     }
     server.abort();
+    reader.abort();
+}
+
+/// Reads the crate's replies from the pipe and hands each on whole, until the pipe ends or a
+/// reply is malformed (handed on as the error).
+async fn read_replies(
+    mut pipe: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    out: tokio::sync::mpsc::Sender<Result<Vec<u8>, RecordError>>,
+) {
+    loop {
+        let mut record = Vec::new();
+        let got = match read_record(&mut pipe, &REPLIES, &mut record).await {
+            Ok(true) => Ok(record),
+            Ok(false) => return,
+            Err(e) => Err(e),
+        };
+        let failed = got.is_err();
+        if out.send(got).await.is_err() || failed {
+            return;
+        }
+    }
 }
 
 enum End {
@@ -394,6 +437,7 @@ async fn calls(
     xids: &Mutex<Xids>,
     per_conn: &Arc<Semaphore>,
     in_flight: &Arc<Semaphore>,
+    (front, generation): (&Arc<NfsFront>, &[u8; 8]),
 ) -> End {
     let mut r = tokio::io::BufReader::with_capacity(64 * 1024, tcp);
     let mut record = Vec::new();
@@ -438,6 +482,15 @@ async fn calls(
         }) else {
             return End::Closed;
         };
+        if let Some(asked) = answer::intercept(front, &call, &record, generation) {
+            let (tx, front, xid) = (local.clone(), front.clone(), call.xid);
+            tokio::spawn(async move {
+                let reply = answer::answer(front, xid, asked).await;
+                let _ = tx.send(reply);
+                drop((mine, all));
+            });
+            continue;
+        }
         let ours = lock(xids).start(call.xid, (mine, all));
         check::set_xid(&mut record, ours);
         if pipe.write_all(&frame(&record)).await.is_err() {
@@ -450,30 +503,26 @@ async fn calls(
 /// permits, and sends the replies `calls` made itself. Once `calls` has ended (its sender of
 /// `local` is gone), returns when the last call in flight is answered.
 async fn replies(
-    mut pipe: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    mut from_crate: tokio::sync::mpsc::Receiver<Result<Vec<u8>, RecordError>>,
     mut local: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     mut tcp: tokio::net::tcp::OwnedWriteHalf,
     xids: &Mutex<Xids>,
 ) -> End {
-    let mut record = Vec::new();
     let mut last_call_read = false;
     loop {
         if last_call_read && lock(xids).in_flight.is_empty() {
             let _ = tcp.shutdown().await;
             return End::Closed;
         }
-        let from_crate = tokio::select! {
-            read = read_record(&mut pipe, &REPLIES, &mut record) => match read {
-                Ok(true) => true,
-                Ok(false) => return End::Closed,
-                Err(e) => return End::Refused(format!("a reply of the server: {e}")),
+        let (mut record, from_crate) = tokio::select! {
+            read = from_crate.recv() => match read {
+                Some(Ok(r)) => (r, true),
+                None => return End::Closed,
+                Some(Err(e)) => return End::Refused(format!("a reply of the server: {e}")),
             },
             // Made under the client's xid already; `None`: no call will follow.
             made = local.recv(), if !last_call_read => match made {
-                Some(r) => {
-                    record = r;
-                    false
-                }
+                Some(r) => (r, false),
                 None => {
                     last_call_read = true;
                     continue;
