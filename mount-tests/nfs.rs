@@ -1216,3 +1216,161 @@ fn fsstat_fsinfo_pathconf_and_access_are_answered_from_the_view() {
     healthy(&mut server, "v");
     no_panic(&server);
 }
+
+const NFS3ERR_BAD_COOKIE: u32 = 10003;
+
+/// One plain READDIR (procedure 16) call: its status, and on success the verifier, the entries
+/// (name, fileid, cookie) and EOF.
+type ReaddirPage = ([u8; 8], Vec<(String, u64, u64)>, bool);
+
+fn readdir_page(
+    rpc: &mut Rpc,
+    dir: &[u8],
+    cookie: u64,
+    verf: [u8; 8],
+    count: u32,
+) -> Result<ReaddirPage, u32> {
+    let mut args = Vec::new();
+    put_opaque(&mut args, dir);
+    put64(&mut args, cookie);
+    args.extend_from_slice(&verf);
+    put32(&mut args, count);
+    let (stat, body) = rpc.nfs(16, &args);
+    if stat != 0 {
+        return Err(stat);
+    }
+    let mut r = Reader(&body);
+    assert!(r.post_op_attr().is_some(), "READDIR's directory attributes");
+    let verf: [u8; 8] = r.0[..8].try_into().unwrap();
+    r.skip(8);
+    let mut entries = Vec::new();
+    while r.u32() == 1 {
+        let fileid = r.u64();
+        let name = String::from_utf8(r.opaque()).unwrap();
+        entries.push((name, fileid, r.u64()));
+    }
+    Ok((verf, entries, r.u32() == 1))
+}
+
+/// A whole directory by plain READDIR, `count` bytes a reply: its entries, the verifier of
+/// every call (the first call sends none), and the number of calls.
+fn readdir_all(rpc: &mut Rpc, dir: &[u8], count: u32) -> (Vec<(String, u64, u64)>, [u8; 8], usize) {
+    let (mut all, mut cookie, mut verf, mut calls) = (Vec::new(), 0u64, [0u8; 8], 0);
+    loop {
+        let (v, entries, eof) = readdir_page(rpc, dir, cookie, verf, count).expect("READDIR");
+        if calls > 0 {
+            assert_eq!(v, verf, "the verifier of call {calls}");
+        }
+        calls += 1;
+        verf = v;
+        assert!(eof || !entries.is_empty(), "an empty page before EOF");
+        for e in entries {
+            assert!(e.2 > cookie, "cookies increase: {} after {cookie}", e.2);
+            cookie = e.2;
+            all.push(e);
+        }
+        if eof {
+            return (all, verf, calls);
+        }
+    }
+}
+
+#[test]
+fn plain_readdir_pages_2000_entries_by_cookie_and_verifier() {
+    let tmp = fixture_store();
+    let src = tmp.path().join("big");
+    std::fs::create_dir(&src).unwrap();
+    let names: Vec<String> = (0..2000).map(|i| format!("file-{i:04}.jar")).collect();
+    for n in &names {
+        std::fs::write(src.join(n), n).unwrap();
+    }
+    let store = tmp.path().join("store");
+    let out = run_timeout(
+        Command::new(bin())
+            .arg("--store")
+            .arg(&store)
+            .arg("import")
+            .arg(&src),
+        T,
+    );
+    let big = stdout_ok(out).trim().to_string();
+    let mut server = NfsServer::over(tmp, &[("a/big", &big)], Some("digestfs=debug"));
+    let mut rpc = Rpc::connect(server.port);
+    let dir = rpc.walk("a/big");
+    let dir_id = rpc.getattr(&dir).unwrap().fileid;
+
+    // 8 KiB replies: 2,002 entries take many calls, each resuming at the cookie before.
+    let (entries, verf, calls) = readdir_all(&mut rpc, &dir, 8192);
+    assert!(calls >= 5, "{calls} calls");
+    assert_ne!(verf, [0; 8], "a verifier");
+    let got: Vec<&str> = entries.iter().map(|(n, ..)| n.as_str()).collect();
+    let mut want = vec![".", ".."];
+    want.extend(names.iter().map(|s| s.as_str()));
+    assert_eq!(got, want);
+    assert_eq!(entries[0].1, dir_id, "`.` is the directory");
+    let a = rpc.walk("a");
+    assert_eq!(entries[1].1, rpc.getattr(&a).unwrap().fileid, "`..` is `a`");
+    for (name, fileid, _) in &entries[2..] {
+        let fh = rpc.lookup(&dir, name).unwrap();
+        assert_eq!(rpc.getattr(&fh).unwrap().fileid, *fileid, "{name}");
+        if name.ends_with("0.jar") {
+            assert_eq!(rpc.read_file(&fh), name.as_bytes(), "{name}");
+        }
+    }
+    // Resuming from any cookie with the verifier gives the rest; a wrong verifier is refused.
+    let cookie_at_1000 = entries[1000].2;
+    let (v, page, _) = readdir_page(&mut rpc, &dir, cookie_at_1000, verf, 8192).unwrap();
+    assert_eq!(v, verf);
+    assert_eq!(page[0].0, entries[1001].0);
+    assert_eq!(
+        readdir_page(&mut rpc, &dir, cookie_at_1000, [7; 8], 8192).map(|_| ()),
+        Err(NFS3ERR_BAD_COOKIE)
+    );
+    // A reply too small for even one entry is TOOSMALL, not an empty page.
+    assert_eq!(
+        readdir_page(&mut rpc, &dir, 0, [0; 8], 16).map(|_| ()),
+        Err(10005),
+        "NFS3ERR_TOOSMALL"
+    );
+
+    // The namespace directory above: its verifier changes when a bind changes what it lists.
+    let (_, a_verf, _) = readdir_all(&mut rpc, &a, 8192);
+    server.bind("a/other", JAR_TREE);
+    let (a_entries, a_verf2, _) = readdir_all(&mut rpc, &a, 8192);
+    assert_ne!(a_verf, a_verf2, "the verifier of `a` after a bind");
+    assert_eq!(
+        a_entries
+            .iter()
+            .map(|(n, ..)| n.as_str())
+            .collect::<Vec<_>>(),
+        [".", "..", "big", "other"]
+    );
+    assert_eq!(
+        readdir_page(&mut rpc, &a, 3, a_verf, 8192).map(|_| ()),
+        Err(NFS3ERR_BAD_COOKIE),
+        "the old verifier of `a`"
+    );
+
+    // A rebind of the view: the old handle is STALE; the new one lists the union under another
+    // verifier, and a cookie under the old verifier is refused.
+    server.bind_layer("a/big", SRC_SYMLINKS, "two");
+    assert_eq!(
+        readdir_page(&mut rpc, &dir, 0, [0; 8], 8192).map(|_| ()),
+        Err(NFS3ERR_STALE)
+    );
+    let dir2 = rpc.walk("a/big");
+    let (entries2, verf2, _) = readdir_all(&mut rpc, &dir2, 8192);
+    assert_ne!(verf2, verf, "the verifier after a rebind");
+    assert_eq!(
+        entries2.len(),
+        entries.len() + 8,
+        "the union with the second layer"
+    );
+    assert!(entries2.iter().any(|(n, ..)| n == "bin"));
+    assert_eq!(
+        readdir_page(&mut rpc, &dir2, cookie_at_1000, verf, 8192).map(|_| ()),
+        Err(NFS3ERR_BAD_COOKIE)
+    );
+    healthy(&mut server, "a/other");
+    no_panic(&server);
+}
