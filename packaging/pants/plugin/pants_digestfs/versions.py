@@ -17,6 +17,7 @@ Each helper below returns what Pants' own handler computes for one request, with
 from __future__ import annotations
 
 from collections.abc import Iterable
+import threading
 from pathlib import Path
 
 from pants.bsp.spec.base import BuildTargetIdentifier
@@ -264,11 +265,30 @@ else:
         return await Get(Digest, MergeDigests(digests))
 
 
-def persist(workspace, digests: Iterable[Digest]) -> None:
+def persist(workspace, digests: Iterable[Digest], timeout: float = 60.0) -> None:
     """Stores the `Directory` entries of `digests` in the local store, where the mount reads them:
     digests made by `AddPrefix`, `MergeDigests` or `RemovePrefix` may exist only in memory.
 
-    Both versions have `SchedulerSession.ensure_directory_digest_persisted`; a rule reaches it
-    through the `Workspace` it was given (there is no rule API for it)."""
-    for digest in digests:
-        workspace._scheduler.ensure_directory_digest_persisted(digest)
+    Both versions have `SchedulerSession.ensure_directory_digest_persisted`, which a rule reaches
+    through the `Workspace` it was given (there is no rule API for it). It blocks on the store with
+    the engine's `block_on`, which panics on the engine's own threads, where rules run ("Cannot
+    start a runtime from within a runtime", seen in 2.17.1), so it runs on a helper thread, and
+    the rule waits for that store write. A failure, the engine's panic included (a BaseException),
+    comes back as a RuntimeError, which the caller treats like a refused bind."""
+    digests = list(digests)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for digest in digests:
+                workspace._scheduler.ensure_directory_digest_persisted(digest)
+        except BaseException as e:  # noqa: B036: pyo3's PanicException is a BaseException.
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="digestfs-persist", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RuntimeError(f"storing {len(digests)} directory digests took over {timeout:g}s")
+    if failure:
+        raise RuntimeError(f"storing the directory digests failed: {failure[0]}") from failure[0]
