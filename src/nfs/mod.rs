@@ -365,6 +365,26 @@ impl NfsReadFileSystem for NfsFront {
         .await
     }
 
+    /// MOUNT of a path below the root (libnfs mounts a URL's directory this way): walked from
+    /// the root by LOOKUP. A bind between two steps makes the handle of the view being walked
+    /// STALE, which MOUNT can only report as NOENT; the walk then starts again, against the
+    /// views as they are now, so a path that is bound all along always mounts.
+    async fn lookup_by_path(&self, path: &str) -> Result<Fh, nfsstat3> {
+        let mut tries = 0;
+        'walk: loop {
+            tries += 1;
+            let mut fh = self.root_dir();
+            for part in path.split('/').filter(|p| !p.is_empty()) {
+                match self.lookup(&fh, &filename3::from(part.as_bytes())).await {
+                    Ok(next) => fh = next,
+                    Err(nfsstat3::NFS3ERR_STALE) if tries < 8 => continue 'walk,
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(fh);
+        }
+    }
+
     async fn getattr(&self, id: &Fh) -> Result<fattr3, nfsstat3> {
         let key = id.key()?;
         self.blocking(move |core, memo| {
