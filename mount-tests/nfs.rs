@@ -20,6 +20,8 @@ const NFS3ERR_ROFS: u32 = 30;
 const NFS3ERR_STALE: u32 = 70;
 const NFS3ERR_BADHANDLE: u32 = 10001;
 
+mod load;
+
 fn trees() -> Vec<(&'static str, &'static str)> {
     vec![
         ("jvm/resolves/jvm-default", JAR_TREE),

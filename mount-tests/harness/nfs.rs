@@ -129,6 +129,28 @@ impl NfsServer {
         stdout_ok(run_timeout(&mut cmd, T));
     }
 
+    /// Removes one layer of the view at `path`.
+    pub fn unbind_layer(&self, path: &str, layer: &str) {
+        let mut cmd = Command::new(bin());
+        cmd.arg("unbind")
+            .arg(&self.mnt)
+            .args([path, "--layer", layer])
+            .arg("--control")
+            .arg(&self.socket);
+        stdout_ok(run_timeout(&mut cmd, T));
+    }
+
+    /// The daemon's anonymous resident memory (`RssAnon` of /proc/PID/status), in bytes.
+    pub fn rss_anon(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("RssAnon:"))
+            .expect("RssAnon in /proc/PID/status");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
     /// Whether the daemon is still running.
     pub fn alive(&mut self) -> bool {
         self.daemon.alive()
