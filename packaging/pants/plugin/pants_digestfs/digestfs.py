@@ -238,6 +238,7 @@ class BSPDigestfs:
         # (view, layer) bound before this session, by another BSP server process.
         self._earlier: set[tuple[str, str]] = set()
         self._targets: frozenset[str] | None = None
+        self._deferred: list[tuple[int, str]] = []
 
     # --- starting -------------------------------------------------------------------------------
 
@@ -312,6 +313,7 @@ class BSPDigestfs:
                 f"digestfs did not start within {self.start_timeout:g}s "
                 f"(doctor or `{self.binary} mount` at {self.mountpoint} hangs)"
             )
+        self._flush()
         return self.active
 
     def _start(self) -> None:
@@ -366,8 +368,9 @@ class BSPDigestfs:
             self._earlier = earlier
             self._state = _State.ACTIVE
             targets = self._targets
-        logger.info(
-            f"Serving the jars of JVM resolves from digestfs at {self.mountpoint} (pid {pid})."
+        self._log(
+            logging.INFO,
+            f"Serving the jars of JVM resolves from digestfs at {self.mountpoint} (pid {pid}).",
         )
         if targets is not None:
             self._reconcile(targets)
@@ -378,7 +381,7 @@ class BSPDigestfs:
             if self._state is not _State.STARTING:
                 return
             self._state = _State.OFF
-        logger.warning(message)
+        self._log(logging.WARNING, message)
         self._settled.set()
 
     def _give_up(self, reason: str) -> None:
@@ -452,6 +455,7 @@ class BSPDigestfs:
         if failure is not None:
             self.fall_back(failure)
             return False
+        self._flush()
         with self._lock:
             if self._state is _State.ACTIVE:
                 return True
@@ -566,6 +570,7 @@ class BSPDigestfs:
             threading.Thread(
                 target=self._reconcile, args=(targets,), name="digestfs-reconcile", daemon=True
             ).start()
+        self._flush()
 
     def _reconcile(self, targets: frozenset[str]) -> None:
         try:
@@ -586,10 +591,15 @@ class BSPDigestfs:
                         self._earlier.discard((path, layer))
                         self._bound.pop((path, layer), None)
         except DigestfsError as e:
-            logger.warning(f"digestfs: could not drop the layers of removed BSP targets: {e}")
+            self._log(
+                logging.WARNING, f"digestfs: could not drop the layers of removed BSP targets: {e}"
+            )
             return
         if dropped:
-            logger.info(f"digestfs: unbound the layers of BSP targets that no longer exist: {dropped}")
+            self._log(
+                logging.INFO,
+                f"digestfs: unbound the layers of BSP targets that no longer exist: {dropped}",
+            )
 
     # --- falling back ---------------------------------------------------------------------------
 
@@ -620,7 +630,20 @@ class BSPDigestfs:
                 f"digestfs: the fallback at {self.mountpoint} did not finish within "
                 f"{self.start_timeout:g}s; writing to disk regardless."
             )
+        self._flush()
         return self._union_written
+
+    def _log(self, level: int, message: str) -> None:
+        """Logs from a helper thread: kept until a caller's thread flushes it. Pants drops what
+        threads of its own do not log (seen in 2.17.1), and the user must see these."""
+        with self._lock:
+            self._deferred.append((level, message))
+
+    def _flush(self) -> None:
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        for level, message in deferred:
+            logger.log(level, message)
 
     _union_written = False
 
@@ -643,9 +666,10 @@ class BSPDigestfs:
                 )
                 if done is not None:
                     written = False
-                    logger.warning(
+                    self._log(
+                        logging.WARNING,
                         f"digestfs: could not write the layer `{layer}` ({digest}) to {dest}: "
-                        f"{done}"
+                        f"{done}",
                     )
         finally:
             with self._lock:
@@ -675,9 +699,10 @@ class BSPDigestfs:
                 return
             _run(cmd, self.timeout)
         if self._attached():
-            logger.warning(
+            self._log(
+                logging.WARNING,
                 f"digestfs: could not unmount {self.mountpoint}; writing jars under it will fail "
-                f"until it is unmounted (`{self.binary} unmount --lazy {self.mountpoint}`)."
+                f"until it is unmounted (`{self.binary} unmount --lazy {self.mountpoint}`).",
             )
 
 
