@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Checks what the digestfs plugin promises, on the reports of `bsp_client.py` (scripts/pants-e2e).
+
+    verify.py served REPORT        a session with the plugin and a working mount
+    verify.py reused REPORT        the next session: same daemon, its views there from the start
+    verify.py on-disk RESOLVES     after unmounting: nothing was ever written under jvm/resolves
+    verify.py no-fuse REPORT LOG   the plugin on, digestfs unusable: one warning, Pants' own writes
+
+Each prints what it checked, and exits 1 naming every promise broken. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def served(report: dict) -> list[str]:
+    """Every round: no failed request, every URI from the mount, every jar whole and right, each
+    lib/ exactly the jars the answers named, compile output written."""
+    broken = []
+    if not report.get("rounds"):
+        return ["the session ran no round"]
+    for r in report["rounds"]:
+        n = r["round"]
+        for f in r["failures"]:
+            broken.append(f"round {n}: {f['method']} failed: {f['message'][:300]}")
+        if r["uris_read"] == 0:
+            broken.append(f"round {n}: no URI was read")
+        if r["uris_from_mount"] != r["uris_read"]:
+            broken.append(
+                f"round {n}: {r['uris_read'] - r['uris_from_mount']} of {r['uris_read']} URIs not "
+                f"served from the mount (st_devs {r['uri_st_devs']}, the mount's {r['mount_st_dev']})"
+            )
+        mount = r.get("mount") or {}
+        if mount.get("fstype") != "fuse" or "ro" not in mount.get("options", "").split(","):
+            broken.append(f"round {n}: jvm/resolves is not a read-only FUSE mount: {mount}")
+        for key in ("read_errors", "hash_mismatches", "bad_reads", "unzip_failures"):
+            if r[key]:
+                broken.append(f"round {n}: {key}: {r[key][:3]}")
+        if not r["libs"]:
+            broken.append(f"round {n}: no lib/ at all")
+        for resolve, lib in r["libs"].items():
+            if lib["missing"] or lib["extra"]:
+                broken.append(
+                    f"round {n}: {resolve}/lib is not exactly the jars named: missing "
+                    f"{lib['missing']}, extra {lib['extra']}"
+                )
+            devs = {f[1] for f in lib["files"]}
+            if devs != {r["mount_st_dev"]}:
+                broken.append(f"round {n}: {resolve}/lib files on st_devs {devs}, not the mount's")
+        if r["compile_status"] != 1 or r["class_files"] == 0:
+            broken.append(
+                f"round {n}: compile status {r['compile_status']}, {r['class_files']} class files "
+                "under jvm/classes (beside the mount, which must stay writable)"
+            )
+    if report.get("server_exit_status") != 0:
+        broken.append(f"the BSP server exited with {report.get('server_exit_status')}")
+    return broken
+
+
+def reused(report: dict, first_pid: str, views_before: str) -> list[str]:
+    """The next BSP server found the first one's daemon and views, and kept them."""
+    broken = served(report)
+    after = os.environ.get("DIGESTFS_PID_AFTER", "")
+    if not first_pid or first_pid != after:
+        broken.append(f"the daemon was not reused: pid {first_pid or '?'} before, {after or '?'} after")
+    if int(views_before or 0) == 0:
+        broken.append("the daemon had no views when the next BSP server started")
+    return broken
+
+
+def on_disk(resolves: str) -> list[str]:
+    """Under the (now unmounted) mountpoint nothing was written: Pants never wrote a jar."""
+    written = []
+    for root, dirs, files in os.walk(resolves):
+        written += [os.path.relpath(os.path.join(root, f), resolves) for f in files]
+    return [f"written on disk under jvm/resolves: {written[:10]}"] if written else []
+
+
+def no_fuse(report: dict, log: str) -> list[str]:
+    """One warning, and then Pants' own behaviour: jars written to disk, no mount."""
+    broken = []
+    with open(log, errors="replace") as f:
+        warnings = [line for line in f if "[WARN]" in line and "digestfs" in line]
+    if len(warnings) != 1:
+        broken.append(f"{len(warnings)} digestfs warnings in the server log, not 1: {warnings[:3]}")
+    for r in report.get("rounds", []):
+        if r.get("mount"):
+            broken.append(f"round {r['round']}: something is mounted at jvm/resolves: {r['mount']}")
+        if r["uris_from_mount"]:
+            broken.append(f"round {r['round']}: {r['uris_from_mount']} URIs from a mount")
+        files = [f for lib in r["libs"].values() for f in lib["files"]]
+        if not files:
+            broken.append(f"round {r['round']}: no jar written to lib/")
+    if not report.get("rounds"):
+        broken.append("the session ran no round")
+    return broken
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("served", "reused", "on-disk", "no-fuse"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    what = argv[0]
+    if what == "served":
+        broken = served(load(argv[1]))
+    elif what == "reused":
+        broken = reused(load(argv[1]), os.environ.get("DIGESTFS_PID_BEFORE", ""),
+                        os.environ.get("DIGESTFS_VIEWS_BEFORE", ""))
+    elif what == "on-disk":
+        broken = on_disk(argv[1])
+    else:
+        broken = no_fuse(load(argv[1]), argv[2])
+    for b in broken:
+        print(f"verify {what}: BROKEN: {b}", file=sys.stderr)
+    if not broken:
+        print(f"verify {what}: ok", file=sys.stderr)
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
