@@ -5,15 +5,22 @@
     verify.py reused REPORT        the next session: same daemon, its views there from the start
     verify.py on-disk RESOLVES     after unmounting: nothing was ever written under jvm/resolves
     verify.py no-fuse REPORT LOG   the plugin on, digestfs unusable: one warning, Pants' own writes
+    verify.py store STORE LOCKFILE SHARDS
+                                   digestfs reads the store this Pants wrote: its shard count, and
+                                   every jar of the lockfile byte for byte (small ones from the LMDB
+                                   shards, large ones from immutable/files)
 
 Each prints what it checked, and exits 1 naming every promise broken. Stdlib only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 
 def load(path: str) -> dict:
@@ -104,8 +111,43 @@ def no_fuse(report: dict, log: str) -> list[str]:
     return broken
 
 
+def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bsp_client import parse_lockfile
+
+    binary = os.environ.get("DIGESTFS_BIN", "digestfs")
+    broken = []
+    doctor = subprocess.run(
+        [binary, "--store", store_dir, "doctor"], capture_output=True, text=True, timeout=60
+    )
+    line = next((ln for ln in doctor.stdout.splitlines() if f"store {store_dir}" in ln), "")
+    if not line.startswith("ok") or f"{shards} shards (found from its folders" not in line:
+        broken.append(f"doctor does not find {shards} shards in {store_dir}: {line or doctor.stdout}")
+    entries = parse_lockfile(Path(lockfile))
+    large = 0
+    for name, e in sorted(entries.items()):
+        digest = f"{e['sha256']}-{e['size']}"
+        done = subprocess.run(
+            [binary, "--store", store_dir, "cat", digest], capture_output=True, timeout=60
+        )
+        if done.returncode != 0:
+            broken.append(f"{name} ({digest}): {done.stderr.decode(errors='replace').strip()}")
+        elif hashlib.sha256(done.stdout).hexdigest() != e["sha256"]:
+            broken.append(f"{name} ({digest}): other bytes")
+        large += e["size"] >= 524288
+    if not entries:
+        broken.append(f"no entries in {lockfile}")
+    elif not broken:
+        print(
+            f"verify store: {len(entries)} jars ({large} of 512 KiB or more) read byte for byte "
+            f"from {store_dir} ({shards} shards)",
+            file=sys.stderr,
+        )
+    return broken
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("served", "reused", "on-disk", "no-fuse"):
+    if len(argv) < 2 or argv[0] not in ("served", "reused", "on-disk", "no-fuse", "store"):
         print(__doc__, file=sys.stderr)
         return 2
     what = argv[0]
@@ -116,6 +158,8 @@ def main(argv: list[str]) -> int:
                         os.environ.get("DIGESTFS_VIEWS_BEFORE", ""))
     elif what == "on-disk":
         broken = on_disk(argv[1])
+    elif what == "store":
+        broken = store(argv[1], argv[2], int(argv[3]))
     else:
         broken = no_fuse(load(argv[1]), argv[2])
     for b in broken:
