@@ -13,10 +13,12 @@ from __future__ import annotations
 import ast
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import unittest
+import zipfile
 
 from _support import HERE, PRISTINE
 
@@ -155,6 +157,32 @@ class PluginAgainst2_17_1(unittest.TestCase):
         missing, outside = unresolved(found[0], call_by_name=False)
         self.assertEqual(missing, [], "names the plugin imports that 2.17.1 lacks")
         self.assertEqual(outside, set(), "modules 2.17.1 lacks")
+
+
+class PluginWheel(unittest.TestCase):
+    def test_the_wheel_users_list_in_plugins_holds_every_module(self):
+        pip = os.path.join(TOOLS, "venv", "bin", "pip")
+        if not os.access(pip, os.X_OK):
+            self.skipTest(f"no Pants venv under {TOOLS} (scripts/install-pants makes it)")
+        with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as build:
+            # As a user would: pip fetches the build backend (setuptools) from PyPI. The source is
+            # copied: setuptools writes its build/ and egg-info beside it.
+            src = os.path.join(build, "plugin")
+            shutil.copytree(os.path.join(HERE, "plugin"), src,
+                            ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+            done = subprocess.run(
+                [pip, "wheel", "-q", "--no-deps", "-w", out, src],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            self.assertEqual(done.returncode, 0, done.stderr)
+            (wheel,) = glob.glob(os.path.join(out, "pants_digestfs-*.whl"))
+            with zipfile.ZipFile(wheel) as z:
+                names = {n for n in z.namelist() if n.startswith("pants_digestfs/")}
+        self.assertEqual(
+            names, {f"pants_digestfs/{os.path.basename(m)}" for m in MODULES}, "wheel contents"
+        )
 
 
 if __name__ == "__main__":
