@@ -3,8 +3,12 @@
 //! the mount, even after the kernel forgets it and looks it up again. The table holds only the
 //! nodes the kernel currently holds (lookup counts, FORGET honoured) plus the fixed ones.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+
+use foldhash::fast::RandomState;
 
 use sha2::{Digest as _, Sha256};
 
@@ -17,7 +21,7 @@ pub const TREES_INO: u64 = 4;
 /// Derived numbers have the top bit set, so they never meet the fixed ones.
 const DERIVED_BIT: u64 = 1 << 63;
 
-#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Node {
     Root,
     /// `.digestfs`, reachable by name but not listed.
@@ -37,6 +41,35 @@ pub enum Node {
         executable: bool,
     },
     Symlink(Arc<str>),
+}
+
+/// Hashes a digest by its first 8 bytes and its size: the bytes are SHA-256 output, so they
+/// spread as well as all 32 do (equal digests still hash equal), at a quarter of the work. The
+/// directory cache hashes its key on every LOOKUP (docs/profile.md).
+fn hash_digest<H: Hasher>(d: &Digest, state: &mut H) {
+    state.write_u64(u64::from_le_bytes(d.hash[..8].try_into().expect("8 bytes")));
+    state.write_u64(d.size);
+}
+
+impl Hash for Node {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        match self {
+            Node::Root | Node::Content | Node::Blobs | Node::Trees => {}
+            Node::Namespace(s) | Node::Symlink(s) => s.hash(state),
+            Node::Tree(d) => hash_digest(d, state),
+            Node::Merged(ds) => {
+                state.write_usize(ds.len());
+                for d in ds.iter() {
+                    hash_digest(d, state);
+                }
+            }
+            Node::File { digest, executable } => {
+                hash_digest(digest, state);
+                state.write_u8(*executable as u8);
+            }
+        }
+    }
 }
 
 impl Node {
@@ -120,11 +153,15 @@ struct Slot {
     name: Arc<str>,
 }
 
+/// Both maps hash with foldhash rather than std's SipHash: every LOOKUP and GETATTR hashes an
+/// inode number two to four times, and SipHash was a third of a lookup's instructions
+/// (docs/profile.md). foldhash is still seeded per process, so colliding keys cannot be chosen
+/// ahead of time.
 #[derive(Default)]
 pub struct InodeTable {
-    slots: HashMap<u64, Slot>,
+    slots: HashMap<u64, Slot, RandomState>,
     /// Nodes whose derived number was taken by another live node (a 64-bit collision).
-    relocated: HashMap<Node, u64>,
+    relocated: HashMap<Node, u64, RandomState>,
 }
 
 impl InodeTable {
@@ -156,13 +193,15 @@ impl InodeTable {
 
     /// Records one kernel lookup of `node`, found as `name` in `parent`.
     pub fn acquire(&mut self, node: &Node, parent: u64, name: &str) -> u64 {
-        let mut ino = node.derived_ino();
+        let derived = node.derived_ino();
+        let mut ino = derived;
         if let Some(&moved) = self.relocated.get(node) {
             ino = moved;
         }
         loop {
-            match self.slots.get_mut(&ino) {
-                Some(slot) if slot.node == *node => {
+            match self.slots.entry(ino) {
+                Entry::Occupied(mut e) if e.get().node == *node => {
+                    let slot = e.get_mut();
                     slot.lookups = slot.lookups.saturating_add(1);
                     slot.parent = parent;
                     if &*slot.name != name {
@@ -170,23 +209,20 @@ impl InodeTable {
                     }
                     return ino;
                 }
-                Some(_) => {
+                Entry::Occupied(_) => {
                     log::warn!("inode number {ino:#x} collides; relocating {node:?}");
                     ino = ino.wrapping_add(1) | DERIVED_BIT;
                 }
-                None => {
-                    if ino != node.derived_ino() {
+                Entry::Vacant(e) => {
+                    e.insert(Slot {
+                        node: node.clone(),
+                        lookups: 1,
+                        parent,
+                        name: Arc::from(name),
+                    });
+                    if ino != derived {
                         self.relocated.insert(node.clone(), ino);
                     }
-                    self.slots.insert(
-                        ino,
-                        Slot {
-                            node: node.clone(),
-                            lookups: 1,
-                            parent,
-                            name: Arc::from(name),
-                        },
-                    );
                     return ino;
                 }
             }

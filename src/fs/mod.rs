@@ -245,6 +245,19 @@ impl DigestFs {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.lookups.fetch_add(1, Ordering::Relaxed);
         let parent_node = self.node(parent)?;
+        let bytes = name.as_encoded_bytes();
+        // The common case, a name in a store directory: compared as bytes with the decoded
+        // entries (which are UTF-8, so a name that is not cannot match), and the entry's own
+        // name is the one recorded. `child` does the same search after checking the name.
+        if matches!(parent_node, Node::Tree(_) | Node::Merged(_)) && bytes != b"." && bytes != b".."
+        {
+            let children = self.children(Some(parent), &parent_node)?;
+            let i = children
+                .binary_search_by(|(n, _)| n.as_bytes().cmp(bytes))
+                .map_err(|_| FsError::NotFound)?;
+            let (name, node) = &children[i];
+            return self.acquire_found(parent, node, name);
+        }
         let name = name.to_str().ok_or(FsError::NotFound)?;
         let node = match name {
             "." => parent_node,
@@ -254,9 +267,17 @@ impl DigestFs {
             }
             _ => self.child(Some(parent), &parent_node, name)?,
         };
-        let ino = lock(&self.inodes).ino_of(&node);
-        let attr = self.attr(Some(ino), &node)?;
-        let acquired = lock(&self.inodes).acquire(&node, parent, name);
+        self.acquire_found(parent, &node, name)
+    }
+
+    /// The attributes of `node`, found as `name` in `parent`, after counting one kernel
+    /// reference to it (none if its attributes cannot be had).
+    fn acquire_found(&self, parent: u64, node: &Node, name: &str) -> FsResult<Attr> {
+        // A directory's number names it in the log if its listing cannot be read; a file's
+        // or symlink's attributes need none, and the number is the acquired one anyway.
+        let ino = node.is_dir().then(|| lock(&self.inodes).ino_of(node));
+        let attr = self.attr(ino, node)?;
+        let acquired = lock(&self.inodes).acquire(node, parent, name);
         Ok(Attr {
             ino: acquired,
             ..attr
@@ -269,7 +290,16 @@ impl DigestFs {
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let node = self.node(ino)?;
+        let node = {
+            let inodes = lock(&self.inodes);
+            match inodes.node(ino) {
+                // A file's or symlink's attributes take no lock and no I/O: computed in place,
+                // without cloning the node.
+                Some(n @ (Node::File { .. } | Node::Symlink(_))) => return self.attr(Some(ino), n),
+                Some(n) => n.clone(),
+                None => return Err(FsError::NotFound),
+            }
+        };
         self.attr(Some(ino), &node)
     }
 
