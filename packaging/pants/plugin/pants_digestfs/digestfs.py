@@ -231,6 +231,10 @@ class BSPDigestfs:
         self._lock = threading.Condition()
         self._state = _State.IDLE
         self._settled = threading.Event()  # Set once the state is ACTIVE or OFF.
+        # Set once callers may write to disk: nothing of ours is mounted over the resolves.
+        self._clear = threading.Event()
+        # (view, layer) that a fallback wrote to disk.
+        self._written: set[tuple[str, str]] = set()
         self._inflight = 0  # Binds under way; a fallback waits for them.
         self._layer_locks: dict[str, threading.Lock] = {}
         # {(view, layer): digest} bound in this session: what a fallback writes.
@@ -306,17 +310,31 @@ class BSPDigestfs:
 
     def wait_started(self) -> bool:
         """Begins if need be, and waits (at most `start_timeout`) until the mount serves or has
-        fallen back. True while it serves."""
+        fallen back. True while it serves; False once callers may write to disk (no mount of
+        ours is left over the resolves: waiting for that is bounded by the unmount's timeout)."""
         self.begin()
         if not self._settled.wait(self.start_timeout):
             self._give_up(
                 f"digestfs did not start within {self.start_timeout:g}s "
                 f"(doctor or `{self.binary} mount` at {self.mountpoint} hangs)"
             )
+        active = self.active
+        if not active:
+            self._wait_clear()
         self._flush()
-        return self.active
+        return active
 
     def _start(self) -> None:
+        mounted = False
+        try:
+            mounted = self._mount()
+        except Exception as e:  # Whatever goes wrong here, waiters must not wait in vain.
+            if mounted:
+                self._detach()
+            self._settle_off(f"starting digestfs at {self.mountpoint} failed: {e}")
+
+    def _mount(self) -> bool:
+        """Doctor, then the mount; True once something of ours may be mounted."""
         problems = _doctor(self.binary, self.store_dir, self.store_args, self.start_timeout)
         if problems is not None:
             self._settle_off(
@@ -324,7 +342,7 @@ class BSPDigestfs:
                 f"store), so the BSP server writes the jars of JVM resolves to disk as without "
                 f"{self.option_name}:\n{problems}"
             )
-            return
+            return False
         owner = _fallback_owner(self.mountpoint)
         if owner is not None:
             self._settle_off(
@@ -332,7 +350,13 @@ class BSPDigestfs:
                 f"JVM resolves under {self.mountpoint}; this one writes there too rather than "
                 "mount over them. The next BSP server after it exits mounts again."
             )
-            return
+            return False
+        try:  # Its writer is gone: the marker is no reason not to mount any more.
+            os.unlink(os.path.join(self.mountpoint, FALLBACK_MARKER))
+        except OSError:
+            pass
+        if not self._still(_State.STARTING):
+            return False
         try:
             pid = ensure_mounted(
                 self.mountpoint,
@@ -343,45 +367,58 @@ class BSPDigestfs:
                 mount_args=self.mount_args,
                 **_remote_kwargs(self.remote),
             )
+        except DigestfsError as e:
+            self._settle_off(
+                f"could not mount digestfs at {self.mountpoint}, so the BSP server writes the jars "
+                f"of JVM resolves to disk as without {self.option_name}: {e}"
+            )
+            return False
+        # A waiter that gave up meanwhile writes to disk: do not stay mounted over its writes.
+        if not self._still(_State.STARTING):
+            self._detach()
+            return True
+        try:
             earlier = {
                 (view["path"].strip("/"), layer)
                 for view in self.client.views()
                 for layer in view.get("layers", {})
             }
         except DigestfsError as e:
-            self._settle_off(
-                f"could not mount digestfs at {self.mountpoint}, so the BSP server writes the jars "
-                f"of JVM resolves to disk as without {self.option_name}: {e}"
-            )
-            return
-        try:
-            os.unlink(os.path.join(self.mountpoint, FALLBACK_MARKER))
-        except OSError:
-            pass  # Hidden under the mount, or absent: either way no longer in the way.
+            self._detach()
+            self._settle_off(f"the digestfs daemon at {self.mountpoint} does not answer: {e}")
+            return True
         with self._lock:
-            if self._state is not _State.STARTING:
-                # A waiter gave up on us meanwhile and callers write to disk: do not stay mounted
-                # over their writes.
-                self._detach()
-                return
-            self.pid = pid
-            self._earlier = earlier
-            self._state = _State.ACTIVE
-            targets = self._targets
+            gave_up = self._state is not _State.STARTING
+            if not gave_up:
+                self.pid = pid
+                self._earlier = earlier
+                self._state = _State.ACTIVE
+                targets = self._targets
+        if gave_up:
+            self._detach()
+            return True
         self._log(
             logging.INFO,
             f"Serving the jars of JVM resolves from digestfs at {self.mountpoint} (pid {pid}).",
         )
         if targets is not None:
             self._reconcile(targets)
-        self._settled.set()
+        if self._still(_State.ACTIVE):
+            self._settled.set()
+        return True
+
+    def _still(self, state: _State) -> bool:
+        with self._lock:
+            return self._state is state
 
     def _settle_off(self, message: str) -> None:
+        """Ends a start that never mounted (or unmounted what it mounted): callers write."""
         with self._lock:
             if self._state is not _State.STARTING:
                 return
             self._state = _State.OFF
         self._log(logging.WARNING, message)
+        self._clear.set()
         self._settled.set()
 
     def _give_up(self, reason: str) -> None:
@@ -393,10 +430,24 @@ class BSPDigestfs:
             f"{reason}; the BSP server writes the jars of JVM resolves to disk as without "
             f"{self.option_name}."
         )
-        # If the mount did come up, `_start` sees OFF and detaches it; if it hangs, detach
-        # whatever is there so that writes to disk can succeed.
-        threading.Thread(target=self._detach, name="digestfs-detach", daemon=True).start()
+        # Whatever is mounted there now (a mount that came up late, a reused one) must go for
+        # writes to disk to succeed; `_start` detaches too if it mounts after this.
+        threading.Thread(target=self._detach_and_clear, name="digestfs-detach", daemon=True).start()
         self._settled.set()
+
+    def _detach_and_clear(self) -> None:
+        try:
+            self._detach()
+        finally:
+            self._clear.set()
+
+    def _wait_clear(self) -> None:
+        """Waits until no mount of ours is left over the resolves. `_detach` runs its commands
+        with `timeout` each, so this ends; the bound is only a safety net."""
+        if not self._clear.wait(3 * self.timeout + 5):
+            logger.warning(
+                f"digestfs: unmounting {self.mountpoint} did not finish; writing to disk regardless."
+            )
 
     @property
     def active(self) -> bool:
@@ -434,8 +485,13 @@ class BSPDigestfs:
         }
         with self._lock:
             if self._state is not _State.ACTIVE:
-                return False
-            self._inflight += 1
+                falling_back = True
+            else:
+                falling_back = False
+                self._inflight += 1
+        if falling_back:  # It began after `wait_started`: wait for it, then the caller writes.
+            return self._wait_fallen_back(set())
+        mine = {(view, layer) for view in wanted}
         failure: str | None = None
         try:
             if persist_first is not None:
@@ -459,8 +515,8 @@ class BSPDigestfs:
         with self._lock:
             if self._state is _State.ACTIVE:
                 return True
-        # A fallback began meanwhile; it writes what this bind recorded.
-        return self._wait_settled()
+        # A fallback began meanwhile: served only if it wrote what this bind recorded.
+        return self._wait_fallen_back(mine)
 
     def _bind(
         self, view: str, digest: str, layer: str, persist_again: Callable[[], None] | None
@@ -536,8 +592,17 @@ class BSPDigestfs:
     def _remount(self) -> None:
         # `mount --reuse` starts a new daemon, which restores its views before it answers; it
         # runs on a helper thread, so that the rule that got here only waits, and not for long.
-        pid = _on_helper_thread(
-            lambda: ensure_mounted(
+        # Never over what another server wrote after falling back, nor once this one has: if the
+        # session fell back while it ran, what it mounted is detached again.
+        owner = _fallback_owner(self.mountpoint)
+        if owner is not None or not self._still(_State.ACTIVE):
+            raise DigestfsUnreachable(
+                f"not mounting again at {self.mountpoint}"
+                + (f": the BSP server with pid {owner} fell back and wrote there" if owner else "")
+            )
+
+        def mount() -> int:
+            pid = ensure_mounted(
                 self.mountpoint,
                 self.store_dir,
                 binary=self.binary,
@@ -545,9 +610,13 @@ class BSPDigestfs:
                 store_args=self.store_args,
                 mount_args=self.mount_args,
                 **_remote_kwargs(self.remote),
-            ),
-            self.start_timeout,
-            f"mounting digestfs again at {self.mountpoint}",
+            )
+            if not self._still(_State.ACTIVE):
+                self._detach()
+            return pid
+
+        pid = _on_helper_thread(
+            mount, self.start_timeout, f"mounting digestfs again at {self.mountpoint}"
         )
         with self._lock:
             self.pid = pid
@@ -604,9 +673,9 @@ class BSPDigestfs:
     # --- falling back ---------------------------------------------------------------------------
 
     def fall_back(self, reason: str) -> None:
-        """Stops using the mount for this session, once: writes the union of the layers bound so
-        far to disk, detaches the mount, and lets callers write. Waits (at most `start_timeout`)
-        for that to finish."""
+        """Stops using the mount for this session, once: detaches it, writes the union of the
+        layers bound so far to disk, and lets callers write. Returns once callers may write (no
+        mount left over the resolves), having waited at most `start_timeout` for the union."""
         with self._lock:
             if self._state is _State.ACTIVE:
                 self._state = _State.FALLING_BACK
@@ -621,17 +690,19 @@ class BSPDigestfs:
                 f"resolves are written to disk as without {self.option_name}."
             )
             threading.Thread(target=self._fall_back, name="digestfs-fallback", daemon=True).start()
-        self._wait_settled()
+        self._wait_fallen_back(set())
 
-    def _wait_settled(self) -> bool:
-        """Waits for a fallback under way; True if it wrote everything bound."""
+    def _wait_fallen_back(self, mine: set[tuple[str, str]]) -> bool:
+        """Waits for a fallback: True if it wrote every (view, layer) of `mine` to disk."""
+        self._wait_clear()
         if not self._settled.wait(self.start_timeout):
             logger.warning(
-                f"digestfs: the fallback at {self.mountpoint} did not finish within "
-                f"{self.start_timeout:g}s; writing to disk regardless."
+                f"digestfs: writing the jars served so far under {self.mountpoint} did not finish "
+                f"within {self.start_timeout:g}s; writing to disk regardless."
             )
         self._flush()
-        return self._union_written
+        with self._lock:
+            return bool(mine) and mine <= self._written
 
     def _log(self, level: int, message: str) -> None:
         """Logs from a helper thread: kept until a caller's thread flushes it. Pants drops what
@@ -645,17 +716,16 @@ class BSPDigestfs:
         for level, message in deferred:
             logger.log(level, message)
 
-    _union_written = False
-
     def _fall_back(self) -> None:
         with self._lock:
-            # Binds under way finish first (they hold off no one for long: each has a timeout);
-            # new ones see FALLING_BACK and wait for `_settled`.
+            # Binds under way finish first (each has its timeouts); new ones see FALLING_BACK
+            # and wait. One that finishes later than this is not in the union: its caller is
+            # told so (`_wait_fallen_back`) and writes itself.
             self._lock.wait_for(lambda: self._inflight == 0, timeout=self.start_timeout)
             bound = dict(self._bound)
-        written = True
+        written: set[tuple[str, str]] = set()
         try:
-            self._detach()
+            self._detach_and_clear()
             _write_marker(self.mountpoint)
             for (view, layer), digest in sorted(bound.items()):
                 dest = os.path.join(self.mountpoint, view)
@@ -664,8 +734,11 @@ class BSPDigestfs:
                      digest, dest],
                     self.start_timeout,
                 )
-                if done is not None:
-                    written = False
+                if done is None:
+                    done = _writable(dest)
+                if done is None:
+                    written.add((view, layer))
+                else:
                     self._log(
                         logging.WARNING,
                         f"digestfs: could not write the layer `{layer}` ({digest}) to {dest}: "
@@ -673,7 +746,7 @@ class BSPDigestfs:
                     )
         finally:
             with self._lock:
-                self._union_written = written
+                self._written = written
                 self._state = _State.OFF
             self._settled.set()
 
@@ -688,16 +761,16 @@ class BSPDigestfs:
 
     def _detach(self) -> None:
         """Detaches the mount lazily: files the IDE has open keep working. `fusermount3 -u -z`
-        first where there is one, since it needs no answer from the daemon (which may hang);
-        `digestfs unmount --lazy` otherwise (macOS, the NFS front end)."""
-        cmds = [[self.binary, "unmount", "--lazy", self.mountpoint]]
+        first where there is one: it needs no answer from the daemon (which may hang), and
+        succeeding is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front
+        end), which asks the daemon. Never called with `_lock` held."""
         fusermount = shutil.which("fusermount3")
         if fusermount is not None and "--frontend=nfs" not in self.mount_args:
-            cmds.insert(0, [fusermount, "-u", "-z", self.mountpoint])
-        for cmd in cmds:
-            if self._attached() is False:
+            if _run([fusermount, "-u", "-z", self.mountpoint], self.timeout) is None:
                 return
-            _run(cmd, self.timeout)
+        if self._attached() is False:
+            return
+        _run([self.binary, "unmount", "--lazy", self.mountpoint], self.timeout)
         if self._attached():
             self._log(
                 logging.WARNING,
@@ -756,6 +829,22 @@ def _run(cmd: list[str], timeout: float) -> str | None:
         return str(e)
     if done.returncode != 0:
         return done.stderr.strip() or f"exit {done.returncode}"
+    return None
+
+
+def _writable(dest: str) -> str | None:
+    """Gives the files `materialize` wrote the modes Pants leaves (0644, 0755 if executable):
+    Pants' own later writes of the same names open them for writing, which a read-only file
+    refuses to anyone but root. None if done, else what went wrong."""
+    try:
+        for root, _dirs, files in os.walk(dest):
+            for name in files:
+                path = os.path.join(root, name)
+                mode = os.lstat(path).st_mode
+                if not os.path.islink(path):
+                    os.chmod(path, 0o755 if mode & 0o111 else 0o644)
+    except OSError as e:
+        return str(e)
     return None
 
 

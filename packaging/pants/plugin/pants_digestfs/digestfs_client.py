@@ -145,8 +145,14 @@ def default_socket(mountpoint: str) -> str:
 
 def check_peer(sock: socket.socket, socket_path: str = "") -> None:
     """Raises DigestfsPeerRefused unless the process on the other end runs as our own uid."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
+    if hasattr(socket, "SO_PEERCRED"):  # Linux
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+    elif hasattr(socket, "LOCAL_PEERCRED"):  # macOS: SOL_LOCAL 0, struct xucred (76 bytes)
+        creds = sock.getsockopt(0, socket.LOCAL_PEERCRED, 76)
+        pid, uid = "?", struct.unpack_from("2I", creds)[1]
+    else:  # No peer credentials: the socket's owner (its directory is the daemon's, 0700).
+        pid, uid = "?", os.stat(socket_path).st_uid
     if uid != os.geteuid():
         raise DigestfsPeerRefused(
             f"refusing the control socket {socket_path}: it is served by uid {uid} (pid {pid}), "

@@ -16,6 +16,7 @@ and is pruned from the rule graph.)
 from __future__ import annotations
 
 import functools
+import threading
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,9 @@ from .subsystem import DigestfsSubsystem
 
 logger = logging.getLogger(__name__)
 
-# One mount per BSP server process, made on its first request.
+# One mount per BSP server process, made on its first request (requests run concurrently).
 _MOUNTS: dict[tuple, BSPDigestfs | None] = {}
+_MOUNTS_LOCK = threading.Lock()
 
 
 def session_mount(
@@ -74,22 +76,27 @@ def session_mount(
     store_dir = str(Path(global_options.local_store_dir).expanduser().resolve())
     shards = global_options.local_store_shard_count
     key = (build_root.path, store_dir, shards, subsystem.binary, tuple(subsystem.mount_args))
-    if key not in _MOUNTS:
-        mount = BSPDigestfs.create(
-            binary_option=subsystem.binary,
-            build_root=build_root.path,
-            store_dir=store_dir,
-            remote=versions.remote_store(global_options),
-            store_args=("--local-store-shard-count", str(shards)),
-            mount_args=tuple(subsystem.mount_args),
-            timeout=subsystem.timeout,
-            start_timeout=subsystem.timeout,
-            option_name="[digestfs].enabled",
-        )
-        if mount is not None:
-            mount.begin()
-        _MOUNTS[key] = mount
-    return _MOUNTS[key]
+    with _MOUNTS_LOCK:
+        return _MOUNTS[key] if key in _MOUNTS else _new_mount(key, subsystem, global_options)
+
+
+def _new_mount(key: tuple, subsystem: DigestfsSubsystem, global_options: GlobalOptions):
+    build_root_path, store_dir, shards = key[:3]
+    mount = BSPDigestfs.create(
+        binary_option=subsystem.binary,
+        build_root=build_root_path,
+        store_dir=store_dir,
+        remote=versions.remote_store(global_options),
+        store_args=("--local-store-shard-count", str(shards)),
+        mount_args=tuple(subsystem.mount_args),
+        timeout=subsystem.timeout,
+        start_timeout=subsystem.timeout,
+        option_name="[digestfs].enabled",
+    )
+    if mount is not None:
+        mount.begin()
+    _MOUNTS[key] = mount
+    return mount
 
 
 def _serving(mount: BSPDigestfs | None) -> bool:
@@ -125,7 +132,9 @@ async def write_bsp_output(
         subsets = await versions.subsets(snap.digest, ([f"{view_prefix(v)}/**"] for v in views))
         non_empty = [(v, d) for v, d in zip(views, subsets) if d != EMPTY_DIGEST]
         view_digests = await versions.remove_prefixes((d, view_prefix(v)) for v, d in non_empty)
-        persist = functools.partial(versions.persist, workspace, view_digests)
+        persist = functools.partial(
+            versions.persist, workspace, view_digests, timeout=mount.timeout
+        )
         served = mount.bind_layer(
             layer,
             {
@@ -343,7 +352,10 @@ _RULES = {
 
 def rules():
     methods = ("workspace/buildTargets", *versions.JAR_WRITING_METHODS)
-    return (
+    base = (
         *collect_rules({fn.__name__: fn for m in methods for fn in _RULES[m]}),
         *(UnionRule(BSPHandlerMapping, _MAPPINGS[m]) for m in methods),
     )
+    # 2.17.1 installs a query for every BSP handler mapping itself; after it, each backend adds
+    # the queries of its own mappings.
+    return (*base, *versions.handler_query_rules(base))

@@ -28,7 +28,7 @@ class DigestfsSubsystem(Subsystem):
         help="The `digestfs` binary: a path, or a name to find on the `PATH`.",
     )
     timeout = FloatOption(
-        default=10.0,
+        default=5.0,
         advanced=True,
         help=(
             "Seconds to wait for the daemon: for one bind, and for the mount to start or fall "

@@ -80,6 +80,7 @@ if CALL_BY_NAME:
         resolve_scala_plugins_for_target,
     )
     from pants.bsp.spec.targets import WorkspaceBuildTargetsParams
+    from pants.bsp.util_rules.queries import compute_handler_query_rules
     from pants.bsp.util_rules.targets import (
         ResolveOneDependencyModuleRequest,
         ResolveOneDependencySourcesRequest,
@@ -99,6 +100,9 @@ if CALL_BY_NAME:
     )
     from pants.jvm.bsp.compile import jvm_classes_directory
     from pants.jvm.bsp.dependencies import ThirdpartyModulesRequest, collect_thirdparty_modules
+
+    def handler_query_rules(rules) -> tuple:
+        return compute_handler_query_rules(rules)
 
     async def workspace_build_targets(params: WorkspaceBuildTargetsParams):
         return await bsp_workspace_build_targets(params, **implicitly())
@@ -199,6 +203,9 @@ else:
     from pants.engine.target import Targets
     from pants.jvm.bsp.compile import jvm_classes_directory
 
+    def handler_query_rules(rules) -> tuple:
+        return ()  # `engine_initializer` makes one for every BSPHandlerMapping.
+
     async def workspace_build_targets(
         params: WorkspaceBuildTargetsParams,
     ) -> WorkspaceBuildTargetsResult:
@@ -265,7 +272,7 @@ else:
         return await Get(Digest, MergeDigests(digests))
 
 
-def persist(workspace, digests: Iterable[Digest], timeout: float = 60.0) -> None:
+def persist(workspace, digests: Iterable[Digest], timeout: float) -> None:
     """Stores the `Directory` entries of `digests` in the local store, where the mount reads them:
     digests made by `AddPrefix`, `MergeDigests` or `RemovePrefix` may exist only in memory.
 
