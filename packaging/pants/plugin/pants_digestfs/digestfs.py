@@ -358,15 +358,7 @@ class BSPDigestfs:
         if not self._still(_State.STARTING):
             return False
         try:
-            pid = ensure_mounted(
-                self.mountpoint,
-                self.store_dir,
-                binary=self.binary,
-                timeout=self.start_timeout,
-                store_args=self.store_args,
-                mount_args=self.mount_args,
-                **_remote_kwargs(self.remote),
-            )
+            pid = self._ensure_mounted()
         except DigestfsError as e:
             self._settle_off(
                 f"could not mount digestfs at {self.mountpoint}, so the BSP server writes the jars "
@@ -406,6 +398,18 @@ class BSPDigestfs:
         if self._still(_State.ACTIVE):
             self._settled.set()
         return True
+
+    def _ensure_mounted(self) -> int:
+        """`mount --daemon --reuse`: the pid of the daemon serving the mountpoint."""
+        return ensure_mounted(
+            self.mountpoint,
+            self.store_dir,
+            binary=self.binary,
+            timeout=self.start_timeout,
+            store_args=self.store_args,
+            mount_args=self.mount_args,
+            **_remote_kwargs(self.remote),
+        )
 
     def _still(self, state: _State) -> bool:
         with self._lock:
@@ -602,15 +606,7 @@ class BSPDigestfs:
             )
 
         def mount() -> int:
-            pid = ensure_mounted(
-                self.mountpoint,
-                self.store_dir,
-                binary=self.binary,
-                timeout=self.start_timeout,
-                store_args=self.store_args,
-                mount_args=self.mount_args,
-                **_remote_kwargs(self.remote),
-            )
+            pid = self._ensure_mounted()
             if not self._still(_State.ACTIVE):
                 self._detach()
             return pid

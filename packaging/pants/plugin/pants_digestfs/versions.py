@@ -144,25 +144,16 @@ if CALL_BY_NAME:
         resolve_digest = await merge_digests(
             MergeDigests([thirdparty_modules_digest, local_plugins_digest])
         )
-        classpath = tuple(
-            build_root.pathlib_path.joinpath(
-                f".pants.d/bsp/{thirdparty_modules_prefix}/{filename}"
-            ).as_uri()
-            for cp_entry in thirdparty_modules.entries.values()
-            for filename in cp_entry.filenames
-        )
-        item = ScalacOptionsItem(
-            target=target,
+        item = _scalac_item(
+            target,
+            build_root,
+            thirdparty_modules,
             options=(
                 *local_plugins.args(
                     str(build_root.pathlib_path.joinpath(f".pants.d/bsp/{local_plugins_prefix}"))
                 ),
                 *scalac.parsed_args_for_resolve(resolve.name),
             ),
-            classpath=classpath,
-            class_directory=build_root.pathlib_path.joinpath(
-                f".pants.d/bsp/{jvm_classes_directory(target)}"
-            ).as_uri(),
         )
         return HandleScalacOptionsResult(item), resolve_digest
 
@@ -234,21 +225,7 @@ else:
             Digest,
             AddPrefix(thirdparty_modules.merged_digest, f"jvm/resolves/{resolve.name}/lib"),
         )
-        classpath = tuple(
-            build_root.pathlib_path.joinpath(
-                f".pants.d/bsp/jvm/resolves/{resolve.name}/lib/{filename}"
-            ).as_uri()
-            for cp_entry in thirdparty_modules.entries.values()
-            for filename in cp_entry.filenames
-        )
-        item = ScalacOptionsItem(
-            target=target,
-            options=(),
-            classpath=classpath,
-            class_directory=build_root.pathlib_path.joinpath(
-                f".pants.d/bsp/{jvm_classes_directory(target)}"
-            ).as_uri(),
-        )
+        item = _scalac_item(target, build_root, thirdparty_modules, options=())
         return HandleScalacOptionsResult(item), resolve_digest
 
     async def snapshot(digest: Digest) -> Snapshot:
@@ -270,6 +247,26 @@ else:
 
     async def merge(digests: Iterable[Digest]) -> Digest:
         return await Get(Digest, MergeDigests(digests))
+
+
+def _scalac_item(target, build_root, thirdparty_modules, options: tuple) -> ScalacOptionsItem:
+    """The scalacOptions item both versions build alike: the resolve's jars under `lib/` as
+    URIs, and the target's class directory beside the mount."""
+    resolve = thirdparty_modules.resolve.name
+    return ScalacOptionsItem(
+        target=target,
+        options=options,
+        classpath=tuple(
+            build_root.pathlib_path.joinpath(
+                f".pants.d/bsp/jvm/resolves/{resolve}/lib/{filename}"
+            ).as_uri()
+            for cp_entry in thirdparty_modules.entries.values()
+            for filename in cp_entry.filenames
+        ),
+        class_directory=build_root.pathlib_path.joinpath(
+            f".pants.d/bsp/{jvm_classes_directory(target)}"
+        ).as_uri(),
+    )
 
 
 def persist(workspace, digests: Iterable[Digest], timeout: float) -> None:
