@@ -41,13 +41,18 @@ pub fn report_ready(res: Result<(), String>) {
         Ok(()) => READY.to_string(),
         Err(msg) => format!("ERROR {msg}"),
     };
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-    drop(out);
-    // Nothing else may reach the pipe once the parent has gone.
+    // Nothing else may reach the pipe once the parent has gone, and the parent may return (and
+    // its caller look at our descriptors) as soon as it reads the line: so /dev/null takes fd 1
+    // first, the line goes through a private copy of the pipe, and that copy is closed at once,
+    // which is the end of file the parent waits for.
+    let _ = std::io::stdout().lock().flush();
+    let pipe = std::os::fd::AsFd::as_fd(&std::io::stdout()).try_clone_to_owned();
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: both are descriptors this process owns; dup2 replaces fd 1 atomically.
         unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 1) };
+    }
+    if let Ok(pipe) = pipe {
+        let _ = writeln!(std::fs::File::from(pipe), "{line}");
     }
 }
 
@@ -98,10 +103,20 @@ pub fn spawn_and_wait(log_file: Option<&Path>) -> Result<u32, String> {
         .spawn()
         .map_err(|e| format!("starting the daemon: {e}"))?;
     let stdout = child.stdout.take().expect("piped");
+    let mut reader = BufReader::new(stdout);
     let mut line = String::new();
-    let _ = BufReader::new(stdout).read_line(&mut line);
+    let _ = reader.read_line(&mut line);
     let line = line.trim_end();
     if line == READY {
+        // The child closes its last copy of the pipe right after the line; waiting for that end
+        // means that when we return, the daemon holds nothing of ours. Bounded, in case a process
+        // it started inherited the pipe.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            let _ = tx.send(());
+        });
+        let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
         return Ok(child.id());
     }
     if let Some(msg) = line.strip_prefix("ERROR ") {
