@@ -172,7 +172,11 @@ pub fn mount_state(path: &Path) -> io::Result<MountState> {
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
         let err = io::Error::last_os_error().raw_os_error();
-        if err == Some(libc::ENOTCONN) || err == Some(libc::ETIMEDOUT) {
+        // ECONNABORTED: a request the io_uring transport had queued when its daemon died.
+        if matches!(
+            err,
+            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ETIMEDOUT)
+        ) {
             return Ok(MountState::Stale);
         }
     }

@@ -531,6 +531,17 @@ fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
     if let Some(port) = s.nfs_port {
         outln!("nfs            127.0.0.1 port {port}");
     }
+    if let Some(t) = &s.transport {
+        let how = match t.as_str() {
+            "io-uring" => &format!(
+                "io-uring (a queue per CPU; {} requests over the ring)",
+                s.ring_requests.unwrap_or(0)
+            ),
+            "dev" => "dev (/dev/fuse)",
+            other => other,
+        };
+        outln!("transport      {how}");
+    }
     outln!("views          {}", s.views);
     outln!(
         "requests       {} lookups, {} opens, {} reads ({} bytes)",

@@ -11,7 +11,7 @@ use super::remote::{self as remote_args, RemoteArgs};
 use super::{daemon, open_cas, parse_digest, CliResult, Failure, StoreChoice};
 use crate::control::{self, protocol, protocol::Request, state::StateKeeper};
 use crate::fs::{DigestFs, FsConfig, DEFAULT_LAYER};
-use crate::fuse::Passthrough;
+use crate::fuse::{Passthrough, Transport};
 use crate::os::{self, MountState};
 
 /// How the views reach the kernel.
@@ -77,7 +77,8 @@ pub(super) struct MountArgs {
     #[arg(long, default_value_t = 3600, value_name = "SECS")]
     ttl: u64,
     /// FUSE: request-handling threads. Each waits on the disk while it serves a cold read, so
-    /// concurrent readers need several (8 cold IDE readers: 20% faster with 8 than with 2)
+    /// concurrent readers need several (8 cold IDE readers: 20% faster with 8 than with 2).
+    /// Over io-uring, split among the per-CPU queues (at least one each)
     #[arg(long, default_value_t = 8)]
     threads: usize,
     /// FUSE: kernel readahead for the mount in KiB (needs root; 0 keeps the kernel's 128)
@@ -90,6 +91,11 @@ pub(super) struct MountArgs {
     /// daemon round trip per open, while without it opens cost none; see the README's benchmarks
     #[arg(long, value_enum, default_value_t = Passthrough::Off)]
     passthrough: Passthrough,
+    /// FUSE: how requests travel. io-uring (Linux 6.14+, root sets
+    /// /sys/module/fuse/parameters/enable_uring) serves each CPU's requests on its own queue;
+    /// auto takes it when the kernel offers it, else /dev/fuse
+    #[arg(long, value_enum, default_value_t = Transport::Auto, env = "DIGESTFS_TRANSPORT")]
+    transport: Transport,
     /// Let other users read the mount (FUSE: needs user_allow_other in /etc/fuse.conf unless
     /// root; NFS: answer calls from any uid, not only the owner's and root's)
     #[arg(long)]
@@ -451,6 +457,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
             Frontend::Fuse => None,
         };
         let attachment = Arc::new(control::Attachment::new(mountpoint.to_path_buf()));
+        let transport = Arc::new(crate::fuse::TransportInfo::default());
         // Ready: `status` says attached from here on, and then the waiting parent is told.
         let ready = {
             let attachment = attachment.clone();
@@ -472,6 +479,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                 leases,
                 nfs_port: nfs.as_ref().map(|l| l.addr().port()),
                 frontend: args.frontend.name(),
+                transport: transport.clone(),
                 attachment,
             },
         )?;
@@ -495,7 +503,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                     }
                 };
                 let ready = move |res: Result<os::MountId, String>| ready(res.map(Some));
-                serve_fuse(core, &args, mountpoint, signals, ready, on_exit)?
+                serve_fuse(core, &args, mountpoint, transport, signals, ready, on_exit)?
             }
         }
         // Unmounted (or stopped) on purpose: the views end with the mount.
@@ -513,6 +521,7 @@ fn serve_fuse(
     core: Arc<DigestFs>,
     args: &MountArgs,
     mountpoint: &Path,
+    transport_used: Arc<crate::fuse::TransportInfo>,
     signals: os::SignalSet,
     ready: impl FnOnce(Result<os::MountId, String>) + Send + 'static,
     on_exit: impl FnOnce() + Send + 'static,
@@ -524,6 +533,8 @@ fn serve_fuse(
         allow_other: args.allow_other,
         passthrough: args.passthrough,
         read_ahead_kb: args.read_ahead_kb,
+        transport: args.transport,
+        transport_used,
     };
     crate::fuse::mount::serve(core, &cfg, signals, ready, on_exit).map_err(Failure::Msg)
 }
@@ -534,11 +545,13 @@ fn serve_fuse(
     _core: Arc<DigestFs>,
     args: &MountArgs,
     _mountpoint: &Path,
+    _transport_used: Arc<crate::fuse::TransportInfo>,
     _signals: os::SignalSet,
     _ready: impl FnOnce(Result<os::MountId, String>) + Send + 'static,
     _on_exit: impl FnOnce() + Send + 'static,
 ) -> CliResult {
     let _ = (args.ttl, args.threads, args.passthrough, args.read_ahead_kb);
+    let _ = args.transport;
     Err(Failure::Msg("this digestfs has no FUSE front end".into()))
 }
 

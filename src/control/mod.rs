@@ -234,6 +234,8 @@ pub struct MountInfo {
     /// The NFS front end's port, when it serves one.
     pub nfs_port: Option<u16>,
     pub frontend: &'static str,
+    /// The FUSE transport in use, once the session is up.
+    pub transport: Arc<crate::fuse::TransportInfo>,
     pub attachment: Arc<Attachment>,
 }
 
@@ -410,6 +412,12 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
         store: info.store.display().to_string(),
         shard_count: Some(core.cas().store().shard_count().get() as u32),
         frontend: info.frontend.to_string(),
+        transport: info.transport.name.get().map(|t| t.to_string()),
+        ring_requests: info
+            .transport
+            .name
+            .get()
+            .map(|_| load(&info.transport.ring_requests)),
         nfs_port: info.nfs_port,
         uptime_secs: info.started.elapsed().as_secs(),
         requests: load(&s.requests),

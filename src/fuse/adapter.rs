@@ -15,11 +15,11 @@ use fuser::{
 };
 
 use super::backing::BackingCache;
-use super::Passthrough;
+use super::{Passthrough, Transport};
 use crate::fs::{Attr, DigestFs, FileKind, FsError};
 
 /// Largest read request the kernel may send (256 pages).
-const MAX_READ: u32 = 1 << 20;
+pub const MAX_READ: u32 = 1 << 20;
 
 pub struct FuseAdapter {
     core: Arc<DigestFs>,
@@ -27,6 +27,9 @@ pub struct FuseAdapter {
     passthrough: Passthrough,
     passthrough_enabled: AtomicBool,
     backing: BackingCache<BackingId>,
+    transport: Transport,
+    /// Set at INIT when the kernel agreed to FUSE over io_uring.
+    ring_granted: Arc<AtomicBool>,
 }
 
 fn errno(e: FsError) -> Errno {
@@ -62,13 +65,23 @@ fn file_type(k: FileKind) -> FileType {
 }
 
 impl FuseAdapter {
-    pub fn new(core: Arc<DigestFs>, ttl: Duration, passthrough: Passthrough) -> FuseAdapter {
+    /// `transport` is what to ask the kernel for at INIT (not `Auto` with passthrough on:
+    /// the ring does not carry passthrough opens); `ring_granted` says whether it agreed.
+    pub fn new(
+        core: Arc<DigestFs>,
+        ttl: Duration,
+        passthrough: Passthrough,
+        transport: Transport,
+        ring_granted: Arc<AtomicBool>,
+    ) -> FuseAdapter {
         FuseAdapter {
             core,
             ttl,
             passthrough,
             passthrough_enabled: AtomicBool::new(false),
             backing: BackingCache::default(),
+            transport,
+            ring_granted,
         }
     }
 
@@ -107,6 +120,17 @@ impl Filesystem for FuseAdapter {
             if config.add_capabilities(cap).is_err() {
                 log::debug!("kernel lacks {cap:?}");
             }
+        }
+        if self.transport != Transport::Dev {
+            let granted = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            if !granted && self.transport == Transport::IoUring {
+                return Err(std::io::Error::other(
+                    "--transport io-uring: the kernel does not offer FUSE over io_uring (Linux 6.14+, with /sys/module/fuse/parameters/enable_uring set to Y by root)",
+                ));
+            }
+            self.ring_granted.store(granted, Ordering::SeqCst);
         }
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);

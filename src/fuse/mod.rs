@@ -8,6 +8,8 @@ mod adapter;
 mod backing;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
 pub mod mount;
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+pub mod uring;
 
 #[cfg(all(feature = "fuse", target_os = "linux"))]
 pub use adapter::FuseAdapter;
@@ -23,4 +25,37 @@ pub enum Passthrough {
     On,
     /// Serve every read through the daemon.
     Off,
+}
+
+/// How requests travel between the kernel and the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// io-uring when the kernel offers it (Linux 6.14+ with the fuse module's `enable_uring`),
+    /// else /dev/fuse; one log line says which.
+    Auto,
+    /// Read and write /dev/fuse, one request per system call.
+    Dev,
+    /// FUSE over io_uring: a queue per CPU; the mount fails if the kernel does not offer it.
+    #[value(name = "io-uring")]
+    IoUring,
+}
+
+impl Transport {
+    /// As `status` reports the one in use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Dev => "dev",
+            Transport::IoUring => "io-uring",
+        }
+    }
+}
+
+/// The transport a FUSE session ended up with, for `status`.
+#[derive(Debug, Default)]
+pub struct TransportInfo {
+    /// `dev` or `io-uring`, once the session is up.
+    pub name: std::sync::OnceLock<&'static str>,
+    /// Requests answered over the io_uring queues.
+    pub ring_requests: std::sync::atomic::AtomicU64,
 }

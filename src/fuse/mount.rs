@@ -1,6 +1,7 @@
 //! The FUSE session: mounting, readiness, signals, unmounting. The caller has already claimed
 //! the mountpoint (refused a live mount, cleared a stale one).
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
-use super::{FuseAdapter, Passthrough};
+use super::uring::Ring;
+use super::{FuseAdapter, Passthrough, Transport};
 use crate::fs::{DigestFs, Invalidator};
 use crate::os::{self, MountId, SignalSet};
 
@@ -35,6 +37,9 @@ pub struct MountConfig {
     pub passthrough: Passthrough,
     /// Kernel readahead for the mount, in KiB (0 leaves the kernel's default).
     pub read_ahead_kb: u32,
+    pub transport: Transport,
+    /// Set once the session is up, for `status`.
+    pub transport_used: Arc<super::TransportInfo>,
 }
 
 /// Sets the mount's readahead window. The default (128 KiB) caps sequential reads at 128 KiB
@@ -100,21 +105,38 @@ pub fn serve(
         .map_err(|e| e.to_string())?;
 
     log::info!("serving {}", mp.display());
+    let (session, ring) = session;
     let res = session.run();
+    if let Some(ring) = ring {
+        ring.join(Duration::from_secs(5));
+    }
     ended.store(true, Ordering::SeqCst);
     let _ = ready_thread.join();
     log::info!("{} unmounted", mp.display());
     res.map_err(|e| format!("serving {}: {e}", mp.display()))
 }
 
+/// Mounts, negotiates INIT, and starts the ring if the transport is io-uring: the session
+/// (which serves /dev/fuse) and the ring's queues.
 fn start_session(
     core: Arc<DigestFs>,
     cfg: &MountConfig,
-) -> Result<fuser::Session<FuseAdapter>, String> {
+) -> Result<(fuser::Session<FuseAdapter>, Option<Ring>), String> {
     let mp = &cfg.mountpoint;
     if !mp.is_dir() {
         return Err(format!("mountpoint {} is not a directory", mp.display()));
     }
+    // The ring does not carry passthrough opens (they need a backing id from /dev/fuse).
+    let transport = match (cfg.transport, cfg.passthrough) {
+        (t, Passthrough::Off) => t,
+        (Transport::IoUring, _) => {
+            return Err(
+                "--transport io-uring does not serve passthrough opens; use --passthrough off or --transport dev"
+                    .into(),
+            )
+        }
+        (_, _) => Transport::Dev,
+    };
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("digestfs".into()),
@@ -132,11 +154,66 @@ fn start_session(
     };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = cfg.threads > 1;
-    let adapter = FuseAdapter::new(core.clone(), cfg.ttl, cfg.passthrough);
+    let granted = Arc::new(AtomicBool::new(false));
+    let adapter = FuseAdapter::new(
+        core.clone(),
+        cfg.ttl,
+        cfg.passthrough,
+        transport,
+        granted.clone(),
+    );
     let session = fuser::Session::new(adapter, mp, &config)
         .map_err(|e| format!("mounting {} failed: {e}", mp.display()))?;
     core.set_invalidator(Box::new(KernelInvalidator(session.notifier())));
-    Ok(session)
+    let mut ring = None;
+    let why_dev = if cfg.transport == Transport::Dev {
+        "asked for"
+    } else if transport == Transport::Dev {
+        "passthrough needs it"
+    } else if !granted.load(Ordering::SeqCst) {
+        "the kernel does not offer io_uring"
+    } else {
+        let max_payload = super::adapter::MAX_READ as usize;
+        let stats = cfg.transport_used.clone();
+        let threads = cfg.threads.max(1);
+        match Ring::start(
+            session.as_fd(),
+            core.clone(),
+            cfg.ttl,
+            max_payload,
+            threads,
+            stats,
+        ) {
+            Ok(r) => {
+                log::info!(
+                    "FUSE transport: io-uring ({} queues, {} threads)",
+                    r.queues(),
+                    r.threads()
+                );
+                ring = Some(r);
+                ""
+            }
+            // Dropping the session unmounts.
+            Err(e) if transport == Transport::IoUring => {
+                return Err(format!(
+                    "--transport io-uring: starting the ring on {} failed: {e}",
+                    mp.display()
+                ))
+            }
+            Err(e) => {
+                log::warn!("FUSE over io_uring could not start: {e}");
+                "the ring did not start"
+            }
+        }
+    };
+    if ring.is_none() {
+        log::info!("FUSE transport: /dev/fuse ({why_dev})");
+    }
+    let _ = cfg
+        .transport_used
+        .name
+        .set(if ring.is_some() { "io-uring" } else { "dev" });
+    Ok((session, ring))
 }
 
 /// Signals unmount, then give the session a moment to drain before giving up on it. A mount

@@ -1,0 +1,183 @@
+//! The FUSE transport (`--transport`, or DIGESTFS_TRANSPORT for the whole suite: scripts/test
+//! runs every mount test once over /dev/fuse and once over io_uring).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use crate::harness::{is_mounted, Mount};
+
+fn uring_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
+/// What this run's mounts are asked for, and so what they must report.
+fn expected() -> &'static str {
+    match std::env::var("DIGESTFS_TRANSPORT").as_deref() {
+        Ok("io-uring") => "io-uring",
+        Ok("dev") => "dev",
+        // auto: io-uring exactly when the kernel offers it.
+        _ if uring_enabled() => "io-uring",
+        _ => "dev",
+    }
+}
+
+fn status(m: &Mount, socket: &std::path::Path) -> serde_json::Value {
+    let out = dfs_ok(&[
+        "status",
+        "--json",
+        m.mnt.to_str().unwrap(),
+        "--control",
+        socket.to_str().unwrap(),
+    ]);
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn the_transport_asked_for_is_the_one_that_serves() {
+    let (m, socket) = Mount::fixture_with_control(&[("lib", JAR_TREE)], &[]);
+    for (path, kind) in &manifest()[JAR_TREE] {
+        if let Kind::File { digest, .. } = kind {
+            let bytes = std::fs::read(m.path("lib").join(path)).unwrap();
+            assert_eq!(
+                &format!("{}-{}", sha256_hex(&bytes), bytes.len()),
+                digest,
+                "{path}"
+            );
+        }
+    }
+    let s = status(&m, &socket);
+    assert_eq!(s["transport"], expected(), "{s}");
+    let over_ring = s["ring_requests"].as_u64().unwrap();
+    let requests = s["requests"].as_u64().unwrap();
+    if expected() == "io-uring" {
+        // Nearly all of them: only what came before every queue had an entry (the readiness
+        // probe) and what the kernel always sends there went over /dev/fuse.
+        assert!(
+            over_ring * 10 >= requests * 9,
+            "{over_ring} of {requests}: {s}"
+        );
+        assert!(m.log_text().contains("FUSE transport: io-uring"));
+    } else {
+        assert_eq!(over_ring, 0, "{s}");
+    }
+    let text = String::from_utf8(
+        dfs(&[
+            "status",
+            m.mnt.to_str().unwrap(),
+            "--control",
+            socket.to_str().unwrap(),
+        ])
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        text.contains(&format!("transport      {}", expected())),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_explicit_transport_is_honoured_or_refused_with_the_reason() {
+    let tmp = fixture_store();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = crate::harness::UnmountOnDrop(&mnt);
+    let mount = |args: &[&str]| {
+        run_timeout(
+            Command::new(bin())
+                .arg("--store")
+                .arg(tmp.path().join("store"))
+                .args(["mount", "--daemon", "--bind", &format!("lib={JAR_TREE}")])
+                .args(args)
+                .arg(&mnt),
+            T,
+        )
+    };
+    // The ring does not carry passthrough opens: refused before anything is mounted.
+    let out = mount(&["--transport", "io-uring", "--passthrough", "on"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--passthrough"),
+        "{out:?}"
+    );
+    assert!(!is_mounted(&mnt));
+    let out = mount(&["--transport", "io-uring"]);
+    if uring_enabled() {
+        assert!(out.status.success(), "{out:?}");
+        assert!(is_mounted(&mnt));
+        crate::harness::teardown(&mnt);
+    } else {
+        // Never a silent fall back when io-uring was asked for by name.
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("enable_uring"), "{err}");
+        assert!(!is_mounted(&mnt));
+    }
+    // auto takes the ring exactly when the kernel offers it, and says which it took.
+    let socket = tmp.path().join("ctl.sock");
+    let out = mount(&["--transport", "auto", "--control", socket.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let s: serde_json::Value = serde_json::from_str(&dfs_ok(&[
+        "status",
+        "--json",
+        mnt.to_str().unwrap(),
+        "--control",
+        socket.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let want = if uring_enabled() { "io-uring" } else { "dev" };
+    assert_eq!(s["transport"], want, "{s}");
+    crate::harness::teardown(&mnt);
+}
+
+/// A daemon killed while requests wait on it (stopped first, so they are surely in flight on
+/// this run's transport): every reader gets an error at once, none waits, none gets bytes.
+#[test]
+fn a_daemon_killed_mid_request_leaves_no_reader_waiting() {
+    let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let pid = m.pid() as i32;
+    let jars: Vec<_> = std::fs::read_dir(m.path("lib/lib"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let readers: Vec<_> = jars
+        .iter()
+        .take(8)
+        .cloned()
+        .map(|jar| {
+            std::thread::spawn(move || {
+                let out = run_timeout(Command::new("cat").arg(&jar), Duration::from_secs(60));
+                (jar, out, Instant::now())
+            })
+        })
+        .collect();
+    // The readers are blocked in the kernel on the stopped daemon.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        readers.iter().all(|r| !r.is_finished()),
+        "a read finished while the daemon was stopped"
+    );
+    let killed = Instant::now();
+    m.kill9();
+    for r in readers {
+        let (jar, out, done) = r.join().unwrap();
+        assert!(
+            !out.status.success(),
+            "{jar:?} read from a dead daemon: {out:?}"
+        );
+        assert!(out.stdout.is_empty(), "{jar:?}: bytes from a dead daemon");
+        // Not a speed figure: a reader still blocked is the failure (`cat` is killed at 60 s).
+        let waited = done.saturating_duration_since(killed);
+        assert!(
+            waited < Duration::from_secs(20),
+            "{jar:?} waited {waited:?} after the kill ({:?} in all)",
+            done - started
+        );
+    }
+    // And the mount is stale (not hung): statfs fails at once.
+    assert!(crate::harness::statfs(&m.mnt).is_err());
+}

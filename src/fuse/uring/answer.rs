@@ -1,0 +1,154 @@
+//! Requests that arrive over the ring, answered from the filesystem core with the same
+//! semantics as the `fuser` adapter on `/dev/fuse` (`../adapter.rs`): the same TTLs, ENOSYS to
+//! open, opendir and flush (zero-message opens: the kernel then keeps page cache and listings
+//! and sends no handle), EROFS for anything that would write, ENOSYS for the rest. Passthrough
+//! is not offered on the ring (the transport is only chosen without it), so opens never need a
+//! backing id. Plain functions over byte slices: the tests call them without a mount.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use super::wire::{self, InHeader, Writer};
+use crate::fs::{DigestFs, FileKind, FsError};
+
+/// A reply's payload length, or the errno to answer.
+pub type Answer = Result<usize, i32>;
+
+fn errno(e: FsError) -> i32 {
+    e.errno()
+}
+
+/// Answers one request. `op_in` is its per-op header; `payload[..payload_len]` holds its other
+/// arguments (a name), and the reply is written over `payload`, which is the ring entry's
+/// payload buffer (at least the connection's max payload).
+pub fn answer(
+    core: &DigestFs,
+    ttl: Duration,
+    h: &InHeader,
+    op_in: &[u8],
+    payload: &mut [u8],
+    payload_len: usize,
+) -> Answer {
+    let args = &payload[..payload_len.min(payload.len())];
+    match h.opcode {
+        wire::FUSE_LOOKUP => {
+            let name = wire::name_arg(args).to_vec();
+            let a = core
+                .lookup(h.nodeid, OsStr::from_bytes(&name))
+                .map_err(errno)?;
+            let mut w = Writer::new(payload);
+            w.entry_out(&a, ttl);
+            Ok(w.len())
+        }
+        wire::FUSE_GETATTR => {
+            let a = core.getattr(h.nodeid).map_err(errno)?;
+            let mut w = Writer::new(payload);
+            w.attr_out(&a, ttl);
+            Ok(w.len())
+        }
+        wire::FUSE_READLINK => {
+            let target = core.readlink(h.nodeid).map_err(errno)?;
+            copy_into(payload, &target)
+        }
+        wire::FUSE_OPEN => {
+            let flags = wire::u32_at(op_in, 0).ok_or(libc::EINVAL)? as i32;
+            core.check_open(h.nodeid, flags).map_err(errno)?;
+            Err(libc::ENOSYS)
+        }
+        wire::FUSE_READ => {
+            let fh = wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?;
+            let offset = wire::u64_at(op_in, 8).ok_or(libc::EINVAL)?;
+            let size = wire::u32_at(op_in, 16).ok_or(libc::EINVAL)?;
+            let data = core.read(h.nodeid, fh, offset, size).map_err(errno)?;
+            copy_into(payload, &data)
+        }
+        wire::FUSE_RELEASE => {
+            core.release(wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?);
+            Ok(0)
+        }
+        wire::FUSE_FLUSH => Err(libc::ENOSYS),
+        wire::FUSE_OPENDIR => match core.getattr(h.nodeid) {
+            Ok(a) if a.kind == FileKind::Dir => Err(libc::ENOSYS),
+            Ok(_) => Err(libc::ENOTDIR),
+            Err(e) => Err(errno(e)),
+        },
+        wire::FUSE_READDIR | wire::FUSE_READDIRPLUS => {
+            let offset = wire::u64_at(op_in, 8).ok_or(libc::EINVAL)?;
+            let size = wire::u32_at(op_in, 16).ok_or(libc::EINVAL)? as usize;
+            let plus = h.opcode == wire::FUSE_READDIRPLUS;
+            let limit = size.min(payload.len());
+            let mut w = Writer::new(&mut payload[..limit]);
+            core.readdir(h.nodeid, offset, plus, |e| {
+                let fitted = match &e.attr {
+                    Some(a) => w.direntplus(a, e.next_offset, e.name, ttl),
+                    None => w.dirent(e.ino, e.next_offset, e.kind, e.name),
+                };
+                // The core's callback answers "full", as fuser's `ReplyDirectory::add` does.
+                !fitted
+            })
+            .map_err(errno)?;
+            Ok(w.len())
+        }
+        wire::FUSE_RELEASEDIR | wire::FUSE_DESTROY => Ok(0),
+        wire::FUSE_STATFS => {
+            let mut w = Writer::new(payload);
+            w.statfs(crate::fs::BLKSIZE, crate::store::NAME_MAX as u32);
+            Ok(w.len())
+        }
+        wire::FUSE_GETXATTR => {
+            let size = wire::u32_at(op_in, 0).ok_or(libc::EINVAL)?;
+            let name = wire::name_arg(args).to_vec();
+            xattr(
+                core.getxattr(h.nodeid, OsStr::from_bytes(&name)),
+                size,
+                payload,
+            )
+        }
+        wire::FUSE_LISTXATTR => {
+            let size = wire::u32_at(op_in, 0).ok_or(libc::EINVAL)?;
+            xattr(core.listxattr(h.nodeid), size, payload)
+        }
+        // Forgets come over /dev/fuse (the kernel queues them there with the ring too); taken
+        // here as well so that a kernel that sent one would not leak lookups.
+        wire::FUSE_FORGET => {
+            core.forget(h.nodeid, wire::u64_at(op_in, 0).unwrap_or(0));
+            Ok(0)
+        }
+        wire::FUSE_SETATTR
+        | wire::FUSE_SYMLINK
+        | wire::FUSE_MKNOD
+        | wire::FUSE_MKDIR
+        | wire::FUSE_UNLINK
+        | wire::FUSE_RMDIR
+        | wire::FUSE_RENAME
+        | wire::FUSE_RENAME2
+        | wire::FUSE_LINK
+        | wire::FUSE_WRITE
+        | wire::FUSE_CREATE
+        | wire::FUSE_SETXATTR
+        | wire::FUSE_REMOVEXATTR => Err(libc::EROFS),
+        _ => Err(libc::ENOSYS),
+    }
+}
+
+fn copy_into(payload: &mut [u8], data: &[u8]) -> Answer {
+    let dst = payload.get_mut(..data.len()).ok_or(libc::EIO)?;
+    dst.copy_from_slice(data);
+    Ok(data.len())
+}
+
+fn xattr(value: Result<Vec<u8>, FsError>, size: u32, payload: &mut [u8]) -> Answer {
+    let v = value.map_err(errno)?;
+    if size == 0 {
+        // `struct fuse_getxattr_out`: the size the caller needs.
+        let mut w = Writer::new(payload);
+        w.u32(v.len() as u32);
+        w.u32(0);
+        return Ok(w.len());
+    }
+    if v.len() > size as usize {
+        return Err(libc::ERANGE);
+    }
+    copy_into(payload, &v)
+}
