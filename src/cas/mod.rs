@@ -164,6 +164,20 @@ impl Cas {
     }
 
     /// Reads up to `len` bytes at `offset`, fewer only at the end of the blob.
+    /// [`Cas::read_blob`] into `buf` (up to its length); a local blob is read straight into it.
+    pub fn read_blob_into(&self, blob: &Blob, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let local = match blob {
+            Blob::Local(b) => Some(b),
+            Blob::Fetching(f) => f.local.get(),
+        };
+        if let Some(b) = local {
+            return Ok(self.store.read_blob_into(b, offset, buf)?);
+        }
+        let data = self.read_blob(blob, offset, buf.len())?;
+        buf[..data.len()].copy_from_slice(&data);
+        Ok(data.len())
+    }
+
     pub fn read_blob(&self, blob: &Blob, offset: u64, len: usize) -> Result<Vec<u8>> {
         let f = match blob {
             Blob::Local(b) => return Ok(self.store.read_blob(b, offset, len)?),

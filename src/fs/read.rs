@@ -85,6 +85,27 @@ impl DigestFs {
         self.read_blob(Some(ino), &blob, offset, size)
     }
 
+    /// [`DigestFs::read`] into `buf` (up to its length), for a front end that has its reply
+    /// buffer already: how many bytes.
+    pub fn read_into(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> FsResult<usize> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let blob = if fh == NO_HANDLE {
+            self.blob_of(Some(ino), &self.node(ino)?)?
+        } else {
+            lock(&self.read.handles)
+                .get(&fh)
+                .cloned()
+                .ok_or(FsError::BadHandle)?
+        };
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let n = self
+            .cas
+            .read_blob_into(&blob, offset, buf)
+            .map_err(|e| self.store_failure(Some(ino), e))?;
+        self.stats.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
     /// Reads a file node without a handle (NFS has none).
     pub fn read_node(&self, node: &Node, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);

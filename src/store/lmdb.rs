@@ -109,22 +109,22 @@ impl Shards {
         Ok(Some(s))
     }
 
-    /// Copies `out.len()` bytes at `offset` of the blob out of the map. `Ok(false)` if absent.
+    /// Copies up to `out.len()` bytes at `offset` of the blob out of the map: how many, or
+    /// `Ok(None)` if absent.
     pub fn read_at(
         &self,
         digest: &Digest,
         offset: u64,
-        len: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<bool, StoreError> {
+        out: &mut [u8],
+    ) -> Result<Option<usize>, StoreError> {
         self.with_value(digest, |value| {
             let start = (offset as usize).min(value.len());
-            let end = start.saturating_add(len).min(value.len());
+            let end = start.saturating_add(out.len()).min(value.len());
             will_need(&value[start..end]);
-            out.extend_from_slice(&value[start..end]);
+            out[..end - start].copy_from_slice(&value[start..end]);
             touched(end - start);
+            end - start
         })
-        .map(|found| found.is_some())
     }
 
     pub fn contains(&self, digest: &Digest) -> Result<bool, StoreError> {

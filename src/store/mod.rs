@@ -277,25 +277,39 @@ impl Store {
     /// Reads up to `len` bytes at `offset`, fewer only at the end of the blob. A blob that turns
     /// out shorter than its digest (truncated under us) is an error, never a short read.
     pub fn read_blob(&self, blob: &Blob, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let want = (blob.digest().size.saturating_sub(offset)).min(len as u64) as usize;
+        let mut out = vec![0u8; want];
+        self.read_blob_into(blob, offset, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Store::read_blob`] into `buf` (up to its length): how many bytes, fewer only at the end
+    /// of the blob. For a front end that has its reply buffer already (the io_uring transport).
+    pub fn read_blob_into(&self, blob: &Blob, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let digest = blob.digest();
-        let want = (digest.size.saturating_sub(offset)).min(len as u64) as usize;
-        let mut out = Vec::with_capacity(want);
+        let want = (digest.size.saturating_sub(offset)).min(buf.len() as u64) as usize;
+        let out = &mut buf[..want];
         if want == 0 {
-            return Ok(out);
+            return Ok(0);
         }
         match blob {
             Blob::Empty => {}
-            Blob::Lmdb(d) => {
-                if !self.files.read_at(d, offset, want, &mut out)? {
-                    return Err(Store::missing(d, BlobKind::File));
+            Blob::Lmdb(d) => match self.files.read_at(d, offset, out)? {
+                Some(n) if n == want => {}
+                Some(n) => {
+                    return Err(StoreError::SizeMismatch {
+                        digest: *d,
+                        actual: offset + n as u64,
+                    })
                 }
-            }
+                None => return Err(Store::missing(d, BlobKind::File)),
+            },
             Blob::Large(d, file) => {
-                pread_exact(d, file, offset, want, &mut out)?;
+                pread_exact(d, file, offset, out)?;
                 advice::after_read(file, offset, want, d.size);
             }
         }
-        Ok(out)
+        Ok(want)
     }
 
     /// A whole blob; for the CLI and tests.
@@ -399,8 +413,8 @@ impl Store {
 
 /// Fills `out` with `want` bytes of a large blob's file at `offset`; a file that ends early
 /// (truncated under us) is an error, never a short read.
-fn pread_exact(d: &Digest, file: &File, offset: u64, want: usize, out: &mut Vec<u8>) -> Result<()> {
-    out.resize(want, 0);
+fn pread_exact(d: &Digest, file: &File, offset: u64, out: &mut [u8]) -> Result<()> {
+    let want = out.len();
     let mut done = 0;
     while done < want {
         match file.read_at(&mut out[done..], offset + done as u64) {

@@ -59,9 +59,10 @@ pub fn answer(
         wire::FUSE_READ => {
             let fh = wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?;
             let offset = wire::u64_at(op_in, 8).ok_or(libc::EINVAL)?;
-            let size = wire::u32_at(op_in, 16).ok_or(libc::EINVAL)?;
-            let data = core.read(h.nodeid, fh, offset, size).map_err(errno)?;
-            copy_into(payload, &data)
+            let size = wire::u32_at(op_in, 16).ok_or(libc::EINVAL)? as usize;
+            // Straight into the entry's payload: no reply buffer to zero, no copy.
+            let buf = payload.get_mut(..size).ok_or(libc::EINVAL)?;
+            core.read_into(h.nodeid, fh, offset, buf).map_err(errno)
         }
         wire::FUSE_RELEASE => {
             core.release(wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?);
