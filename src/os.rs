@@ -172,10 +172,11 @@ pub fn mount_state(path: &Path) -> io::Result<MountState> {
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
         let err = io::Error::last_os_error().raw_os_error();
-        // ECONNABORTED: a request the io_uring transport had queued when its daemon died.
+        // ECONNABORTED, ECANCELED: a request the io_uring transport held when its daemon died,
+        // ended while the kernel tears the ring down (ENOTCONN from then on).
         if matches!(
             err,
-            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ETIMEDOUT)
+            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ETIMEDOUT)
         ) {
             return Ok(MountState::Stale);
         }
