@@ -45,7 +45,7 @@ fn setup(store: &str, tree: Digest) -> Setup {
         .iter()
         .filter_map(|(name, n)| {
             let a = other.attr_of(n).ok()?;
-            (a.kind == FileKind::File).then(|| (name.clone(), a.size))
+            (a.kind == FileKind::File).then(|| (name.to_string(), a.size))
         })
         .collect();
     Setup { fs, dir, names }

@@ -1,6 +1,7 @@
 //! Attributes, derived from what a node is and nothing else: the same content has the same
 //! attributes in every view, across remounts, and on every machine that has the digest.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
@@ -58,41 +59,58 @@ impl DigestFs {
     /// The attributes of `node`; `ino` is its number where the front end keeps an inode table,
     /// else the number derived from the node.
     pub(super) fn attr(&self, ino: Option<u64>, node: &Node) -> FsResult<Attr> {
-        let (kind, size, perm, nlink, fingerprint) = match node {
+        if !node.is_dir() {
+            let fingerprint = node.fingerprint();
+            let ino = ino.unwrap_or_else(|| node.derived_ino_from(fingerprint));
+            if let Some(attr) = self.leaf_attr(ino, node, fingerprint) {
+                return Ok(attr);
+            }
+        }
+        let children = self.children(ino, node)?;
+        let subdirs = children.iter().filter(|(_, n)| n.is_dir()).count() as u32;
+        // Namespace directories change as views are bound: their times follow what they list,
+        // so NFS clients (which revalidate by attributes) see a rebind.
+        let fingerprint = match node {
+            Node::Root | Node::Namespace(_) => listing_fingerprint(&children),
+            _ => node.fingerprint(),
+        };
+        let ino = ino.unwrap_or_else(|| node.derived_ino());
+        Ok(self.make_attr(
+            ino,
+            FileKind::Dir,
+            children.len() as u64,
+            0o555,
+            2 + subdirs,
+            fingerprint,
+        ))
+    }
+
+    /// The attributes of a file or symlink, which need no I/O and cannot fail, given its
+    /// number and [`Node::fingerprint`]; `None` for a directory (see [`DigestFs::attr`]).
+    pub(super) fn leaf_attr(&self, ino: u64, node: &Node, fingerprint: u64) -> Option<Attr> {
+        let (kind, size, perm) = match node {
             Node::File { digest, executable } => (
                 FileKind::File,
                 digest.size,
                 if *executable { 0o555 } else { 0o444 },
-                1,
-                node.fingerprint(),
             ),
-            Node::Symlink(target) => (
-                FileKind::Symlink,
-                target.len() as u64,
-                0o777,
-                1,
-                node.fingerprint(),
-            ),
-            _ => {
-                let children = self.children(ino, node)?;
-                let subdirs = children.iter().filter(|(_, n)| n.is_dir()).count() as u32;
-                // Namespace directories change as views are bound: their times follow what
-                // they list, so NFS clients (which revalidate by attributes) see a rebind.
-                let fingerprint = match node {
-                    Node::Root | Node::Namespace(_) => listing_fingerprint(&children),
-                    _ => node.fingerprint(),
-                };
-                (
-                    FileKind::Dir,
-                    children.len() as u64,
-                    0o555,
-                    2 + subdirs,
-                    fingerprint,
-                )
-            }
+            Node::Symlink(target) => (FileKind::Symlink, target.len() as u64, 0o777),
+            _ => return None,
         };
-        Ok(Attr {
-            ino: ino.unwrap_or_else(|| node.derived_ino()),
+        Some(self.make_attr(ino, kind, size, perm, 1, fingerprint))
+    }
+
+    fn make_attr(
+        &self,
+        ino: u64,
+        kind: FileKind,
+        size: u64,
+        perm: u16,
+        nlink: u32,
+        fingerprint: u64,
+    ) -> Attr {
+        Attr {
+            ino,
             size,
             blocks: size.div_ceil(512),
             kind,
@@ -102,12 +120,12 @@ impl DigestFs {
             gid: self.config.gid,
             mtime: mtime_of(fingerprint),
             blksize: BLKSIZE,
-        })
+        }
     }
 }
 
 /// 64 bits that change whenever a namespace directory lists other names or other content.
-fn listing_fingerprint(children: &[(String, Node)]) -> u64 {
+fn listing_fingerprint(children: &[(Arc<str>, Node)]) -> u64 {
     let mut h = Sha256::new();
     for (name, node) in children {
         h.update((name.len() as u64).to_le_bytes());

@@ -140,13 +140,19 @@ impl Node {
 
     /// The number this node has unless a collision moved it (see [`InodeTable::acquire`]).
     pub fn derived_ino(&self) -> u64 {
-        self.fixed_ino()
-            .unwrap_or_else(|| self.fingerprint() | DERIVED_BIT)
+        self.derived_ino_from(self.fingerprint())
+    }
+
+    /// [`Node::derived_ino`], given the node's [`Node::fingerprint`].
+    pub fn derived_ino_from(&self, fingerprint: u64) -> u64 {
+        self.fixed_ino().unwrap_or(fingerprint | DERIVED_BIT)
     }
 }
 
 struct Slot {
     node: Node,
+    /// The node's fingerprint, so that GETATTR of a file need not derive it again.
+    fingerprint: u64,
     lookups: u64,
     /// Where the kernel last found it: for `..` and for naming the path in logs.
     parent: u64,
@@ -172,6 +178,7 @@ impl InodeTable {
             t.slots.insert(
                 ino,
                 Slot {
+                    fingerprint: node.fingerprint(),
                     node,
                     lookups: u64::MAX,
                     parent: ROOT_INO,
@@ -193,7 +200,26 @@ impl InodeTable {
 
     /// Records one kernel lookup of `node`, found as `name` in `parent`.
     pub fn acquire(&mut self, node: &Node, parent: u64, name: &str) -> u64 {
-        let derived = node.derived_ino();
+        self.acquire_named(node, parent, name, || Arc::from(name)).0
+    }
+
+    /// [`InodeTable::acquire`] with a name shared with the directory's decoded entries (no
+    /// allocation); also returns the node's fingerprint.
+    pub fn acquire_shared(&mut self, node: &Node, parent: u64, name: &Arc<str>) -> (u64, u64) {
+        self.acquire_named(node, parent, name, || name.clone())
+    }
+
+    /// [`InodeTable::acquire`], where `owned` makes the name to keep if the node is new or
+    /// was found under another name; also returns the node's fingerprint.
+    pub fn acquire_named(
+        &mut self,
+        node: &Node,
+        parent: u64,
+        name: &str,
+        owned: impl FnOnce() -> Arc<str>,
+    ) -> (u64, u64) {
+        let fingerprint = node.fingerprint();
+        let derived = node.derived_ino_from(fingerprint);
         let mut ino = derived;
         if let Some(&moved) = self.relocated.get(node) {
             ino = moved;
@@ -205,9 +231,9 @@ impl InodeTable {
                     slot.lookups = slot.lookups.saturating_add(1);
                     slot.parent = parent;
                     if &*slot.name != name {
-                        slot.name = Arc::from(name);
+                        slot.name = owned();
                     }
-                    return ino;
+                    return (ino, fingerprint);
                 }
                 Entry::Occupied(_) => {
                     log::warn!("inode number {ino:#x} collides; relocating {node:?}");
@@ -216,14 +242,15 @@ impl InodeTable {
                 Entry::Vacant(e) => {
                     e.insert(Slot {
                         node: node.clone(),
+                        fingerprint,
                         lookups: 1,
                         parent,
-                        name: Arc::from(name),
+                        name: owned(),
                     });
                     if ino != derived {
                         self.relocated.insert(node.clone(), ino);
                     }
-                    return ino;
+                    return (ino, fingerprint);
                 }
             }
         }
@@ -248,6 +275,11 @@ impl InodeTable {
 
     pub fn node(&self, ino: u64) -> Option<&Node> {
         self.slots.get(&ino).map(|s| &s.node)
+    }
+
+    /// The node numbered `ino` and its fingerprint.
+    pub fn node_and_fingerprint(&self, ino: u64) -> Option<(&Node, u64)> {
+        self.slots.get(&ino).map(|s| (&s.node, s.fingerprint))
     }
 
     pub fn parent(&self, ino: u64) -> u64 {
@@ -343,6 +375,7 @@ mod tests {
             b_ino,
             Slot {
                 node: a.clone(),
+                fingerprint: a.fingerprint(),
                 lookups: 1,
                 parent: ROOT_INO,
                 name: Arc::from("planted"),

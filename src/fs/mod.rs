@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 pub use self::attr::{Attr, FileKind, BLKSIZE, MTIME_EPOCH};
 pub use self::bind::{BindError, Change, Invalidator};
+pub use self::children::Children;
 use self::children::DirCache;
 pub use self::inode::{InodeTable, Node, BLOBS_INO, CONTENT_INO, ROOT_INO, TREES_INO};
 pub use self::namespace::{
@@ -252,11 +253,8 @@ impl DigestFs {
         if matches!(parent_node, Node::Tree(_) | Node::Merged(_)) && bytes != b"." && bytes != b".."
         {
             let children = self.children(Some(parent), &parent_node)?;
-            let i = children
-                .binary_search_by(|(n, _)| n.as_bytes().cmp(bytes))
-                .map_err(|_| FsError::NotFound)?;
-            let (name, node) = &children[i];
-            return self.acquire_found(parent, node, name);
+            let (name, node) = children.named(bytes).ok_or(FsError::NotFound)?;
+            return self.acquire_found(parent, node, name, || name.clone());
         }
         let name = name.to_str().ok_or(FsError::NotFound)?;
         let node = match name {
@@ -267,17 +265,31 @@ impl DigestFs {
             }
             _ => self.child(Some(parent), &parent_node, name)?,
         };
-        self.acquire_found(parent, &node, name)
+        self.acquire_found(parent, &node, name, || Arc::from(name))
     }
 
     /// The attributes of `node`, found as `name` in `parent`, after counting one kernel
-    /// reference to it (none if its attributes cannot be had).
-    fn acquire_found(&self, parent: u64, node: &Node, name: &str) -> FsResult<Attr> {
-        // A directory's number names it in the log if its listing cannot be read; a file's
-        // or symlink's attributes need none, and the number is the acquired one anyway.
-        let ino = node.is_dir().then(|| lock(&self.inodes).ino_of(node));
-        let attr = self.attr(ino, node)?;
-        let acquired = lock(&self.inodes).acquire(node, parent, name);
+    /// reference to it (none if its attributes cannot be had). `owned` makes the name the
+    /// inode keeps, if it is new or was found under another name.
+    fn acquire_found(
+        &self,
+        parent: u64,
+        node: &Node,
+        name: &str,
+        owned: impl Fn() -> Arc<str>,
+    ) -> FsResult<Attr> {
+        if !node.is_dir() {
+            // A file's or symlink's attributes cannot fail and need no lock: the reference is
+            // counted first, which derives the fingerprint the attributes need too.
+            let (ino, fingerprint) = lock(&self.inodes).acquire_named(node, parent, name, &owned);
+            if let Some(attr) = self.leaf_attr(ino, node, fingerprint) {
+                return Ok(attr);
+            }
+        }
+        // A directory's number names it in the log if its listing cannot be read.
+        let ino = lock(&self.inodes).ino_of(node);
+        let attr = self.attr(Some(ino), node)?;
+        let (acquired, _) = lock(&self.inodes).acquire_named(node, parent, name, owned);
         Ok(Attr {
             ino: acquired,
             ..attr
@@ -292,11 +304,13 @@ impl DigestFs {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let node = {
             let inodes = lock(&self.inodes);
-            match inodes.node(ino) {
+            match inodes.node_and_fingerprint(ino) {
                 // A file's or symlink's attributes take no lock and no I/O: computed in place,
-                // without cloning the node.
-                Some(n @ (Node::File { .. } | Node::Symlink(_))) => return self.attr(Some(ino), n),
-                Some(n) => n.clone(),
+                // without cloning the node, from the fingerprint its slot keeps.
+                Some((n, fingerprint)) => match self.leaf_attr(ino, n, fingerprint) {
+                    Some(attr) => return Ok(attr),
+                    None => n.clone(),
+                },
                 None => return Err(FsError::NotFound),
             }
         };
@@ -328,11 +342,11 @@ impl DigestFs {
         for i in offset..total {
             let dot = i < 2;
             let (name, entry_node, entry_ino) = match i {
-                0 => (".", &node, ino),
-                1 => ("..", &node, parent_ino),
+                0 => (None, &node, ino),
+                1 => (None, &node, parent_ino),
                 _ => {
                     let (name, n) = &children[(i - 2) as usize];
-                    (name.as_str(), n, lock(&self.inodes).ino_of(n))
+                    (Some(name), n, lock(&self.inodes).ino_of(n))
                 }
             };
             let attr = match (plus, dot) {
@@ -340,16 +354,19 @@ impl DigestFs {
                 (true, true) => Some(self.getattr(entry_ino)?),
                 (true, false) => Some(self.attr(Some(entry_ino), entry_node)?),
             };
-            let entry_ino = if plus && !dot {
-                lock(&self.inodes).acquire(entry_node, ino, name)
-            } else {
-                entry_ino
+            let entry_ino = match name {
+                Some(name) if plus => lock(&self.inodes).acquire_shared(entry_node, ino, name).0,
+                _ => entry_ino,
             };
             let out = DirEntryOut {
                 ino: entry_ino,
                 next_offset: i + 1,
                 kind: FileKind::of(entry_node),
-                name,
+                name: match (i, name) {
+                    (_, Some(name)) => name,
+                    (0, None) => ".",
+                    _ => "..",
+                },
                 attr: attr.map(|a| Attr {
                     ino: entry_ino,
                     ..a
@@ -411,7 +428,7 @@ impl DigestFs {
     }
 
     /// The entries of the directory `node`, in name order.
-    pub fn children_of(&self, node: &Node) -> FsResult<Arc<Vec<(String, Node)>>> {
+    pub fn children_of(&self, node: &Node) -> FsResult<Arc<Children>> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.children(None, node)
     }

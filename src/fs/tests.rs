@@ -496,7 +496,7 @@ fn the_node_api_answers_like_the_inode_api() {
         f.fs.children_of(&lib)
             .unwrap()
             .iter()
-            .map(|(n, _)| n.clone())
+            .map(|(n, _)| n.to_string())
             .collect();
     assert_eq!(names, ["big.jar", "guava.jar", "other.jar", "shared.jar"]);
     assert_eq!(f.fs.child_of(&lib, "nope"), Err(FsError::NotFound));

@@ -21,7 +21,7 @@ use lru::LruCache;
 use nfs3_server::nfs3_types::nfs3::nfsstat3;
 use sha2::{Digest as _, Sha256};
 
-use crate::fs::{DigestFs, FsError, Namespace, Node, View, CONTENT_DIR};
+use crate::fs::{Children, DigestFs, FsError, Namespace, Node, View, CONTENT_DIR};
 use crate::store::Digest;
 
 /// The bytes of a handle that are ours.
@@ -316,7 +316,7 @@ fn stale_or_io(e: FsError) -> nfsstat3 {
 
 /// The entries of the store tree `d`, read now (the store is asked only here, where the
 /// `Directory` is needed): STALE if it is gone from the store, IO if it cannot be read.
-fn load_tree(core: &DigestFs, d: &Digest) -> Result<Arc<Vec<(String, Node)>>, nfsstat3> {
+fn load_tree(core: &DigestFs, d: &Digest) -> Result<Arc<Children>, nfsstat3> {
     core.children_of(&Node::Tree(*d)).map_err(stale_or_io)
 }
 
@@ -619,7 +619,7 @@ pub enum Listing {
     /// The root or a namespace directory: objects made from one namespace snapshot.
     Namespace(Vec<(String, Object)>),
     /// A store, merged or content-area directory.
-    Content(Arc<Vec<(String, Node)>>),
+    Content(Arc<Children>),
 }
 
 impl Listing {
@@ -638,7 +638,7 @@ impl Listing {
     pub fn peek(&self, i: usize) -> Option<(&str, &Node)> {
         match self {
             Listing::Namespace(v) => v.get(i).map(|(n, o)| (n.as_str(), &o.node)),
-            Listing::Content(v) => v.get(i).map(|(n, node)| (n.as_str(), node)),
+            Listing::Content(v) => v.get(i).map(|(n, node)| (&**n, node)),
         }
     }
 
@@ -653,7 +653,7 @@ impl Listing {
         match self {
             Listing::Namespace(v) => v.get(i).cloned().map(Ok),
             Listing::Content(v) => v.get(i).map(|(name, node)| {
-                content_child(core, memo, dir, name, node.clone()).map(|o| (name.clone(), o))
+                content_child(core, memo, dir, name, node.clone()).map(|o| (name.to_string(), o))
             }),
         }
     }

@@ -217,7 +217,7 @@ fn merged_directories_resolve_by_search_and_go_stale_with_their_view() {
     assert_eq!(resolve(&f.fs, &fresh, &x.key).unwrap().node, x.node);
     assert_eq!(resolve(&f.fs, &fresh, &lib.key).unwrap().node, lib.node);
     let names: Vec<String> = match list(&f.fs, &memo, &lib).unwrap() {
-        Listing::Content(c) => c.iter().map(|(n, _)| n.clone()).collect(),
+        Listing::Content(c) => c.iter().map(|(n, _)| n.to_string()).collect(),
         Listing::Namespace(_) => panic!("a merged directory is content"),
     };
     assert_eq!(
