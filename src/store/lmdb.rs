@@ -117,13 +117,40 @@ impl Shards {
         offset: u64,
         out: &mut [u8],
     ) -> Result<Option<usize>, StoreError> {
+        self.with_range(digest, offset, out.len(), |range| {
+            out[..range.len()].copy_from_slice(range);
+            range.len()
+        })
+    }
+
+    /// [`Shards::read_at`] appended to `out` (never zeroed first): how many bytes.
+    pub fn append_at(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<usize>, StoreError> {
+        self.with_range(digest, offset, len, |range| {
+            out.extend_from_slice(range);
+            range.len()
+        })
+    }
+
+    fn with_range<T>(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, StoreError> {
         self.with_value(digest, |value| {
             let start = (offset as usize).min(value.len());
-            let end = start.saturating_add(out.len()).min(value.len());
+            let end = start.saturating_add(len).min(value.len());
             will_need(&value[start..end]);
-            out[..end - start].copy_from_slice(&value[start..end]);
+            let out = f(&value[start..end]);
             touched(end - start);
-            end - start
+            out
         })
     }
 
