@@ -343,6 +343,45 @@ fn run_unmount(cmd: &mut std::process::Command, what: &str) -> io::Result<()> {
     }
 }
 
+/// Aborts the FUSE connection mounted at `mountpoint` (the top one there): every request it
+/// holds ends with an error and new ones fail at once, as when its daemon dies. Root.
+#[cfg(target_os = "linux")]
+pub fn abort_fuse_connection(mountpoint: &Path) -> io::Result<()> {
+    let abs = absolute(mountpoint)?;
+    let dev = mounts()?
+        .into_iter()
+        .rfind(|m| m.mountpoint == abs && m.fstype.starts_with("fuse"))
+        .and_then(|m| m.device)
+        .ok_or_else(|| io::Error::other(format!("no FUSE mount at {}", abs.display())))?;
+    // The kernel names a connection by its superblock's device number, encoded as it does.
+    let id = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
+    let connections = Path::new("/sys/fs/fuse/connections");
+    let abort = connections.join(id.to_string()).join("abort");
+    if !abort.exists() {
+        // The fusectl filesystem is not always mounted (systemd mounts it; containers may not).
+        let c = |s: &str| CString::new(s).expect("no NUL");
+        let (src, dir, fstype) = (c("fusectl"), c("/sys/fs/fuse/connections"), c("fusectl"));
+        // SAFETY: NUL-terminated strings that outlive the call; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dir.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::other(format!(
+                "mounting fusectl on {}: {e}",
+                connections.display()
+            )));
+        }
+    }
+    std::fs::write(abort, "1")
+}
+
 /// Unmounts, falling back to a lazy detach when the mount is busy.
 pub fn unmount_or_detach(path: &Path) -> io::Result<()> {
     match unmount(path, false) {

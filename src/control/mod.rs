@@ -418,6 +418,11 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
             .name
             .get()
             .map(|_| load(&info.transport.ring_requests)),
+        dev_requests: info
+            .transport
+            .name
+            .get()
+            .map(|_| load(&info.transport.dev_requests)),
         nfs_port: info.nfs_port,
         uptime_secs: info.started.elapsed().as_secs(),
         requests: load(&s.requests),

@@ -101,6 +101,9 @@ pub struct StatusInfo {
     /// FUSE: how many requests were answered over the io_uring queues (0 on `dev`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ring_requests: Option<u64>,
+    /// FUSE: how many requests were answered over /dev/fuse (forgets and interrupts aside).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dev_requests: Option<u64>,
     /// Whether the mountpoint shows this daemon's own mount now: false before it is ready, once
     /// it was unmounted or lazily detached (the daemon may live on while files are held open),
     /// and when serving NFS without a mount. Absent from daemons that predate it.

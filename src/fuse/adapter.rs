@@ -15,7 +15,7 @@ use fuser::{
 };
 
 use super::backing::BackingCache;
-use super::{Passthrough, Transport};
+use super::{Passthrough, Transport, TransportInfo};
 use crate::fs::{Attr, DigestFs, FileKind, FsError};
 
 /// Largest read request the kernel may send (256 pages).
@@ -30,6 +30,7 @@ pub struct FuseAdapter {
     transport: Transport,
     /// Set at INIT when the kernel agreed to FUSE over io_uring.
     ring_granted: Arc<AtomicBool>,
+    stats: Arc<TransportInfo>,
 }
 
 fn errno(e: FsError) -> Errno {
@@ -73,6 +74,7 @@ impl FuseAdapter {
         passthrough: Passthrough,
         transport: Transport,
         ring_granted: Arc<AtomicBool>,
+        stats: Arc<TransportInfo>,
     ) -> FuseAdapter {
         FuseAdapter {
             core,
@@ -82,7 +84,13 @@ impl FuseAdapter {
             backing: BackingCache::default(),
             transport,
             ring_granted,
+            stats,
         }
+    }
+
+    /// Counts a request that came over /dev/fuse (`status`).
+    fn counted(&self) {
+        self.stats.dev_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Hands a large blob's file to the kernel for handle `fh`, reusing the inode's backing id
@@ -157,6 +165,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.counted();
         match self.core.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
@@ -168,6 +177,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.counted();
         match self.core.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -175,6 +185,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.counted();
         match self.core.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
@@ -182,6 +193,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.counted();
         if !self.passthrough_enabled.load(Ordering::Relaxed) {
             // Zero-message opens: answering ENOSYS once makes the kernel open files without
             // asking us (keeping their page cache) and read with no handle. Saves a round trip
@@ -214,6 +226,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counted();
         match self.core.read(ino.0, fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -248,6 +261,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.counted();
         // Zero-message opendir: the kernel then caches every listing (FOPEN_CACHE_DIR) and
         // reads them with no handle; binds invalidate the namespace directories they change.
         match self.core.getattr(ino.0) {
@@ -265,6 +279,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.counted();
         let res = self.core.readdir(ino.0, offset, false, |e| {
             reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), e.name)
         });
@@ -282,6 +297,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.counted();
         let ttl = self.ttl;
         let res = self.core.readdir(ino.0, offset, true, |e| {
             let attr = file_attr(&e.attr.expect("readdirplus entries carry attributes"));
@@ -312,6 +328,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.counted();
         reply.statfs(
             0,
             0,

@@ -58,4 +58,7 @@ pub struct TransportInfo {
     pub name: std::sync::OnceLock<&'static str>,
     /// Requests answered over the io_uring queues.
     pub ring_requests: std::sync::atomic::AtomicU64,
+    /// Requests answered over /dev/fuse, but for forgets and interrupts (which the kernel sends
+    /// there on either transport).
+    pub dev_requests: std::sync::atomic::AtomicU64,
 }

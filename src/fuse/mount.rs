@@ -117,7 +117,10 @@ pub fn serve(
 }
 
 /// Mounts, negotiates INIT, and starts the ring if the transport is io-uring: the session
-/// (which serves /dev/fuse) and the ring's queues.
+/// (which serves /dev/fuse) and the ring's queues. `auto` falls back to /dev/fuse when the
+/// kernel does not offer the ring, or when the ring could not be built or started (then by
+/// mounting again: once INIT agreed to the ring, the kernel holds every request until each
+/// queue has an entry).
 fn start_session(
     core: Arc<DigestFs>,
     cfg: &MountConfig,
@@ -137,6 +140,101 @@ fn start_session(
         }
         (_, _) => Transport::Dev,
     };
+    let (session, why_dev) = match cfg.transport {
+        Transport::Dev => (None, "asked for"),
+        _ if transport == Transport::Dev => (None, "passthrough needs it"),
+        _ => match try_session(&core, cfg, transport) {
+            Ok(Attempt::Ring(session, ring)) => return Ok((session, Some(ring))),
+            Ok(Attempt::NotOffered(session)) => {
+                (Some(session), "the kernel does not offer io_uring")
+            }
+            Err(e) if transport == Transport::IoUring => return Err(e),
+            Err(e) => {
+                log::warn!("{e}");
+                (None, "the ring did not start")
+            }
+        },
+    };
+    let session = match session {
+        Some(s) => s,
+        None => mount_session(&core, cfg, Transport::Dev, None)?,
+    };
+    log::info!("FUSE transport: /dev/fuse ({why_dev})");
+    let _ = cfg.transport_used.name.set("dev");
+    Ok((session, None))
+}
+
+enum Attempt {
+    Ring(fuser::Session<FuseAdapter>, Ring),
+    /// INIT did not offer the ring (`auto`): a session over /dev/fuse.
+    NotOffered(fuser::Session<FuseAdapter>),
+}
+
+/// One mount over the ring: its queues built first, then INIT asking for the ring, then the
+/// queues started. Anything that fails after the mount unmounts it (the session drops).
+fn try_session(
+    core: &Arc<DigestFs>,
+    cfg: &MountConfig,
+    transport: Transport,
+) -> Result<Attempt, String> {
+    let mp = &cfg.mountpoint;
+    let failed = |e: std::io::Error| format!("FUSE over io_uring on {}: {e}", mp.display());
+    let on_fatal: super::uring::OnFatal = {
+        let mp = mp.clone();
+        Arc::new(move || {
+            if let Err(e) = os::abort_fuse_connection(&mp) {
+                // The kernel ends the connection when its last descriptor closes.
+                log::error!(
+                    "aborting the FUSE connection of {}: {e}; exiting instead",
+                    mp.display()
+                );
+                std::process::exit(1);
+            }
+        })
+    };
+    let prepared = Ring::prepare(
+        core.clone(),
+        cfg.ttl,
+        super::adapter::MAX_READ as usize,
+        cfg.threads.max(1),
+        cfg.transport_used.clone(),
+        on_fatal,
+    )
+    .map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EPERM) {
+            " (io_uring is disabled: sysctl kernel.io_uring_disabled, or a seccomp filter)"
+        } else {
+            ""
+        };
+        failed(std::io::Error::new(
+            e.kind(),
+            format!("building its rings: {e}{hint}"),
+        ))
+    })?;
+    let granted = Arc::new(AtomicBool::new(false));
+    let session = mount_session(core, cfg, transport, Some(granted.clone()))?;
+    if !granted.load(Ordering::SeqCst) {
+        // `auto` only (`io-uring` fails INIT instead); the queues end with `prepared`.
+        return Ok(Attempt::NotOffered(session));
+    }
+    let ring = prepared.start(session.as_fd()).map_err(failed)?;
+    log::info!(
+        "FUSE transport: io-uring ({} queues, {} threads)",
+        ring.queues(),
+        ring.threads()
+    );
+    let _ = cfg.transport_used.name.set("io-uring");
+    Ok(Attempt::Ring(session, ring))
+}
+
+/// Mounts and runs INIT, asking for the ring when `granted` is given (and set if INIT agreed).
+fn mount_session(
+    core: &Arc<DigestFs>,
+    cfg: &MountConfig,
+    transport: Transport,
+    granted: Option<Arc<AtomicBool>>,
+) -> Result<fuser::Session<FuseAdapter>, String> {
+    let mp = &cfg.mountpoint;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("digestfs".into()),
@@ -154,66 +252,23 @@ fn start_session(
     };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = cfg.threads > 1;
-    let granted = Arc::new(AtomicBool::new(false));
+    let (transport, granted) = match granted {
+        Some(g) => (transport, g),
+        None => (Transport::Dev, Arc::new(AtomicBool::new(false))),
+    };
+    let stats = cfg.transport_used.clone();
     let adapter = FuseAdapter::new(
         core.clone(),
         cfg.ttl,
         cfg.passthrough,
         transport,
-        granted.clone(),
+        granted,
+        stats,
     );
     let session = fuser::Session::new(adapter, mp, &config)
         .map_err(|e| format!("mounting {} failed: {e}", mp.display()))?;
     core.set_invalidator(Box::new(KernelInvalidator(session.notifier())));
-    let mut ring = None;
-    let why_dev = if cfg.transport == Transport::Dev {
-        "asked for"
-    } else if transport == Transport::Dev {
-        "passthrough needs it"
-    } else if !granted.load(Ordering::SeqCst) {
-        "the kernel does not offer io_uring"
-    } else {
-        let max_payload = super::adapter::MAX_READ as usize;
-        let stats = cfg.transport_used.clone();
-        let threads = cfg.threads.max(1);
-        match Ring::start(
-            session.as_fd(),
-            core.clone(),
-            cfg.ttl,
-            max_payload,
-            threads,
-            stats,
-        ) {
-            Ok(r) => {
-                log::info!(
-                    "FUSE transport: io-uring ({} queues, {} threads)",
-                    r.queues(),
-                    r.threads()
-                );
-                ring = Some(r);
-                ""
-            }
-            // Dropping the session unmounts.
-            Err(e) if transport == Transport::IoUring => {
-                return Err(format!(
-                    "--transport io-uring: starting the ring on {} failed: {e}",
-                    mp.display()
-                ))
-            }
-            Err(e) => {
-                log::warn!("FUSE over io_uring could not start: {e}");
-                "the ring did not start"
-            }
-        }
-    };
-    if ring.is_none() {
-        log::info!("FUSE transport: /dev/fuse ({why_dev})");
-    }
-    let _ = cfg
-        .transport_used
-        .name
-        .set(if ring.is_some() { "io-uring" } else { "dev" });
-    Ok((session, ring))
+    Ok(session)
 }
 
 /// Signals unmount, then give the session a moment to drain before giving up on it. A mount

@@ -110,8 +110,8 @@ pub fn answer(
             let size = wire::u32_at(op_in, 0).ok_or(libc::EINVAL)?;
             xattr(core.listxattr(h.nodeid), size, payload)
         }
-        // Forgets come over /dev/fuse (the kernel queues them there with the ring too); taken
-        // here as well so that a kernel that sent one would not leak lookups.
+        // Forgets (and batch forgets) come over /dev/fuse, the kernel queueing them there with
+        // the ring too; a FORGET taken here as well would not leak its lookups.
         wire::FUSE_FORGET => {
             core.forget(h.nodeid, wire::u64_at(op_in, 0).unwrap_or(0));
             Ok(0)

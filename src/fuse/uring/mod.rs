@@ -4,9 +4,11 @@
 //! the CPU that made it. Each thread has its own io_uring and lends the kernel one entry: the
 //! kernel gives a request only to an idle thread, so a slow one (a cold disk read, a remote
 //! fetch) holds up nothing else, as with `--threads` readers of /dev/fuse. (libfuse serves a
-//! queue of 8 entries from one thread, which queues every request behind the slowest.) `/dev/fuse` is still served by fuser's session
-//! for what the kernel sends there (forgets, interrupts, requests queued before every queue
-//! had an entry).
+//! queue of 8 entries from one thread, which queues every request behind the slowest.)
+//! `/dev/fuse` is still served by fuser's session for what the kernel sends there: forgets and
+//! interrupts. Once INIT has agreed to the ring, the kernel holds every request until each
+//! queue has an entry, so the rings are built before INIT ([`Ring::prepare`]) and a queue that
+//! cannot go on aborts the connection rather than leave its CPU's readers waiting.
 //!
 //! Why our own decoding rather than fuser's: fuser 0.18 has no ring transport and its request
 //! parsing and reply senders are private, so the ring cannot hand it a request. A read-only
@@ -28,8 +30,22 @@ use crate::fs::DigestFs;
 
 /// Entries per thread; each lends the kernel a payload of `max_payload`.
 const DEPTH: usize = 1;
+/// Times in a row the kernel may end an entry with an unexpected error before its queue gives
+/// up (and aborts the connection).
+const RETRIES: u32 = 3;
 
 pub use answer::answer;
+
+/// What a queue calls when it cannot go on: ends the connection, so that no reader waits on a
+/// CPU whose queue is gone.
+pub type OnFatal = Arc<dyn Fn() + Send + Sync>;
+
+/// Queues built and waiting for the FUSE connection ([`Prepared::start`]).
+pub struct Prepared {
+    queues: usize,
+    threads: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<OwnedFd>)>,
+    reports: mpsc::Receiver<io::Result<()>>,
+}
 
 /// The running queues.
 pub struct Ring {
@@ -37,63 +53,84 @@ pub struct Ring {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// What the kernel counts as its queues: one per possible CPU (`nr_cpu_ids`).
+/// What the kernel counts as its queues: one per possible CPU (`num_possible_cpus()`).
 pub fn possible_cpus() -> usize {
-    let parsed = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+    let counted = std::fs::read_to_string("/sys/devices/system/cpu/possible")
         .ok()
         .and_then(|s| {
             s.trim()
                 .split(',')
-                .filter_map(|r| r.rsplit('-').next()?.parse::<usize>().ok())
-                .max()
+                .map(|range| {
+                    let (a, b) = range.split_once('-').unwrap_or((range, range));
+                    Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?)
+                })
+                .sum::<Option<usize>>()
         });
-    match parsed {
-        Some(last) => last + 1,
-        // SAFETY: sysconf has no preconditions.
-        None => (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).max(1) as usize,
+    counted
+        .filter(|&n| n > 0)
+        .unwrap_or_else(sys::configured_cpus)
+}
+
+fn wait_reports(rx: &mpsc::Receiver<io::Result<()>>, n: usize, what: &str) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for _ in 0..n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(io::Error::other(format!(
+                    "the ring queues did not {what} within 10 s"
+                )))
+            }
+        }
     }
+    Ok(())
 }
 
 impl Ring {
-    /// Starts a queue per possible CPU on the initialised FUSE connection `fuse`, `threads` in
-    /// all (at least one per queue), and returns once every thread has lent the kernel its
-    /// entry (or with why one could not).
-    /// `max_payload` is at least the connection's largest request or reply (max_write, and
-    /// max_pages of the negotiated INIT).
-    pub fn start(
-        fuse: BorrowedFd<'_>,
+    /// Builds a queue per possible CPU, `threads` threads in all (at least one per queue), each
+    /// with its ring and buffers; before INIT, so that the mount asks the kernel for the ring
+    /// only once it is sure to have one. `max_payload` is at least the connection's largest
+    /// request or reply (the max_write and max_pages INIT will agree to).
+    pub fn prepare(
         core: Arc<DigestFs>,
         ttl: Duration,
         max_payload: usize,
         threads: usize,
         stats: Arc<super::TransportInfo>,
-    ) -> io::Result<Ring> {
+        on_fatal: OnFatal,
+    ) -> io::Result<Prepared> {
         let queues = possible_cpus();
         let per_queue = threads.div_ceil(queues).max(1);
-        let (tx, rx) = mpsc::channel::<io::Result<()>>();
+        let (tx, reports) = mpsc::channel::<io::Result<()>>();
         let mut handles = Vec::with_capacity(queues * per_queue);
         for qid in 0..queues {
             for k in 0..per_queue {
-                let fd: OwnedFd = fuse.try_clone_to_owned()?;
+                let (fd_tx, fd_rx) = mpsc::channel();
                 let (core, tx, stats) = (core.clone(), tx.clone(), stats.clone());
-                handles.push(
-                    std::thread::Builder::new()
-                        .name(format!("fuse-ring-{qid}.{k}"))
-                        .spawn(move || serve_queue(fd, qid, core, ttl, max_payload, stats, tx))?,
-                );
+                let on_fatal = on_fatal.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("fuse-ring-{qid}.{k}"))
+                    .spawn(move || {
+                        let queue = Queue {
+                            qid,
+                            core,
+                            ttl,
+                            stats,
+                            on_fatal,
+                        };
+                        queue.run(max_payload, tx, fd_rx)
+                    })?;
+                handles.push((thread, fd_tx));
             }
         }
         drop(tx);
-        for _ in 0..handles.len() {
-            match rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(io::Error::other("a ring queue did not start within 10 s")),
-            }
-        }
-        Ok(Ring {
+        wait_reports(&reports, handles.len(), "build their rings")?;
+        Ok(Prepared {
             queues,
             threads: handles,
+            reports,
         })
     }
 
@@ -121,77 +158,126 @@ impl Ring {
     }
 }
 
-fn serve_queue(
-    fd: OwnedFd,
+impl Prepared {
+    /// Lends every queue's entries to the initialised connection `fuse` (whose INIT agreed to
+    /// the ring); returns once all are lent, or why one was refused (the caller must then end
+    /// the connection: the kernel holds its requests until every queue has an entry).
+    pub fn start(self, fuse: BorrowedFd<'_>) -> io::Result<Ring> {
+        for (_, fd_tx) in &self.threads {
+            fd_tx
+                .send(fuse.try_clone_to_owned()?)
+                .map_err(|_| io::Error::other("a ring queue ended before it started"))?;
+        }
+        wait_reports(&self.reports, self.threads.len(), "register")?;
+        Ok(Ring {
+            queues: self.queues,
+            threads: self.threads.into_iter().map(|(t, _)| t).collect(),
+        })
+    }
+}
+
+/// One thread of a queue.
+struct Queue {
     qid: usize,
     core: Arc<DigestFs>,
     ttl: Duration,
-    max_payload: usize,
     stats: Arc<super::TransportInfo>,
-    started: mpsc::Sender<io::Result<()>>,
-) {
-    if let Err(e) = sys::pin_to_cpu(qid) {
-        log::debug!("ring queue {qid}: not pinned to CPU {qid}: {e}");
-    }
-    let (mut q, mut done) = match start_queue(fd, qid, max_payload) {
-        Ok(started) => started,
-        Err(e) => {
-            let _ = started.send(Err(e));
-            return;
+    on_fatal: OnFatal,
+}
+
+impl Queue {
+    fn run(
+        &self,
+        max_payload: usize,
+        report: mpsc::Sender<io::Result<()>>,
+        fuse: mpsc::Receiver<OwnedFd>,
+    ) {
+        let qid = self.qid;
+        if let Err(e) = sys::pin_to_cpu(qid) {
+            log::debug!("ring queue {qid}: not pinned to CPU {qid}: {e}");
         }
-    };
-    let _ = started.send(Ok(()));
-    drop(started);
-    // The commit id each entry last sent (0: a REGISTER), to resend a command the kernel asks
-    // us to retry.
-    let mut last = vec![0u64; q.depth()];
-    loop {
-        for &(i, res) in &done {
-            let resent = match res {
-                0 => {
-                    stats.ring_requests.fetch_add(1, Ordering::Relaxed);
-                    serve_one(&mut q, i, &core, ttl, &mut last[i])
-                }
-                r if r == -libc::EINTR || r == -libc::EAGAIN => match last[i] {
-                    0 => q.register(i),
-                    id => q.commit_and_fetch(i, id),
-                },
-                // The connection is gone (unmounted, aborted): the entry is ours for good.
-                r if r == -libc::ENOTCONN => Ok(()),
-                r => {
-                    log::error!(
-                        "FUSE ring queue {qid}: the kernel ended an entry with {}",
-                        io::Error::from_raw_os_error(-r)
-                    );
-                    Ok(())
-                }
-            };
-            if let Err(e) = resent {
-                log::error!("FUSE ring queue {qid}: {e}; the queue stops");
+        let built = u16::try_from(qid)
+            .map_err(|_| io::Error::other("too many CPUs for the ring"))
+            .and_then(|q| sys::Queue::new(q, DEPTH, max_payload));
+        let mut q = match built {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = report.send(Err(e));
                 return;
             }
-        }
-        if q.lent() == 0 {
-            log::debug!("FUSE ring queue {qid}: no entry left with the kernel; the queue ends");
+        };
+        let _ = report.send(Ok(()));
+        // Never started (the kernel did not agree to the ring): nothing was lent.
+        let Ok(fd) = fuse.recv() else {
             return;
+        };
+        q.attach(fd);
+        let mut done = match register_all(&mut q, qid) {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = report.send(Err(e));
+                return;
+            }
+        };
+        let _ = report.send(Ok(()));
+        drop(report);
+        if let Err(e) = self.serve(&mut q, &mut done) {
+            log::error!(
+                "FUSE ring queue {qid}: {e}; ending the connection so that no reader waits"
+            );
+            (self.on_fatal)();
         }
-        if let Err(e) = q.wait(&mut done) {
-            log::error!("FUSE ring queue {qid}: {e}; the queue stops");
-            return;
+    }
+
+    fn serve(&self, q: &mut sys::Queue, done: &mut Vec<(usize, i32)>) -> io::Result<()> {
+        let qid = self.qid;
+        // The commit id each entry last sent (0: a REGISTER), to resend a command the kernel
+        // asks us to retry; and how many times in a row the kernel refused it.
+        let mut last = vec![0u64; q.depth()];
+        let mut refused = vec![0u32; q.depth()];
+        loop {
+            for &(i, res) in done.iter() {
+                match res {
+                    0 => {
+                        refused[i] = 0;
+                        self.stats.ring_requests.fetch_add(1, Ordering::Relaxed);
+                        serve_one(q, i, &self.core, self.ttl, &mut last[i])?;
+                    }
+                    r if r == -libc::EINTR || r == -libc::EAGAIN => match last[i] {
+                        0 => q.register(i)?,
+                        id => q.commit_and_fetch(i, id)?,
+                    },
+                    // The connection is gone (unmounted, aborted): the entry is ours for good.
+                    r if r == -libc::ENOTCONN => {}
+                    r => {
+                        refused[i] += 1;
+                        let e = io::Error::from_raw_os_error(-r);
+                        if refused[i] > RETRIES {
+                            return Err(io::Error::other(format!(
+                                "the kernel keeps ending its entry: {e}"
+                            )));
+                        }
+                        // Lent again, so this CPU's requests keep a server; a reply the kernel
+                        // refused is lost to it either way (its request ends with an error).
+                        log::warn!("FUSE ring queue {qid}: the kernel ended an entry with {e}; registering it again");
+                        last[i] = 0;
+                        q.register(i)?;
+                    }
+                }
+            }
+            if q.lent() == 0 {
+                log::debug!("FUSE ring queue {qid}: no entry left with the kernel; the queue ends");
+                return Ok(());
+            }
+            q.wait(done)?;
         }
     }
 }
 
-/// A queue with every entry lent to the kernel, and the completions that came at once: a
+/// Lends every entry of `q` to the kernel, and takes the completions that came at once: a
 /// REGISTER the kernel refuses completes with its error at once; accepted ones complete when a
 /// request comes, which may already be the case.
-fn start_queue(
-    fd: OwnedFd,
-    qid: usize,
-    max_payload: usize,
-) -> io::Result<(sys::Queue, Vec<(usize, i32)>)> {
-    let qid16 = u16::try_from(qid).map_err(|_| io::Error::other("too many CPUs for the ring"))?;
-    let mut q = sys::Queue::new(fd, qid16, DEPTH, max_payload)?;
+fn register_all(q: &mut sys::Queue, qid: usize) -> io::Result<Vec<(usize, i32)>> {
     for i in 0..q.depth() {
         q.register(i)?;
     }
@@ -203,7 +289,7 @@ fn start_queue(
             io::Error::from_raw_os_error(-res)
         )));
     }
-    Ok((q, done))
+    Ok(done)
 }
 
 /// Answers the request in entry `i` and lends the entry back for the next one.
@@ -235,6 +321,8 @@ fn serve_one(
     };
     wire::write_out_header(header, (wire::OUT_HEADER_LEN + n) as u32, error, unique);
     header[sys::ENT_AT + 16..sys::ENT_AT + 20].copy_from_slice(&(n as u32).to_ne_bytes());
+    // The padding and the reserved field after payload_sz: zero, as later ABIs give them meaning.
+    header[sys::ENT_AT + 20..sys::HEADER_LEN].fill(0);
     *last = commit_id;
     q.commit_and_fetch(i, commit_id)
 }

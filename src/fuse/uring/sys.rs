@@ -63,7 +63,8 @@ pub struct EntryBufs<'a> {
 /// data) and `depth` entries of a header and a payload buffer each.
 pub struct Queue {
     ring: IoUring<Entry128, cqueue::Entry>,
-    fuse: OwnedFd,
+    /// The FUSE connection, once it is initialised (the ring is built before INIT).
+    fuse: Option<OwnedFd>,
     qid: u16,
     headers: Region,
     payloads: Region,
@@ -75,7 +76,7 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(fuse: OwnedFd, qid: u16, depth: usize, payload_len: usize) -> io::Result<Queue> {
+    pub fn new(qid: u16, depth: usize, payload_len: usize) -> io::Result<Queue> {
         let payload_len = payload_len.div_ceil(PAGE) * PAGE;
         let ring = IoUring::<Entry128, cqueue::Entry>::builder()
             .setup_cqsize(2 * depth as u32)
@@ -100,7 +101,7 @@ impl Queue {
             .collect();
         Ok(Queue {
             ring,
-            fuse,
+            fuse: None,
             qid,
             headers,
             payloads,
@@ -114,12 +115,22 @@ impl Queue {
         self.in_kernel.len()
     }
 
-    fn command(&self, i: usize, cmd_op: u32, commit_id: u64) -> Entry128 {
+    /// The initialised FUSE connection the entries are for.
+    pub fn attach(&mut self, fuse: OwnedFd) {
+        self.fuse = Some(fuse);
+    }
+
+    fn command(&self, i: usize, cmd_op: u32, commit_id: u64) -> io::Result<Entry128> {
+        let fd = self
+            .fuse
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the queue has no FUSE connection yet"))?
+            .as_raw_fd();
         // `struct fuse_uring_cmd_req { u64 flags; u64 commit_id; u16 qid; u8 pad[6]; }`.
         let mut cmd = [0u8; 80];
         cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
         cmd[16..18].copy_from_slice(&self.qid.to_ne_bytes());
-        let mut op = opcode::UringCmd80::new(types::Fd(self.fuse.as_raw_fd()), cmd_op).cmd(cmd);
+        let mut op = opcode::UringCmd80::new(types::Fd(fd), cmd_op).cmd(cmd);
         if cmd_op == CMD_REGISTER {
             op = op.addr(Some(self.iovecs[i].as_ptr() as u64));
         }
@@ -131,7 +142,7 @@ impl Queue {
             let bytes = unsafe { &mut *(&mut sqe as *mut Entry128).cast::<[u8; 128]>() };
             bytes[24..28].copy_from_slice(&2u32.to_ne_bytes());
         }
-        sqe
+        Ok(sqe)
     }
 
     fn push(&mut self, i: usize, sqe: Entry128) -> io::Result<()> {
@@ -146,14 +157,14 @@ impl Queue {
 
     /// Lends entry `i` to the kernel to fetch a request (submitted by the next [`Queue::wait`]).
     pub fn register(&mut self, i: usize) -> io::Result<()> {
-        let sqe = self.command(i, CMD_REGISTER, 0);
+        let sqe = self.command(i, CMD_REGISTER, 0)?;
         self.push(i, sqe)
     }
 
     /// Sends the reply in entry `i` for request `commit_id` and lends the entry back for the
     /// next request.
     pub fn commit_and_fetch(&mut self, i: usize, commit_id: u64) -> io::Result<()> {
-        let sqe = self.command(i, CMD_COMMIT_AND_FETCH, commit_id);
+        let sqe = self.command(i, CMD_COMMIT_AND_FETCH, commit_id)?;
         self.push(i, sqe)
     }
 
@@ -182,7 +193,10 @@ impl Queue {
         loop {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => break,
+                // EAGAIN, EBUSY: the kernel is short of memory or completions are pending;
+                // taking them (below) and asking again is all there is to do.
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => break,
                 Err(e) => return Err(e),
             }
         }
@@ -227,6 +241,8 @@ impl Drop for Queue {
             );
             std::mem::forget(std::mem::replace(&mut self.headers, Region::dangling()));
             std::mem::forget(std::mem::replace(&mut self.payloads, Region::dangling()));
+            // A REGISTER the kernel deferred reads its iovecs when it runs.
+            std::mem::forget(std::mem::take(&mut self.iovecs));
         }
     }
 }
@@ -239,6 +255,12 @@ impl Region {
             layout: Layout::new::<()>(),
         }
     }
+}
+
+/// The CPUs the system is configured with (at least 1).
+pub fn configured_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).max(1) as usize
 }
 
 /// Pins the calling thread to `cpu`, so a queue serves the CPU its requests come from.

@@ -17,6 +17,10 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(FsConfig::default())
+}
+
+fn fixture_with(config: FsConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
     let src = dir.path().join("src");
@@ -28,7 +32,7 @@ fn fixture() -> Fixture {
     }
     std::os::unix::fs::symlink("lib/a.jar", src.join("link")).unwrap();
     let tree = Importer::new(&store).import_path(&src).unwrap();
-    let core = DigestFs::new(Arc::new(Cas::local(store)), FsConfig::default());
+    let core = DigestFs::new(Arc::new(Cas::local(store)), config);
     core.bind("v", "l", tree, true).unwrap();
     Fixture { _dir: dir, core }
 }
@@ -192,6 +196,7 @@ fn list(core: &DigestFs, ino: u64, plus: bool, size: u32) -> (Vec<(String, u64, 
         wire::FUSE_READDIR
     };
     let (mut out, mut offset, mut pages) = (Vec::new(), 0u64, 0);
+    let mut last_len = None;
     loop {
         let page = ask(core, op, ino, &read_in(0, offset, size), &[]).unwrap();
         assert!(page.len() <= size as usize, "a reply larger than asked for");
@@ -199,6 +204,18 @@ fn list(core: &DigestFs, ino: u64, plus: bool, size: u32) -> (Vec<(String, u64, 
             return (out, pages);
         }
         pages += 1;
+        let first_len = {
+            let base = if plus { wire::ENTRY_OUT_LEN } else { 0 };
+            base + (24 + wire::u32_at(&page, base + 16).unwrap() as usize).div_ceil(8) * 8
+        };
+        if let Some(prev) = last_len {
+            // The reply before was full: this page's first entry would not have fitted in it.
+            assert!(
+                prev + first_len > size as usize,
+                "a page ended with room for the next entry"
+            );
+        }
+        last_len = Some(page.len());
         let mut at = 0;
         while at < page.len() {
             let base = if plus { at + wire::ENTRY_OUT_LEN } else { at };
@@ -285,4 +302,60 @@ fn malformed_requests_are_errors_not_panics() {
     let mut b = [0u8; wire::IN_HEADER_LEN];
     header(wire::FUSE_GETATTR, 9).write(&mut b);
     assert_eq!(InHeader::parse(&b), Some(header(wire::FUSE_GETATTR, 9)));
+}
+
+#[test]
+fn readdirplus_counts_a_lookup_only_for_what_it_delivered() {
+    let f = fixture();
+    let v = ino_of(&lookup(&f.core, ROOT_INO, "v").unwrap());
+    let lib = ino_of(&lookup(&f.core, v, "lib").unwrap());
+    let before = f.core.inode_count();
+    let (entries, _) = list(&f.core, lib, true, 4096);
+    let delivered: Vec<_> = entries
+        .iter()
+        .filter(|e| e.0 != "." && e.0 != "..")
+        .collect();
+    assert_eq!(f.core.inode_count(), before + delivered.len());
+    // The kernel forgets each delivered entry once: the table is back where it was, so no
+    // entry that did not fit was counted.
+    for (_, ino, _) in &delivered {
+        f.core.forget(*ino, 1);
+    }
+    assert_eq!(f.core.inode_count(), before);
+}
+
+#[test]
+fn xattrs_answer_their_size_then_their_value_or_erange() {
+    let f = fixture_with(FsConfig {
+        xattrs: true,
+        ..FsConfig::default()
+    });
+    let v = ino_of(&lookup(&f.core, ROOT_INO, "v").unwrap());
+    let lib = ino_of(&lookup(&f.core, v, "lib").unwrap());
+    let jar = ino_of(&lookup(&f.core, lib, "a.jar").unwrap());
+    let want = f
+        .core
+        .getxattr(jar, std::ffi::OsStr::new("user.pants.digest"))
+        .unwrap();
+    let size_in = |n: u32| [n.to_ne_bytes(), [0; 4]].concat();
+    let name = b"user.pants.digest\0";
+    let out = ask(&f.core, wire::FUSE_GETXATTR, jar, &size_in(0), name).unwrap();
+    assert_eq!(
+        wire::u32_at(&out, 0),
+        Some(want.len() as u32),
+        "size 0 asks for the size"
+    );
+    assert_eq!(
+        ask(&f.core, wire::FUSE_GETXATTR, jar, &size_in(3), name),
+        Err(libc::ERANGE)
+    );
+    assert_eq!(
+        ask(&f.core, wire::FUSE_GETXATTR, jar, &size_in(4096), name).unwrap(),
+        want
+    );
+    let list = ask(&f.core, wire::FUSE_LISTXATTR, jar, &size_in(4096), &[]).unwrap();
+    assert!(
+        list.split(|&b| b == 0).any(|n| n == b"user.pants.digest"),
+        "{list:?}"
+    );
 }
