@@ -217,7 +217,17 @@ fn try_session(
         // `auto` only (`io-uring` fails INIT instead); the queues end with `prepared`.
         return Ok(Attempt::NotOffered(session));
     }
-    let ring = prepared.start(session.as_fd()).map_err(failed)?;
+    let ring = match prepared.start(session.as_fd()) {
+        Ok(ring) => ring,
+        Err(e) => {
+            // Aborted before the session drops: its unmount would otherwise wait on a DESTROY
+            // that nobody reads, the queues that did register holding the connection open.
+            if let Err(e) = os::abort_fuse_connection(mp) {
+                log::warn!("aborting the FUSE connection of {}: {e}", mp.display());
+            }
+            return Err(failed(e));
+        }
+    };
     log::info!(
         "FUSE transport: io-uring ({} queues, {} threads)",
         ring.queues(),
