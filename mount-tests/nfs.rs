@@ -1286,16 +1286,7 @@ fn plain_readdir_pages_2000_entries_by_cookie_and_verifier() {
     for n in &names {
         std::fs::write(src.join(n), n).unwrap();
     }
-    let store = tmp.path().join("store");
-    let out = run_timeout(
-        Command::new(bin())
-            .arg("--store")
-            .arg(&store)
-            .arg("import")
-            .arg(&src),
-        T,
-    );
-    let big = stdout_ok(out).trim().to_string();
+    let big = import(&tmp.path().join("store"), &src);
     let mut server = NfsServer::over(tmp, &[("a/big", &big)], Some("digestfs=debug"));
     let mut rpc = Rpc::connect(server.port);
     let dir = rpc.walk("a/big");

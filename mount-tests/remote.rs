@@ -295,14 +295,7 @@ fn push_big_tree(bg: &BuildGrid) -> (String, Vec<u8>) {
     }
     std::fs::write(dir.join("big.jar"), &big).unwrap();
     let store = src.path().join("store");
-    let tree = dfs_ok(&[
-        "--store",
-        store.to_str().unwrap(),
-        "import",
-        dir.to_str().unwrap(),
-    ])
-    .trim()
-    .to_string();
+    let tree = import(&store, &dir);
     push(bg, "", &store, &[&tree]);
     (tree, big)
 }

@@ -16,17 +16,6 @@ use crate::harness::{Mount, TempUser, SYSTEM_PYTHON};
 
 const VIEW: &str = "jvm/resolves/jvm-default/lib";
 
-/// `digestfs import`: the tree's digest.
-pub fn import(store: &Path, dir: &Path) -> String {
-    let out = dfs_ok(&[
-        "--store",
-        store.to_str().unwrap(),
-        "import",
-        dir.to_str().unwrap(),
-    ]);
-    out.trim().to_string()
-}
-
 fn write_files(dir: &Path, files: &[(&str, &[u8])]) {
     std::fs::create_dir_all(dir).unwrap();
     for (name, content) in files {

@@ -238,16 +238,7 @@ fn a_client_that_vanishes_mid_read_of_a_30_mb_blob_changes_nothing() {
     std::fs::create_dir(&src).unwrap();
     let bytes = thirty_mb();
     std::fs::write(src.join("big.bin"), &bytes).unwrap();
-    let store = tmp.path().join("store");
-    let out = run_timeout(
-        Command::new(bin())
-            .arg("--store")
-            .arg(&store)
-            .arg("import")
-            .arg(&src),
-        T,
-    );
-    let tree = stdout_ok(out).trim().to_string();
+    let tree = import(&tmp.path().join("store"), &src);
     let mut server = NfsServer::over(tmp, &[("big", &tree), ("v", JAR_TREE)], None);
     let want = digest_of(&bytes);
     let mut rpc = Rpc::connect(server.port);

@@ -74,29 +74,26 @@ impl DigestFs {
     /// open blobs keyed by digest.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let blob = if fh == NO_HANDLE {
-            self.blob_of(Some(ino), &self.node(ino)?)?
-        } else {
-            lock(&self.read.handles)
-                .get(&fh)
-                .cloned()
-                .ok_or(FsError::BadHandle)?
-        };
+        let blob = self.blob_for_read(ino, fh)?;
         self.read_blob(Some(ino), &blob, offset, size)
+    }
+
+    /// The blob behind handle `fh`, or with [`NO_HANDLE`] the cached blob of `ino`'s digest.
+    fn blob_for_read(&self, ino: u64, fh: u64) -> FsResult<Blob> {
+        if fh == NO_HANDLE {
+            return self.blob_of(Some(ino), &self.node(ino)?);
+        }
+        lock(&self.read.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
     }
 
     /// [`DigestFs::read`] into `buf` (up to its length), for a front end that has its reply
     /// buffer already: how many bytes.
     pub fn read_into(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> FsResult<usize> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let blob = if fh == NO_HANDLE {
-            self.blob_of(Some(ino), &self.node(ino)?)?
-        } else {
-            lock(&self.read.handles)
-                .get(&fh)
-                .cloned()
-                .ok_or(FsError::BadHandle)?
-        };
+        let blob = self.blob_for_read(ino, fh)?;
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let n = self
             .cas

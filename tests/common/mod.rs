@@ -237,6 +237,17 @@ pub fn dfs_ok(args: &[&str]) -> String {
     stdout_ok(out)
 }
 
+/// `digestfs --store STORE import DIR`, which must succeed: the tree's digest.
+pub fn import(store: &Path, dir: &Path) -> String {
+    let out = dfs_ok(&[
+        "--store",
+        store.to_str().unwrap(),
+        "import",
+        dir.to_str().unwrap(),
+    ]);
+    out.trim().to_string()
+}
+
 /// Runs `digestfs ARGS…`, which must fail with exit code 1 and one line on stderr; that line.
 pub fn dfs_err(args: &[&str]) -> String {
     let out = dfs(args);

@@ -80,6 +80,8 @@ impl InHeader {
         })
     }
 
+    /// What the kernel writes; for tests.
+    #[cfg(test)]
     pub fn write(&self, b: &mut [u8]) {
         let mut w = Writer::new(&mut b[..IN_HEADER_LEN]);
         w.u32(self.len);
