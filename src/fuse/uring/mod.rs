@@ -113,14 +113,14 @@ impl Ring {
                 let thread = std::thread::Builder::new()
                     .name(format!("fuse-ring-{qid}.{k}"))
                     .spawn(move || {
-                        let queue = Queue {
+                        let thread = QueueThread {
                             qid,
                             core,
                             ttl,
                             stats,
                             on_fatal,
                         };
-                        queue.run(max_payload, tx, fd_rx)
+                        thread.run(max_payload, tx, fd_rx)
                     })?;
                 handles.push((thread, fd_tx));
             }
@@ -176,8 +176,8 @@ impl Prepared {
     }
 }
 
-/// One thread of a queue.
-struct Queue {
+/// One thread of a queue (the ring and entries it lends are its `sys::Queue`).
+struct QueueThread {
     qid: usize,
     core: Arc<DigestFs>,
     ttl: Duration,
@@ -185,7 +185,7 @@ struct Queue {
     on_fatal: OnFatal,
 }
 
-impl Queue {
+impl QueueThread {
     fn run(
         &self,
         max_payload: usize,
