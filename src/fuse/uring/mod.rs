@@ -113,14 +113,14 @@ impl Ring {
                 let thread = std::thread::Builder::new()
                     .name(format!("fuse-ring-{qid}.{k}"))
                     .spawn(move || {
-                        let thread = QueueThread {
+                        let server = QueueThread {
                             qid,
                             core,
                             ttl,
                             stats,
                             on_fatal,
                         };
-                        thread.run(max_payload, tx, fd_rx)
+                        server.run(max_payload, tx, fd_rx)
                     })?;
                 handles.push((thread, fd_tx));
             }
