@@ -625,3 +625,85 @@ fn bad_remote_options_are_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--remote-store-address"));
 }
+
+/// `cmd` run on CPU 0 only: the FUSE request it makes goes to CPU 0's queue over io-uring.
+fn on_cpu0(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: sched_setaffinity on a zeroed set with one CPU; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A read held by a stalled remote holds only its own request: a lookup from another process
+/// on the same CPU is answered meanwhile (over io-uring by another entry of that CPU's queue,
+/// over /dev/fuse by another reader thread), and the held read ends with the right bytes once
+/// the remote answers. Completion is asserted, not time.
+#[test]
+fn a_read_held_by_the_remote_holds_up_no_other_request_from_its_cpu() {
+    let bg = BuildGrid::start();
+    let (tree, big) = push_big_tree(&bg);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("store")).unwrap();
+    let socket = tmp.path().join("ctl.sock");
+    // A timeout far beyond the test's: the read waits on the stopped server, it does not fail.
+    let m = Mount::over(
+        tmp,
+        &[("lib", &tree)],
+        &[
+            "--remote-store-address",
+            &bg.address,
+            "--remote-timeout-ms",
+            "600000",
+            "--control",
+            socket.to_str().unwrap(),
+        ],
+    );
+    let status = || {
+        digestfs::control::call(&socket, &Request::Status)
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    let path = m.path("lib/big.jar");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), big.len() as u64);
+    let before = status().remote.unwrap().bytestream_reads;
+    bg.pause();
+    let mut reader = on_cpu0(Command::new("sha256sum").arg(&path))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The read is in the daemon's hands: its fetch of the blob waits on the stopped server.
+    wait_until("the held read to reach the remote", T, || {
+        (status().remote.unwrap().bytestream_reads > before).then_some(())
+    });
+    for i in 0..3 {
+        // A name never looked up: the kernel must ask the daemon.
+        let out = run_timeout(
+            on_cpu0(Command::new("stat").arg(m.path(&format!("lib/absent-{i}.jar")))),
+            T,
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("No such file"),
+            "{out:?}"
+        );
+    }
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "the read was not held (the server is stopped)"
+    );
+    bg.resume();
+    let out = reader.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&sha256_hex(&big)),
+        "{out:?}"
+    );
+}

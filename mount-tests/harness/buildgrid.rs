@@ -218,6 +218,20 @@ instances:
             .join(&hex[2..])
     }
 
+    /// Stops the server (SIGSTOP to its process group): calls to it wait, unanswered, until
+    /// [`BuildGrid::resume`]. A stopped server is still killed on drop.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGSTOP) };
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGCONT) };
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };

@@ -533,10 +533,18 @@ fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
     }
     if let Some(t) = &s.transport {
         let how = match t.as_str() {
-            "io-uring" => &format!(
-                "io-uring (a queue per CPU; {} requests over the ring)",
-                s.ring_requests.unwrap_or(0)
-            ),
+            "io-uring" => &match s.ring {
+                Some(r) => format!(
+                    "io-uring ({} queues of {} entries; {} requests over the ring)",
+                    r.queues,
+                    r.entries_per_queue,
+                    s.ring_requests.unwrap_or(0)
+                ),
+                None => format!(
+                    "io-uring ({} requests over the ring)",
+                    s.ring_requests.unwrap_or(0)
+                ),
+            },
             "dev" => "dev (/dev/fuse)",
             other => other,
         };

@@ -418,6 +418,14 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
             .name
             .get()
             .map(|_| load(&info.transport.ring_requests)),
+        ring: info
+            .transport
+            .ring
+            .get()
+            .map(|&(queues, entries_per_queue)| protocol::RingInfo {
+                queues,
+                entries_per_queue,
+            }),
         dev_requests: info
             .transport
             .name

@@ -83,6 +83,12 @@ pub const MOUNT_DETACHED: &str = "detached";
 /// `mount_state`: serving without a mount (`--frontend nfs --nfs-no-mount`).
 pub const MOUNT_NONE: &str = "none";
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingInfo {
+    pub queues: usize,
+    pub entries_per_queue: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub pid: u32,
@@ -101,6 +107,9 @@ pub struct StatusInfo {
     /// FUSE: how many requests were answered over the io_uring queues (0 on `dev`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ring_requests: Option<u64>,
+    /// FUSE over io-uring: its queues (one per possible CPU) and the entries each lends.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ring: Option<RingInfo>,
     /// FUSE: how many requests were answered over /dev/fuse (forgets and interrupts aside).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dev_requests: Option<u64>,

@@ -299,8 +299,17 @@ impl Filesystem for FuseAdapter {
     ) {
         self.counted();
         let ttl = self.ttl;
+        let (mut unlisted, mut added) = (None, 0);
         let res = self.core.readdir(ino.0, offset, true, |e| {
-            let attr = file_attr(&e.attr.expect("readdirplus entries carry attributes"));
+            // fuser writes the entry's node id from its attributes: without them there is no
+            // record to send. The reply ends before it (the kernel asks again from there), and
+            // fails if it would be the first, rather than name the wrong inode.
+            let Some(attr) = &e.attr else {
+                unlisted = Some(e.name.to_string());
+                return true;
+            };
+            added += 1;
+            let attr = file_attr(attr);
             reply.add(
                 INodeNo(e.ino),
                 e.next_offset,
@@ -310,9 +319,14 @@ impl Filesystem for FuseAdapter {
                 Generation(0),
             )
         });
-        match res {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
+        match (res, unlisted) {
+            (Ok(()), None) => reply.ok(),
+            (Ok(()), Some(_)) if added > 0 => reply.ok(),
+            (Ok(()), Some(name)) => {
+                log::error!("readdirplus of {:#x}: {name:?} has no attributes", ino.0);
+                reply.error(Errno::EIO)
+            }
+            (Err(e), _) => reply.error(errno(e)),
         }
     }
 

@@ -14,6 +14,9 @@ pub mod uring;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
 pub use adapter::FuseAdapter;
 
+/// Entries per io-uring queue unless `--queue-depth` says otherwise.
+pub const DEFAULT_QUEUE_DEPTH: u16 = 4;
+
 /// Whether this build has the FUSE front end.
 pub const AVAILABLE: bool = cfg!(all(feature = "fuse", target_os = "linux"));
 
@@ -56,6 +59,8 @@ impl Transport {
 pub struct TransportInfo {
     /// `dev` or `io-uring`, once the session is up.
     pub name: std::sync::OnceLock<&'static str>,
+    /// Over io-uring: the queues, and the entries each lends the kernel.
+    pub ring: std::sync::OnceLock<(usize, usize)>,
     /// Requests answered over the io_uring queues.
     pub ring_requests: std::sync::atomic::AtomicU64,
     /// Requests answered over /dev/fuse, but for forgets and interrupts (which the kernel sends

@@ -32,7 +32,10 @@ pub struct MountConfig {
     /// Absolute, and claimed by the caller.
     pub mountpoint: PathBuf,
     pub ttl: Duration,
+    /// Readers of /dev/fuse (over io-uring one: only forgets and interrupts come there).
     pub threads: usize,
+    /// Entries per ring queue, each with a thread of its own.
+    pub queue_depth: usize,
     pub allow_other: bool,
     pub passthrough: Passthrough,
     /// Kernel readahead for the mount, in KiB (0 leaves the kernel's default).
@@ -117,10 +120,10 @@ pub fn serve(
 }
 
 /// Mounts, negotiates INIT, and starts the ring if the transport is io-uring: the session
-/// (which serves /dev/fuse) and the ring's queues. `auto` falls back to /dev/fuse when the
-/// kernel does not offer the ring, or when the ring could not be built or started (then by
-/// mounting again: once INIT agreed to the ring, the kernel holds every request until each
-/// queue has an entry).
+/// (which serves /dev/fuse) and the ring's queues. `auto` takes /dev/fuse without building a
+/// ring when `enable_uring` is not `Y`, and falls back to it (by mounting again) when INIT did
+/// not agree to the ring or the ring could not be built or started: once INIT agreed to the
+/// ring, the kernel holds every request until each queue has an entry.
 fn start_session(
     core: Arc<DigestFs>,
     cfg: &MountConfig,
@@ -140,54 +143,61 @@ fn start_session(
         }
         (_, _) => Transport::Dev,
     };
-    let (session, why_dev) = match cfg.transport {
-        Transport::Dev => (None, "asked for"),
-        _ if transport == Transport::Dev => (None, "passthrough needs it"),
+    let why_dev = match (cfg.transport, super::uring::offered()) {
+        (Transport::Dev, _) => "asked for",
+        _ if transport == Transport::Dev => "passthrough needs it",
+        (Transport::IoUring, offered) if offered != Some(true) => {
+            return Err(format!("--transport io-uring: {}", not_offered(offered)))
+        }
+        (_, offered) if offered != Some(true) => not_offered(offered),
         _ => match try_session(&core, cfg, transport) {
-            Ok(Attempt::Ring(session, ring)) => return Ok((session, Some(ring))),
-            Ok(Attempt::NotOffered(session)) => {
-                (Some(session), "the kernel does not offer io_uring")
-            }
+            Ok(Some((session, ring))) => return Ok((session, Some(ring))),
+            Ok(None) => "INIT did not agree to io_uring",
             Err(e) if transport == Transport::IoUring => return Err(e),
             Err(e) => {
                 log::warn!("{e}");
-                (None, "the ring did not start")
+                "the ring did not start"
             }
         },
     };
-    let session = match session {
-        Some(s) => s,
-        None => mount_session(&core, cfg, Transport::Dev, None)?,
-    };
+    let session = mount_session(&core, cfg, Transport::Dev, None)?;
     log::info!("FUSE transport: /dev/fuse ({why_dev})");
     let _ = cfg.transport_used.name.set("dev");
     Ok((session, None))
 }
 
-enum Attempt {
-    Ring(fuser::Session<FuseAdapter>, Ring),
-    /// INIT did not offer the ring (`auto`): a session over /dev/fuse.
-    NotOffered(fuser::Session<FuseAdapter>),
+/// Why the kernel does not offer the ring, from [`super::uring::offered`].
+fn not_offered(offered: Option<bool>) -> &'static str {
+    match offered {
+        None => "this kernel has no FUSE over io_uring (Linux 6.14+)",
+        _ => "the kernel does not offer io_uring (/sys/module/fuse/parameters/enable_uring is N; root may set it to Y)",
+    }
 }
 
 /// One mount over the ring: its queues built first, then INIT asking for the ring, then the
-/// queues started. Anything that fails after the mount unmounts it (the session drops).
+/// queues started. Anything that fails after the mount unmounts it (the session drops). `None`
+/// when INIT did not agree to the ring (`auto`): unmounted again, since a session meant for
+/// the ring reads /dev/fuse with one thread only.
 fn try_session(
     core: &Arc<DigestFs>,
     cfg: &MountConfig,
     transport: Transport,
-) -> Result<Attempt, String> {
+) -> Result<Option<(fuser::Session<FuseAdapter>, Ring)>, String> {
     let mp = &cfg.mountpoint;
     let failed = |e: std::io::Error| format!("FUSE over io_uring on {}: {e}", mp.display());
     let on_fatal: super::uring::OnFatal = {
         let mp = mp.clone();
         Arc::new(move || {
             if let Err(e) = os::abort_fuse_connection(&mp) {
-                // The kernel ends the connection when its last descriptor closes.
+                // The kernel ends the connection when its last descriptor closes, which exit
+                // does; detached first, so that no dead mount is left at the mountpoint.
                 log::error!(
-                    "aborting the FUSE connection of {}: {e}; exiting instead",
+                    "aborting the FUSE connection of {}: {e}; detaching the mount and exiting",
                     mp.display()
                 );
+                if let Err(e) = os::unmount(&mp, true) {
+                    log::error!("detaching {}: {e}", mp.display());
+                }
                 std::process::exit(1);
             }
         })
@@ -196,7 +206,7 @@ fn try_session(
         core.clone(),
         cfg.ttl,
         super::adapter::MAX_READ as usize,
-        cfg.threads.max(1),
+        cfg.queue_depth,
         cfg.transport_used.clone(),
         on_fatal,
     )
@@ -215,7 +225,8 @@ fn try_session(
     let session = mount_session(core, cfg, transport, Some(granted.clone()))?;
     if !granted.load(Ordering::SeqCst) {
         // `auto` only (`io-uring` fails INIT instead); the queues end with `prepared`.
-        return Ok(Attempt::NotOffered(session));
+        drop(session);
+        return Ok(None);
     }
     let ring = match prepared.start(session.as_fd()) {
         Ok(ring) => ring,
@@ -229,12 +240,13 @@ fn try_session(
         }
     };
     log::info!(
-        "FUSE transport: io-uring ({} queues, {} threads)",
+        "FUSE transport: io-uring ({} queues of {} entries)",
         ring.queues(),
-        ring.threads()
+        ring.depth()
     );
     let _ = cfg.transport_used.name.set("io-uring");
-    Ok(Attempt::Ring(session, ring))
+    let _ = cfg.transport_used.ring.set((ring.queues(), ring.depth()));
+    Ok(Some((session, ring)))
 }
 
 /// Mounts and runs INIT, asking for the ring when `granted` is given (and set if INIT agreed).
@@ -260,8 +272,15 @@ fn mount_session(
     } else {
         SessionACL::Owner
     };
-    config.n_threads = Some(cfg.threads.max(1));
-    config.clone_fd = cfg.threads > 1;
+    // Over the ring /dev/fuse carries only forgets, interrupts and what came before the ring
+    // was ready: one reader.
+    let threads = if granted.is_some() {
+        1
+    } else {
+        cfg.threads.max(1)
+    };
+    config.n_threads = Some(threads);
+    config.clone_fd = threads > 1;
     let (transport, granted) = match granted {
         Some(g) => (transport, g),
         None => (Transport::Dev, Arc::new(AtomicBool::new(false))),

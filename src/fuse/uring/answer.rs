@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use super::wire::{self, InHeader, Writer};
-use crate::fs::{DigestFs, FileKind, FsError};
+use crate::fs::{DigestFs, DirEntryOut, FileKind, FsError};
 
 /// A reply's payload length, or the errno to answer.
 pub type Answer = Result<usize, i32>;
@@ -80,13 +80,9 @@ pub fn answer(
             let plus = h.opcode == wire::FUSE_READDIRPLUS;
             let limit = size.min(payload.len());
             let mut w = Writer::new(&mut payload[..limit]);
+            // The core's callback answers "full", as fuser's `ReplyDirectory::add` does.
             core.readdir(h.nodeid, offset, plus, |e| {
-                let fitted = match &e.attr {
-                    Some(a) => w.direntplus(a, e.next_offset, e.name, ttl),
-                    None => w.dirent(e.ino, e.next_offset, e.kind, e.name),
-                };
-                // The core's callback answers "full", as fuser's `ReplyDirectory::add` does.
-                !fitted
+                !dir_record(&mut w, plus, e, ttl)
             })
             .map_err(errno)?;
             Ok(w.len())
@@ -130,6 +126,17 @@ pub fn answer(
         | wire::FUSE_SETXATTR
         | wire::FUSE_REMOVEXATTR => Err(libc::EROFS),
         _ => Err(libc::ENOSYS),
+    }
+}
+
+/// Appends one listing record, of the kind the opcode asks for: the kernel parses every record
+/// of a READDIRPLUS reply as a `fuse_direntplus`, whether or not the entry has attributes (one
+/// without gets a zero node id, which the kernel links to nothing). False if it does not fit.
+pub(super) fn dir_record(w: &mut Writer, plus: bool, e: &DirEntryOut, ttl: Duration) -> bool {
+    if plus {
+        w.direntplus(e.attr.as_ref(), e.ino, e.next_offset, e.kind, e.name, ttl)
+    } else {
+        w.dirent(e.ino, e.next_offset, e.kind, e.name)
     }
 }
 

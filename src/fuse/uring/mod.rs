@@ -1,14 +1,29 @@
 //! FUSE over io_uring (Linux 6.14+, `enable_uring`): after INIT over `/dev/fuse`, one queue per
-//! possible CPU, served by threads pinned to that CPU, answers requests with COMMIT_AND_FETCH:
-//! the reply and the wait for the next request are one submission, and a request is served on
-//! the CPU that made it. Each thread has its own io_uring and lends the kernel one entry: the
-//! kernel gives a request only to an idle thread, so a slow one (a cold disk read, a remote
-//! fetch) holds up nothing else, as with `--threads` readers of /dev/fuse. (libfuse serves a
-//! queue of 8 entries from one thread, which queues every request behind the slowest.)
-//! `/dev/fuse` is still served by fuser's session for what the kernel sends there: forgets and
-//! interrupts. Once INIT has agreed to the ring, the kernel holds every request until each
-//! queue has an entry, so the rings are built before INIT ([`Ring::prepare`]) and a queue that
-//! cannot go on aborts the connection rather than leave its CPU's readers waiting.
+//! possible CPU answers that CPU's requests with COMMIT_AND_FETCH: the reply and the wait for
+//! the next request are one submission, and a request is served on the CPU that made it.
+//!
+//! What it does:
+//! - **Several entries per queue** (`--queue-depth`, as libfuse's `io_uring_q_depth`). Each
+//!   entry is served by a thread of its own, pinned to the queue's CPU, with its own ring. The
+//!   kernel hands a request to any idle entry of the caller's CPU's queue, and never to another
+//!   queue, so a request that waits on the disk or the network holds only its own entry: up to
+//!   depth - 1 such requests from one CPU leave the others served. (libfuse serves its 8
+//!   entries from one thread, which queues each behind the slowest.)
+//! - The fuse fd is a fixed file of each ring, as libfuse registers it.
+//! - The rings are built before INIT ([`Ring::prepare`]): once INIT agrees to the ring, the
+//!   kernel holds every request until each queue has an entry.
+//! - Every end of the connection ends the queues: an unmount or abort ends each entry with
+//!   ENOTCONN, ECONNABORTED or ECANCELED, and the queue's thread returns. A queue that cannot
+//!   go on (a command the kernel refuses, a panic in its thread) aborts the connection through
+//!   fusectl, or detaches the mount and exits if that fails, so that no reader waits on a
+//!   CPU whose queue is gone and no dead mount is left behind.
+//!
+//! What it does not do:
+//! - `/dev/fuse` is still read, by one fuser thread: the kernel sends forgets, interrupts and
+//!   requests queued before the ring was ready there.
+//! - No passthrough opens (they need a backing id from /dev/fuse; see fuse/mount.rs).
+//! - Reads are synchronous within an entry: a depth of E overlaps at most E of one CPU's
+//!   requests.
 //!
 //! Why our own decoding rather than fuser's: fuser 0.18 has no ring transport and its request
 //! parsing and reply senders are private, so the ring cannot hand it a request. A read-only
@@ -28,9 +43,7 @@ use std::time::Duration;
 
 use crate::fs::DigestFs;
 
-/// Entries per thread; each lends the kernel a payload of `max_payload`.
-const DEPTH: usize = 1;
-/// Times in a row the kernel may end an entry with an unexpected error before its queue gives
+/// Times in a row the kernel may ask for a command again (EINTR, EAGAIN) before the queue gives
 /// up (and aborts the connection).
 const RETRIES: u32 = 3;
 
@@ -43,6 +56,7 @@ pub type OnFatal = Arc<dyn Fn() + Send + Sync>;
 /// Queues built and waiting for the FUSE connection ([`Prepared::start`]).
 pub struct Prepared {
     queues: usize,
+    depth: usize,
     threads: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<OwnedFd>)>,
     reports: mpsc::Receiver<io::Result<()>>,
 }
@@ -50,25 +64,43 @@ pub struct Prepared {
 /// The running queues.
 pub struct Ring {
     queues: usize,
+    depth: usize,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// What the kernel counts as its queues: one per possible CPU (`num_possible_cpus()`).
-pub fn possible_cpus() -> usize {
-    let counted = std::fs::read_to_string("/sys/devices/system/cpu/possible")
-        .ok()
-        .and_then(|s| {
-            s.trim()
-                .split(',')
-                .map(|range| {
-                    let (a, b) = range.split_once('-').unwrap_or((range, range));
-                    Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?)
-                })
-                .sum::<Option<usize>>()
-        });
-    counted
+/// Whether the kernel offers the ring: the fuse module's `enable_uring` is `Y`. `None` when the
+/// kernel has no such parameter (no FUSE over io_uring at all).
+pub fn offered() -> Option<bool> {
+    let v = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring").ok()?;
+    Some(v.trim() == "Y")
+}
+
+/// What the kernel counts as its queues: one per possible CPU (`num_possible_cpus()`), from
+/// `/sys/devices/system/cpu/possible`. No guess when that cannot be read: a count below the
+/// kernel's would leave a queue without entries, and the kernel would hold every request.
+pub fn possible_cpus() -> io::Result<usize> {
+    let path = "/sys/devices/system/cpu/possible";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading {path}: {e}")))?;
+    parse_cpu_list(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path} is not a CPU list: {:?}", text.trim()),
+        )
+    })
+}
+
+/// The number of CPUs in a list such as `0-3,8,10-11`.
+fn parse_cpu_list(text: &str) -> Option<usize> {
+    text.trim()
+        .split(',')
+        .map(|range| {
+            let (a, b) = range.split_once('-').unwrap_or((range, range));
+            let (a, b) = (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
+            (b + 1).checked_sub(a).filter(|&n| n > 0)
+        })
+        .sum::<Option<usize>>()
         .filter(|&n| n > 0)
-        .unwrap_or_else(sys::configured_cpus)
 }
 
 fn wait_reports(rx: &mpsc::Receiver<io::Result<()>>, n: usize, what: &str) -> io::Result<()> {
@@ -78,7 +110,12 @@ fn wait_reports(rx: &mpsc::Receiver<io::Result<()>>, n: usize, what: &str) -> io
         match rx.recv_timeout(left) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(io::Error::other(format!(
+                    "a ring queue ended before it could {what}"
+                )))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 return Err(io::Error::other(format!(
                     "the ring queues did not {what} within 10 s"
                 )))
@@ -89,46 +126,44 @@ fn wait_reports(rx: &mpsc::Receiver<io::Result<()>>, n: usize, what: &str) -> io
 }
 
 impl Ring {
-    /// Builds a queue per possible CPU, `threads` threads in all (at least one per queue), each
-    /// with its ring and buffers; before INIT, so that the mount asks the kernel for the ring
-    /// only once it is sure to have one. `max_payload` is at least the connection's largest
-    /// request or reply (the max_write and max_pages INIT will agree to).
+    /// Builds a queue per possible CPU with `depth` entries each (a thread, a ring and buffers
+    /// per entry); before INIT, so that the mount asks the kernel for the ring only once it is
+    /// sure to have one. `max_payload` is at least the connection's largest request or reply
+    /// (the max_write and max_pages INIT will agree to).
     pub fn prepare(
         core: Arc<DigestFs>,
         ttl: Duration,
         max_payload: usize,
-        threads: usize,
+        depth: usize,
         stats: Arc<super::TransportInfo>,
         on_fatal: OnFatal,
     ) -> io::Result<Prepared> {
-        let queues = possible_cpus();
-        let per_queue = threads.div_ceil(queues).max(1);
+        let queues = possible_cpus()?;
+        let depth = depth.max(1);
         let (tx, reports) = mpsc::channel::<io::Result<()>>();
-        let mut handles = Vec::with_capacity(queues * per_queue);
+        let mut handles = Vec::with_capacity(queues * depth);
         for qid in 0..queues {
-            for k in 0..per_queue {
+            for k in 0..depth {
                 let (fd_tx, fd_rx) = mpsc::channel();
-                let (core, tx, stats) = (core.clone(), tx.clone(), stats.clone());
-                let on_fatal = on_fatal.clone();
+                let server = QueueThread {
+                    qid,
+                    core: core.clone(),
+                    ttl,
+                    stats: stats.clone(),
+                    on_fatal: on_fatal.clone(),
+                };
+                let tx = tx.clone();
                 let thread = std::thread::Builder::new()
                     .name(format!("fuse-ring-{qid}.{k}"))
-                    .spawn(move || {
-                        let server = QueueThread {
-                            qid,
-                            core,
-                            ttl,
-                            stats,
-                            on_fatal,
-                        };
-                        server.run(max_payload, tx, fd_rx)
-                    })?;
+                    .spawn(move || server.run_guarded(max_payload, tx, fd_rx))?;
                 handles.push((thread, fd_tx));
             }
         }
         drop(tx);
-        wait_reports(&reports, handles.len(), "build their rings")?;
+        wait_reports(&reports, handles.len(), "build its ring")?;
         Ok(Prepared {
             queues,
+            depth,
             threads: handles,
             reports,
         })
@@ -138,8 +173,8 @@ impl Ring {
         self.queues
     }
 
-    pub fn threads(&self) -> usize {
-        self.threads.len()
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 
     /// Waits (up to `limit`) for the queues to end, which they do once the connection is gone.
@@ -171,12 +206,13 @@ impl Prepared {
         wait_reports(&self.reports, self.threads.len(), "register")?;
         Ok(Ring {
             queues: self.queues,
+            depth: self.depth,
             threads: self.threads.into_iter().map(|(t, _)| t).collect(),
         })
     }
 }
 
-/// One thread of a queue (the ring and entries it lends are its `sys::Queue`).
+/// The server of one entry of a queue (the ring and entry it lends are its `sys::Queue`).
 struct QueueThread {
     qid: usize,
     core: Arc<DigestFs>,
@@ -185,93 +221,147 @@ struct QueueThread {
     on_fatal: OnFatal,
 }
 
+/// How a queue's thread ended.
+enum End {
+    /// Before the connection was handed over (never started, or refused): reported to
+    /// [`Prepared`], nothing lent.
+    NotStarted,
+    /// The connection is gone (unmounted, aborted): nothing waits on this queue.
+    Closed,
+}
+
 impl QueueThread {
-    fn run(
+    /// [`QueueThread::run`], guarded by [`guarded`].
+    fn run_guarded(
         &self,
         max_payload: usize,
         report: mpsc::Sender<io::Result<()>>,
         fuse: mpsc::Receiver<OwnedFd>,
     ) {
+        guarded(self.qid, &self.on_fatal, &report, |started| {
+            self.run(max_payload, &report, fuse, started)
+        })
+    }
+
+    fn run(
+        &self,
+        max_payload: usize,
+        report: &mpsc::Sender<io::Result<()>>,
+        fuse: mpsc::Receiver<OwnedFd>,
+        started: &std::cell::Cell<bool>,
+    ) -> io::Result<End> {
         let qid = self.qid;
         if let Err(e) = sys::pin_to_cpu(qid) {
             log::debug!("ring queue {qid}: not pinned to CPU {qid}: {e}");
         }
         let built = u16::try_from(qid)
             .map_err(|_| io::Error::other("too many CPUs for the ring"))
-            .and_then(|q| sys::Queue::new(q, DEPTH, max_payload));
+            .and_then(|q| sys::Queue::new(q, 1, max_payload));
         let mut q = match built {
             Ok(q) => q,
             Err(e) => {
                 let _ = report.send(Err(e));
-                return;
+                return Ok(End::NotStarted);
             }
         };
         let _ = report.send(Ok(()));
         // Never started (the kernel did not agree to the ring): nothing was lent.
         let Ok(fd) = fuse.recv() else {
-            return;
+            return Ok(End::NotStarted);
         };
-        q.attach(fd);
-        let mut done = match register_all(&mut q, qid) {
+        let registered = q.attach(fd).and_then(|()| register_all(&mut q, qid));
+        let mut done = match registered {
             Ok(done) => done,
             Err(e) => {
                 let _ = report.send(Err(e));
-                return;
+                return Ok(End::NotStarted);
             }
         };
+        started.set(true);
         let _ = report.send(Ok(()));
-        drop(report);
-        if let Err(e) = self.serve(&mut q, &mut done) {
-            log::error!(
-                "FUSE ring queue {qid}: {e}; ending the connection so that no reader waits"
-            );
-            (self.on_fatal)();
-        }
+        self.serve(&mut q, &mut done)
     }
 
-    fn serve(&self, q: &mut sys::Queue, done: &mut Vec<(usize, i32)>) -> io::Result<()> {
-        let qid = self.qid;
+    fn serve(&self, q: &mut sys::Queue, done: &mut Vec<(usize, i32)>) -> io::Result<End> {
         // The commit id each entry last sent (0: a REGISTER), to resend a command the kernel
-        // asks us to retry; and how many times in a row the kernel refused it.
+        // asks us to retry; and how many times in a row it asked.
         let mut last = vec![0u64; q.depth()];
-        let mut refused = vec![0u32; q.depth()];
+        let mut retried = vec![0u32; q.depth()];
         loop {
             for &(i, res) in done.iter() {
                 match res {
                     0 => {
-                        refused[i] = 0;
+                        retried[i] = 0;
                         self.stats.ring_requests.fetch_add(1, Ordering::Relaxed);
                         serve_one(q, i, &self.core, self.ttl, &mut last[i])?;
                     }
-                    r if r == -libc::EINTR || r == -libc::EAGAIN => match last[i] {
-                        0 => q.register(i)?,
-                        id => q.commit_and_fetch(i, id)?,
-                    },
-                    // The connection is gone (unmounted, aborted): the entry is ours for good.
-                    r if r == -libc::ENOTCONN => {}
-                    r => {
-                        refused[i] += 1;
-                        let e = io::Error::from_raw_os_error(-r);
-                        if refused[i] > RETRIES {
-                            return Err(io::Error::other(format!(
-                                "the kernel keeps ending its entry: {e}"
-                            )));
+                    r if is_connection_end(-r) => {}
+                    r if (r == -libc::EINTR || r == -libc::EAGAIN) && retried[i] < RETRIES => {
+                        retried[i] += 1;
+                        match last[i] {
+                            0 => q.register(i)?,
+                            id => q.commit_and_fetch(i, id)?,
                         }
-                        // Lent again, so this CPU's requests keep a server; a reply the kernel
-                        // refused is lost to it either way (its request ends with an error).
-                        log::warn!("FUSE ring queue {qid}: the kernel ended an entry with {e}; registering it again");
-                        last[i] = 0;
-                        q.register(i)?;
+                    }
+                    // Registering the entry again would leave a second kernel entry over the
+                    // same buffers (the refused one stays the kernel's): end it all instead.
+                    r => {
+                        let what = if last[i] == 0 {
+                            "REGISTER"
+                        } else {
+                            "COMMIT_AND_FETCH"
+                        };
+                        return Err(io::Error::other(format!(
+                            "the kernel refused {what}: {}",
+                            io::Error::from_raw_os_error(-r)
+                        )));
                     }
                 }
             }
             if q.lent() == 0 {
-                log::debug!("FUSE ring queue {qid}: no entry left with the kernel; the queue ends");
-                return Ok(());
+                log::debug!(
+                    "FUSE ring queue {}: the connection ended; the queue ends",
+                    self.qid
+                );
+                return Ok(End::Closed);
             }
             q.wait(done)?;
         }
     }
+}
+
+/// Runs a queue's thread. Once it has lent its entries (`started`), any way it fails (an
+/// error, a panic anywhere in it) ends the connection: otherwise this CPU's requests would
+/// wait. Before that nothing was lent: the failure is reported, and the ring is refused.
+fn guarded(
+    qid: usize,
+    on_fatal: &OnFatal,
+    report: &mpsc::Sender<io::Result<()>>,
+    run: impl FnOnce(&std::cell::Cell<bool>) -> io::Result<End>,
+) {
+    let started = std::cell::Cell::new(false);
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&started)));
+    let why = match res {
+        Ok(Ok(End::NotStarted | End::Closed)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "its thread panicked".to_string(),
+    };
+    if started.get() {
+        log::error!("FUSE ring queue {qid}: {why}; ending the connection so that no reader waits");
+        on_fatal();
+    } else {
+        let _ = report.send(Err(io::Error::other(format!("ring queue {qid}: {why}"))));
+    }
+}
+
+/// What the kernel ends an entry with when its connection goes: ENOTCONN (unmounted, or the
+/// queue stopped), ECONNABORTED (aborted), ECANCELED (the ring's commands cancelled on exit),
+/// ENODEV (gone before the command ran).
+fn is_connection_end(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED | libc::ENODEV
+    )
 }
 
 /// Lends every entry of `q` to the kernel, and takes the completions that came at once: a

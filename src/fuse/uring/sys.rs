@@ -4,7 +4,6 @@
 //! command's completion arrives; [`Queue`] tracks that ownership per entry and only hands out
 //! an entry's bytes while we own it, so the safe code above never races the kernel's writes.
 
-use std::alloc::Layout;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -23,22 +22,47 @@ pub const ENT_AT: usize = 256;
 const HEADER_STRIDE: usize = 4096;
 const PAGE: usize = 4096;
 
-/// Zeroed, page-aligned memory that the kernel may write into.
+/// Zeroed, page-aligned memory that the kernel may write into: mapped anonymous memory, not the
+/// allocator's. Buffers of a MiB from malloc are mmapped by glibc, and freeing one raises its
+/// dynamic mmap threshold to that size for the rest of the process: every later allocation
+/// below a MiB (/dev/fuse read replies, among them) then comes from the thread arenas, which
+/// keep what they grew. That is what made `auto` hold 5-9x the heap of `dev` after it built
+/// and dropped the rings. Mapped memory also costs nothing until the kernel or a reply
+/// touches it.
 struct Region {
     ptr: *mut u8,
-    layout: Layout,
+    len: usize,
 }
 
 impl Region {
     fn new(len: usize) -> io::Result<Region> {
-        let layout = Layout::from_size_align(len.max(PAGE), PAGE)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        let len = len.max(PAGE).div_ceil(PAGE) * PAGE;
+        // SAFETY: an anonymous private mapping at no fixed address touches no existing memory.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
         }
-        Ok(Region { ptr, layout })
+        Ok(Region {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// An empty region whose drop frees nothing (stands in for a leaked one).
+    fn dangling() -> Region {
+        Region {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        }
     }
 }
 
@@ -47,9 +71,9 @@ impl Drop for Region {
         if self.ptr.is_null() {
             return;
         }
-        // SAFETY: allocated in `Region::new` with this layout; `Queue::drop` leaks the region
+        // SAFETY: mapped in `Region::new` with this length; `Queue::drop` leaks the region
         // instead of dropping it while the kernel may still write into it.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -115,22 +139,26 @@ impl Queue {
         self.in_kernel.len()
     }
 
-    /// The initialised FUSE connection the entries are for.
-    pub fn attach(&mut self, fuse: OwnedFd) {
+    /// The initialised FUSE connection the entries are for, registered with the ring as its
+    /// fixed file 0 (so no command looks the descriptor up, as libfuse does).
+    pub fn attach(&mut self, fuse: OwnedFd) -> io::Result<()> {
+        self.ring
+            .submitter()
+            .register_files(&[fuse.as_raw_fd()])
+            .map_err(|e| io::Error::new(e.kind(), format!("registering the fuse fd: {e}")))?;
         self.fuse = Some(fuse);
+        Ok(())
     }
 
     fn command(&self, i: usize, cmd_op: u32, commit_id: u64) -> io::Result<Entry128> {
-        let fd = self
-            .fuse
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the queue has no FUSE connection yet"))?
-            .as_raw_fd();
+        if self.fuse.is_none() {
+            return Err(io::Error::other("the queue has no FUSE connection yet"));
+        }
         // `struct fuse_uring_cmd_req { u64 flags; u64 commit_id; u16 qid; u8 pad[6]; }`.
         let mut cmd = [0u8; 80];
         cmd[8..16].copy_from_slice(&commit_id.to_ne_bytes());
         cmd[16..18].copy_from_slice(&self.qid.to_ne_bytes());
-        let mut op = opcode::UringCmd80::new(types::Fd(fd), cmd_op).cmd(cmd);
+        let mut op = opcode::UringCmd80::new(types::Fixed(0), cmd_op).cmd(cmd);
         if cmd_op == CMD_REGISTER {
             op = op.addr(Some(self.iovecs[i].as_ptr() as u64));
         }
@@ -245,22 +273,6 @@ impl Drop for Queue {
             std::mem::forget(std::mem::take(&mut self.iovecs));
         }
     }
-}
-
-impl Region {
-    /// An empty region whose drop frees nothing (stands in for a leaked one).
-    fn dangling() -> Region {
-        Region {
-            ptr: std::ptr::null_mut(),
-            layout: Layout::new::<()>(),
-        }
-    }
-}
-
-/// The CPUs the system is configured with (at least 1).
-pub fn configured_cpus() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).max(1) as usize
 }
 
 /// Pins the calling thread to `cpu`, so a queue serves the CPU its requests come from.

@@ -359,3 +359,138 @@ fn xattrs_answer_their_size_then_their_value_or_erange() {
         "{list:?}"
     );
 }
+
+/// A READDIRPLUS reply parsed as the kernel's `parse_dirplusfile` does: every record a
+/// `fuse_direntplus` (entry_out, then a dirent and its name padded to 8), each consumed whole.
+/// (node id of the entry_out, dirent ino, name) per record.
+fn kernel_parse_dirplus(mut buf: &[u8]) -> Vec<(u64, u64, String)> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let base = wire::ENTRY_OUT_LEN;
+        assert!(
+            buf.len() >= base + 24,
+            "a record cut short: {} bytes",
+            buf.len()
+        );
+        let namelen = wire::u32_at(buf, base + 16).unwrap() as usize;
+        let reclen = (base + 24 + namelen).div_ceil(8) * 8;
+        assert!(
+            namelen > 0 && namelen <= 255 && reclen <= buf.len(),
+            "a malformed record"
+        );
+        let name = String::from_utf8(buf[base + 24..base + 24 + namelen].to_vec()).unwrap();
+        out.push((ino_of(buf), wire::u64_at(buf, base).unwrap(), name));
+        buf = &buf[reclen..];
+    }
+    out
+}
+
+#[test]
+fn readdirplus_records_are_direntplus_even_without_attributes() {
+    let f = fixture();
+    let attr = f.core.getattr(ROOT_INO).unwrap();
+    let entry = |name, attr| crate::fs::DirEntryOut {
+        ino: 42,
+        next_offset: 3,
+        kind: crate::fs::FileKind::File,
+        name,
+        attr,
+    };
+    let mut buf = vec![0u8; 4096];
+    let mut w = wire::Writer::new(&mut buf);
+    assert!(super::answer::dir_record(
+        &mut w,
+        true,
+        &entry("bare", None),
+        TTL
+    ));
+    assert!(super::answer::dir_record(
+        &mut w,
+        true,
+        &entry("full", Some(attr)),
+        TTL
+    ));
+    let n = w.len();
+    // Without attributes: node id 0 (the kernel links nothing), the dirent still names it.
+    assert_eq!(
+        kernel_parse_dirplus(&buf[..n]),
+        vec![
+            (0, 42, "bare".to_string()),
+            (attr.ino, 42, "full".to_string())
+        ]
+    );
+    // A plain READDIR record of the same entry is the dirent alone.
+    let mut plain = vec![0u8; 64];
+    let mut w = wire::Writer::new(&mut plain);
+    assert!(super::answer::dir_record(
+        &mut w,
+        false,
+        &entry("bare", None),
+        TTL
+    ));
+    assert_eq!(w.len(), 32);
+    // And a whole listing over the ring parses as the kernel parses it.
+    let v = ino_of(&lookup(&f.core, ROOT_INO, "v").unwrap());
+    let lib = ino_of(&lookup(&f.core, v, "lib").unwrap());
+    let page = ask(
+        &f.core,
+        wire::FUSE_READDIRPLUS,
+        lib,
+        &read_in(0, 0, 4096),
+        &[],
+    )
+    .unwrap();
+    let records = kernel_parse_dirplus(&page);
+    assert_eq!(records[0].2, ".");
+    assert_eq!(records[2].2, "a.jar");
+    for (nodeid, ino, name) in &records[2..] {
+        assert_eq!(nodeid, ino, "{name}");
+    }
+}
+
+#[test]
+fn cpu_lists_count_as_the_kernel_counts_them_or_not_at_all() {
+    use super::parse_cpu_list;
+    assert_eq!(parse_cpu_list("0-1\n"), Some(2));
+    assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(7));
+    assert_eq!(parse_cpu_list("0"), Some(1));
+    // No guess from anything else: a short count would leave a queue without entries.
+    for bad in ["", "x", "3-1", "0-", "0,,1"] {
+        assert_eq!(parse_cpu_list(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn a_queue_that_fails_once_serving_ends_the_connection_and_before_refuses_the_ring() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let on_fatal: super::OnFatal = {
+        let calls = calls.clone();
+        Arc::new(move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    // A panic, and an error, after the entries were lent: the connection is ended, each time.
+    super::guarded(0, &on_fatal, &tx, |started| {
+        started.set(true);
+        panic!("a bug outside answer")
+    });
+    super::guarded(0, &on_fatal, &tx, |started| {
+        started.set(true);
+        Err(std::io::Error::other("refused"))
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert!(rx.try_recv().is_err(), "nothing to report once started");
+    // Before: nothing was lent, so the failure is reported and the connection left alone.
+    super::guarded(1, &on_fatal, &tx, |_| panic!("while building"));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let e = rx.try_recv().unwrap().unwrap_err();
+    assert!(e.to_string().contains("ring queue 1"), "{e}");
+    // A queue whose connection ended is no failure.
+    super::guarded(0, &on_fatal, &tx, |started| {
+        started.set(true);
+        Ok(super::End::Closed)
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -199,13 +199,26 @@ impl<'a> Writer<'a> {
         true
     }
 
-    /// One `struct fuse_direntplus`; false (and nothing written) if it does not fit.
-    pub fn direntplus(&mut self, a: &Attr, next: u64, name: &str, ttl: Duration) -> bool {
+    /// One `struct fuse_direntplus`: the entry's attributes, or without them a zeroed
+    /// `fuse_entry_out` (node id 0, which the kernel links to nothing); false (and nothing
+    /// written) if it does not fit.
+    pub fn direntplus(
+        &mut self,
+        attr: Option<&Attr>,
+        ino: u64,
+        next: u64,
+        kind: FileKind,
+        name: &str,
+        ttl: Duration,
+    ) -> bool {
         if self.room() < ENTRY_OUT_LEN + padded(DIRENT_LEN + name.len()) {
             return false;
         }
-        self.entry_out(a, ttl);
-        self.dirent_unchecked(a.ino, next, a.kind, name);
+        match attr {
+            Some(a) => self.entry_out(a, ttl),
+            None => self.bytes(&[0u8; ENTRY_OUT_LEN]),
+        }
+        self.dirent_unchecked(ino, next, kind, name);
         true
     }
 
