@@ -33,10 +33,7 @@ fn digest_of(bytes: &[u8]) -> String {
 
 #[test]
 fn blobs_deleted_while_open_and_while_not() {
-    for args in [
-        &["--passthrough", "off"][..],
-        &["--passthrough", "on", "--transport", "dev"][..],
-    ] {
+    for args in [&["--passthrough", "off"][..], &["--passthrough", "on"][..]] {
         let m = Mount::fixture(&[("lib", JAR_TREE)], args);
         let store = store_of(&m);
         // Open and partly read a large jar, then let "GC" delete its blob.

@@ -127,10 +127,8 @@ fn every_file_hashes_to_its_digest() {
 
 #[test]
 fn passthrough_serves_large_blobs() {
-    let m = Mount::fixture(
-        &[("jvm", JAR_TREE)],
-        &["--passthrough", "on", "--transport", "dev"],
-    );
+    // Over this run's transport: over io-uring the opens and their backing ids go by the ring.
+    let (m, socket) = Mount::fixture_with_control(&[("jvm", JAR_TREE)], &["--passthrough", "on"]);
     for (path, kind) in &manifest()[JAR_TREE] {
         if let Kind::File { digest, .. } = kind {
             let bytes = std::fs::read(m.path("jvm").join(path)).unwrap();
@@ -146,6 +144,27 @@ fn passthrough_serves_large_blobs() {
         "{}",
         m.log_text()
     );
+    let status = digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
+        .unwrap()
+        .status
+        .unwrap();
+    // One backing id per large jar opened (the tree's blobs of 512 KiB and more).
+    let large = manifest()[JAR_TREE]
+        .values()
+        .filter(|k| matches!(k, Kind::File { size, .. } if *size >= 524_288))
+        .count() as u64;
+    assert!(large > 0);
+    assert_eq!(status.passthrough_opens, Some(large), "{status:?}");
+    // And the kernel read them itself: the daemon served the small blobs' bytes at most.
+    let small_bytes: u64 = manifest()[JAR_TREE]
+        .values()
+        .filter_map(|k| match k {
+            Kind::File { size, .. } if *size < 524_288 => Some(*size),
+            _ => None,
+        })
+        .sum();
+    assert!(status.read_bytes <= small_bytes, "{status:?}");
+    assert!(status.opens >= large, "{status:?}");
 }
 
 #[test]

@@ -426,6 +426,11 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
                 queues,
                 entries_per_queue,
             }),
+        passthrough_opens: info
+            .transport
+            .name
+            .get()
+            .map(|_| load(&info.transport.passthrough_opens)),
         dev_requests: info
             .transport
             .name

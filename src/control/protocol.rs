@@ -110,6 +110,9 @@ pub struct StatusInfo {
     /// FUSE over io-uring: its queues (one per possible CPU) and the entries each lends.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ring: Option<RingInfo>,
+    /// FUSE: opens answered with a backing id (passthrough), on either transport.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub passthrough_opens: Option<u64>,
     /// FUSE: how many requests were answered over /dev/fuse (forgets and interrupts aside).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dev_requests: Option<u64>,

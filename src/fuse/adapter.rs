@@ -25,7 +25,8 @@ pub struct FuseAdapter {
     core: Arc<DigestFs>,
     ttl: Duration,
     passthrough: Passthrough,
-    passthrough_enabled: AtomicBool,
+    /// Set at INIT; shared with the ring's queues, which answer the opens over io-uring.
+    passthrough_enabled: Arc<AtomicBool>,
     backing: BackingCache<BackingId>,
     transport: Transport,
     /// Set at INIT when the kernel agreed to FUSE over io_uring.
@@ -66,12 +67,13 @@ fn file_type(k: FileKind) -> FileType {
 }
 
 impl FuseAdapter {
-    /// `transport` is what to ask the kernel for at INIT (not `Auto` with passthrough on:
-    /// the ring does not carry passthrough opens); `ring_granted` says whether it agreed.
+    /// `transport` is what to ask the kernel for at INIT; `ring_granted` says whether it
+    /// agreed, `passthrough_enabled` whether passthrough is on.
     pub fn new(
         core: Arc<DigestFs>,
         ttl: Duration,
         passthrough: Passthrough,
+        passthrough_enabled: Arc<AtomicBool>,
         transport: Transport,
         ring_granted: Arc<AtomicBool>,
         stats: Arc<TransportInfo>,
@@ -80,7 +82,7 @@ impl FuseAdapter {
             core,
             ttl,
             passthrough,
-            passthrough_enabled: AtomicBool::new(false),
+            passthrough_enabled,
             backing: BackingCache::default(),
             transport,
             ring_granted,
@@ -103,7 +105,10 @@ impl FuseAdapter {
         reply: &ReplyOpen,
     ) -> Option<Arc<BackingId>> {
         match self.backing.acquire(ino, fh, || reply.open_backing(file)) {
-            Ok(id) => Some(id),
+            Ok(id) => {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                Some(id)
+            }
             Err(e) => {
                 if self.passthrough_enabled.swap(false, Ordering::Relaxed) {
                     log::warn!("FUSE passthrough refused ({e}); serving reads through the daemon");

@@ -132,20 +132,9 @@ fn start_session(
     if !mp.is_dir() {
         return Err(format!("mountpoint {} is not a directory", mp.display()));
     }
-    // The ring does not carry passthrough opens (they need a backing id from /dev/fuse).
-    let transport = match (cfg.transport, cfg.passthrough) {
-        (t, Passthrough::Off) => t,
-        (Transport::IoUring, _) => {
-            return Err(
-                "--transport io-uring does not serve passthrough opens; use --passthrough off or --transport dev"
-                    .into(),
-            )
-        }
-        (_, _) => Transport::Dev,
-    };
-    let why_dev = match (cfg.transport, super::uring::offered()) {
+    let transport = cfg.transport;
+    let why_dev = match (transport, super::uring::offered()) {
         (Transport::Dev, _) => "asked for",
-        _ if transport == Transport::Dev => "passthrough needs it",
         (Transport::IoUring, offered) if offered != Some(true) => {
             return Err(format!("--transport io-uring: {}", not_offered(offered)))
         }
@@ -160,7 +149,7 @@ fn start_session(
             }
         },
     };
-    let session = mount_session(&core, cfg, Transport::Dev, None)?;
+    let session = mount_session(&core, cfg, Transport::Dev, None, Default::default())?;
     log::info!("FUSE transport: /dev/fuse ({why_dev})");
     let _ = cfg.transport_used.name.set("dev");
     Ok((session, None))
@@ -222,13 +211,33 @@ fn try_session(
         ))
     })?;
     let granted = Arc::new(AtomicBool::new(false));
-    let session = mount_session(core, cfg, transport, Some(granted.clone()))?;
+    let passthrough = Arc::new(AtomicBool::new(false));
+    let session = mount_session(
+        core,
+        cfg,
+        transport,
+        Some(granted.clone()),
+        passthrough.clone(),
+    )?;
     if !granted.load(Ordering::SeqCst) {
         // `auto` only (`io-uring` fails INIT instead); the queues end with `prepared`.
         drop(session);
         return Ok(None);
     }
-    let ring = match prepared.start(session.as_fd()) {
+    // The opens come over the ring: it makes the backing ids, with the connection's fd.
+    let opens = match cfg.passthrough {
+        Passthrough::Off => None,
+        _ => {
+            let fd = session.as_fd().try_clone_to_owned().map_err(failed)?;
+            let stats = cfg.transport_used.clone();
+            Some(Arc::new(super::uring::RingOpens::new(
+                passthrough,
+                fd,
+                stats,
+            )))
+        }
+    };
+    let ring = match prepared.start(session.as_fd(), opens) {
         Ok(ring) => ring,
         Err(e) => {
             // Aborted before the session drops: its unmount would otherwise wait on a DESTROY
@@ -255,6 +264,7 @@ fn mount_session(
     cfg: &MountConfig,
     transport: Transport,
     granted: Option<Arc<AtomicBool>>,
+    passthrough: Arc<AtomicBool>,
 ) -> Result<fuser::Session<FuseAdapter>, String> {
     let mp = &cfg.mountpoint;
     let mut config = Config::default();
@@ -290,6 +300,7 @@ fn mount_session(
         core.clone(),
         cfg.ttl,
         cfg.passthrough,
+        passthrough,
         transport,
         granted,
         stats,

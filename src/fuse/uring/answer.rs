@@ -1,9 +1,8 @@
 //! Requests that arrive over the ring, answered from the filesystem core with the same
 //! semantics as the `fuser` adapter on `/dev/fuse` (`../adapter.rs`): the same TTLs, ENOSYS to
-//! open, opendir and flush (zero-message opens: the kernel then keeps page cache and listings
-//! and sends no handle), EROFS for anything that would write, ENOSYS for the rest. Passthrough
-//! is not offered on the ring (the transport is only chosen without it), so opens never need a
-//! backing id. Plain functions over byte slices: the tests call them without a mount.
+//! open (unless passthrough is on), opendir and flush (zero-message opens: the kernel then keeps
+//! page cache and listings and sends no handle), EROFS for anything that would write, ENOSYS
+//! for the rest. Plain functions over byte slices: the tests call them without a mount.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -25,6 +24,7 @@ fn errno(e: FsError) -> i32 {
 pub fn answer(
     core: &DigestFs,
     ttl: Duration,
+    opens: Option<&super::RingOpens>,
     h: &InHeader,
     op_in: &[u8],
     payload: &mut [u8],
@@ -53,8 +53,17 @@ pub fn answer(
         }
         wire::FUSE_OPEN => {
             let flags = wire::u32_at(op_in, 0).ok_or(libc::EINVAL)? as i32;
-            core.check_open(h.nodeid, flags).map_err(errno)?;
-            Err(libc::ENOSYS)
+            let Some(opens) = opens.filter(|o| o.enabled()) else {
+                core.check_open(h.nodeid, flags).map_err(errno)?;
+                return Err(libc::ENOSYS);
+            };
+            // With passthrough, as the adapter: a handle per open, large blobs backed by their
+            // file, LMDB blobs kept in the page cache across opens.
+            let (fh, blob) = core.open(h.nodeid, flags).map_err(errno)?;
+            let backing = blob.file().and_then(|f| opens.backing_for(h.nodeid, fh, f));
+            let mut w = Writer::new(payload);
+            w.open_out(fh, backing);
+            Ok(w.len())
         }
         wire::FUSE_READ => {
             let fh = wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?;
@@ -65,7 +74,11 @@ pub fn answer(
             core.read_into(h.nodeid, fh, offset, buf).map_err(errno)
         }
         wire::FUSE_RELEASE => {
-            core.release(wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?);
+            let fh = wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?;
+            core.release(fh);
+            if let Some(opens) = opens {
+                opens.release(fh);
+            }
             Ok(0)
         }
         wire::FUSE_FLUSH => Err(libc::ENOSYS),

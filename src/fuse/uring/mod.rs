@@ -21,7 +21,9 @@
 //! What it does not do:
 //! - `/dev/fuse` is still read, by one fuser thread: the kernel sends forgets, interrupts and
 //!   requests queued before the ring was ready there.
-//! - No passthrough opens (they need a backing id from /dev/fuse; see fuse/mount.rs).
+//! - Passthrough opens (`--passthrough`): a backing id is made by an ioctl on the connection's
+//!   fd, once per inode and kept while any handle of it is open ([`RingOpens`]); the OPEN reply
+//!   that carries it is committed over the ring like any other.
 //! - Reads are synchronous within an entry: a depth of E overlaps at most E of one CPU's
 //!   requests.
 //!
@@ -49,6 +51,59 @@ const RETRIES: u32 = 3;
 
 pub use answer::answer;
 
+/// Opens over the ring with passthrough: whether INIT agreed to it (shared with the /dev/fuse
+/// adapter, which set it), the connection's fd for the backing ids, and the ids by inode.
+pub struct RingOpens {
+    on: Arc<std::sync::atomic::AtomicBool>,
+    fuse: Arc<OwnedFd>,
+    backing: super::backing::BackingCache<sys::Backing>,
+    stats: Arc<super::TransportInfo>,
+}
+
+impl RingOpens {
+    pub fn new(
+        on: Arc<std::sync::atomic::AtomicBool>,
+        fuse: OwnedFd,
+        stats: Arc<super::TransportInfo>,
+    ) -> RingOpens {
+        RingOpens {
+            on,
+            fuse: Arc::new(fuse),
+            backing: Default::default(),
+            stats,
+        }
+    }
+
+    /// Whether opens are answered one by one, with passthrough for files (else zero-message).
+    pub fn enabled(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// The backing id of `file` for handle `fh` of `ino`: the inode's, or a new one. A refusal
+    /// turns passthrough off for the rest of the mount, as over /dev/fuse.
+    fn backing_for(&self, ino: u64, fh: u64, file: &std::fs::File) -> Option<u32> {
+        match self
+            .backing
+            .acquire(ino, fh, || sys::Backing::open(&self.fuse, file))
+        {
+            Ok(b) => {
+                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                Some(b.id())
+            }
+            Err(e) => {
+                if self.on.swap(false, Ordering::Relaxed) {
+                    log::warn!("FUSE passthrough refused ({e}); serving reads through the daemon");
+                }
+                None
+            }
+        }
+    }
+
+    fn release(&self, fh: u64) {
+        self.backing.release(fh);
+    }
+}
+
 /// What a queue calls when it cannot go on: ends the connection, so that no reader waits on a
 /// CPU whose queue is gone.
 pub type OnFatal = Arc<dyn Fn() + Send + Sync>;
@@ -57,9 +112,12 @@ pub type OnFatal = Arc<dyn Fn() + Send + Sync>;
 pub struct Prepared {
     queues: usize,
     depth: usize,
-    threads: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<OwnedFd>)>,
+    threads: Vec<(std::thread::JoinHandle<()>, mpsc::Sender<Connection>)>,
     reports: mpsc::Receiver<io::Result<()>>,
 }
+
+/// What a queue serves: the initialised FUSE connection, and its passthrough opens if any.
+type Connection = (OwnedFd, Option<Arc<RingOpens>>);
 
 /// The running queues.
 pub struct Ring {
@@ -197,10 +255,10 @@ impl Prepared {
     /// Lends every queue's entries to the initialised connection `fuse` (whose INIT agreed to
     /// the ring); returns once all are lent, or why one was refused (the caller must then end
     /// the connection: the kernel holds its requests until every queue has an entry).
-    pub fn start(self, fuse: BorrowedFd<'_>) -> io::Result<Ring> {
+    pub fn start(self, fuse: BorrowedFd<'_>, opens: Option<Arc<RingOpens>>) -> io::Result<Ring> {
         for (_, fd_tx) in &self.threads {
             fd_tx
-                .send(fuse.try_clone_to_owned()?)
+                .send((fuse.try_clone_to_owned()?, opens.clone()))
                 .map_err(|_| io::Error::other("a ring queue ended before it started"))?;
         }
         wait_reports(&self.reports, self.threads.len(), "register")?;
@@ -236,7 +294,7 @@ impl QueueThread {
         &self,
         max_payload: usize,
         report: mpsc::Sender<io::Result<()>>,
-        fuse: mpsc::Receiver<OwnedFd>,
+        fuse: mpsc::Receiver<Connection>,
     ) {
         guarded(self.qid, &self.on_fatal, &report, |started| {
             self.run(max_payload, &report, fuse, started)
@@ -247,7 +305,7 @@ impl QueueThread {
         &self,
         max_payload: usize,
         report: &mpsc::Sender<io::Result<()>>,
-        fuse: mpsc::Receiver<OwnedFd>,
+        fuse: mpsc::Receiver<Connection>,
         started: &std::cell::Cell<bool>,
     ) -> io::Result<End> {
         let qid = self.qid;
@@ -266,7 +324,7 @@ impl QueueThread {
         };
         let _ = report.send(Ok(()));
         // Never started (the kernel did not agree to the ring): nothing was lent.
-        let Ok(fd) = fuse.recv() else {
+        let Ok((fd, opens)) = fuse.recv() else {
             return Ok(End::NotStarted);
         };
         let registered = q.attach(fd).and_then(|()| register_all(&mut q, qid));
@@ -279,10 +337,15 @@ impl QueueThread {
         };
         started.set(true);
         let _ = report.send(Ok(()));
-        self.serve(&mut q, &mut done)
+        self.serve(&mut q, &mut done, opens.as_deref())
     }
 
-    fn serve(&self, q: &mut sys::Queue, done: &mut Vec<(usize, i32)>) -> io::Result<End> {
+    fn serve(
+        &self,
+        q: &mut sys::Queue,
+        done: &mut Vec<(usize, i32)>,
+        opens: Option<&RingOpens>,
+    ) -> io::Result<End> {
         // The commit id each entry last sent (0: a REGISTER), to resend a command the kernel
         // asks us to retry; and how many times in a row it asked.
         let mut last = vec![0u64; q.depth()];
@@ -293,7 +356,7 @@ impl QueueThread {
                     0 => {
                         retried[i] = 0;
                         self.stats.ring_requests.fetch_add(1, Ordering::Relaxed);
-                        serve_one(q, i, &self.core, self.ttl, &mut last[i])?;
+                        serve_one(q, i, &self.core, self.ttl, opens, &mut last[i])?;
                     }
                     r if is_connection_end(-r) => {}
                     r if (r == -libc::EINTR || r == -libc::EAGAIN) && retried[i] < RETRIES => {
@@ -388,6 +451,7 @@ fn serve_one(
     i: usize,
     core: &DigestFs,
     ttl: Duration,
+    opens: Option<&RingOpens>,
     last: &mut u64,
 ) -> io::Result<()> {
     let bufs = q.entry(i);
@@ -399,7 +463,7 @@ fn serve_one(
             let op_in = &header[sys::OP_AT..sys::ENT_AT];
             // A panic in the core must not lose the request (its reader would wait forever).
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                answer(core, ttl, &h, op_in, bufs.payload, payload_len)
+                answer(core, ttl, opens, &h, op_in, bufs.payload, payload_len)
             }))
             .unwrap_or(Err(libc::EIO));
             match res {

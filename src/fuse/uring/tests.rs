@@ -62,6 +62,7 @@ fn ask(
     let n = answer(
         core,
         TTL,
+        None,
         &header(opcode, nodeid),
         op_in,
         &mut payload,

@@ -37,6 +37,9 @@ pub const FUSE_DESTROY: u32 = 38;
 pub const FUSE_READDIRPLUS: u32 = 44;
 pub const FUSE_RENAME2: u32 = 45;
 
+pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
+
 /// `struct fuse_in_header`.
 pub const IN_HEADER_LEN: usize = 40;
 /// `struct fuse_out_header`.
@@ -229,6 +232,22 @@ impl<'a> Writer<'a> {
         self.u32(mode(kind, 0) >> 12);
         self.bytes(name.as_bytes());
         self.pad_to_8();
+    }
+
+    /// `struct fuse_open_out`: the handle, and with a backing id `FOPEN_PASSTHROUGH` (the
+    /// kernel reads the backing file itself), else `FOPEN_KEEP_CACHE`.
+    pub fn open_out(&mut self, fh: u64, backing_id: Option<u32>) {
+        self.u64(fh);
+        match backing_id {
+            Some(id) => {
+                self.u32(FOPEN_PASSTHROUGH);
+                self.u32(id);
+            }
+            None => {
+                self.u32(FOPEN_KEEP_CACHE);
+                self.u32(0);
+            }
+        }
     }
 
     /// `struct fuse_kstatfs` of a view: no free space, the block size and name length.
