@@ -7,6 +7,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod lifecycle;
+mod metrics;
 mod nfs;
 mod packaging;
 mod remote;

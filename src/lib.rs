@@ -19,6 +19,7 @@ pub mod fs;
 pub mod fuse;
 pub mod lease;
 pub mod materialize;
+pub mod metrics;
 pub mod nfs;
 pub mod os;
 pub mod remote;

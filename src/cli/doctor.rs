@@ -189,7 +189,19 @@ fn mountpoint_check(mp: &Path) -> Check {
         Ok(MountState::Live) => {
             match mount::find_digestfs_mount(&mount::absolute(mp).unwrap_or_default()) {
                 Ok(Some((m, _))) if m == mount::absolute(mp).unwrap_or_default() => {
-                    pass(format!("{} is a live digestfs mount", mp.display()))
+                    // Its metrics endpoint, if the daemon serves one (and its socket answers).
+                    let socket = crate::control::default_socket(&m);
+                    let metrics =
+                        crate::control::call(&socket, &crate::control::protocol::Request::Status)
+                            .ok()
+                            .and_then(|r| r.status)
+                            .and_then(|s| s.metrics)
+                            .map(|url| format!("; metrics at {url}"))
+                            .unwrap_or_default();
+                    pass(format!(
+                        "{} is a live digestfs mount{metrics}",
+                        mp.display()
+                    ))
                 }
                 _ => fail(
                     format!("{} is mounted by something else", mp.display()),

@@ -531,6 +531,9 @@ fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
     if let Some(port) = s.nfs_port {
         outln!("nfs            127.0.0.1 port {port}");
     }
+    if let Some(url) = &s.metrics {
+        outln!("metrics        {url}");
+    }
     if let Some(t) = &s.transport {
         let how = match t.as_str() {
             "io-uring" => &match s.ring {

@@ -102,6 +102,13 @@ pub(super) struct MountArgs {
     /// auto takes it when the kernel offers it, else /dev/fuse
     #[arg(long, value_enum, default_value_t = Transport::Auto, env = "DIGESTFS_TRANSPORT")]
     transport: Transport,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0: any free
+    /// port, which `status` names). Off by default; loopback only unless --metrics-allow-remote
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Let --metrics-listen bind an address other machines can reach
+    #[arg(long, requires = "metrics_listen")]
+    metrics_allow_remote: bool,
     /// Let other users read the mount (FUSE: needs user_allow_other in /etc/fuse.conf unless
     /// root; NFS: answer calls from any uid, not only the owner's and root's)
     #[arg(long)]
@@ -464,6 +471,17 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         };
         let attachment = Arc::new(control::Attachment::new(mountpoint.to_path_buf()));
         let transport = Arc::new(crate::fuse::TransportInfo::default());
+        let metrics = match args.metrics_listen {
+            Some(addr) if !addr.ip().is_loopback() && !args.metrics_allow_remote => {
+                return Err(Failure::Msg(format!(
+                    "--metrics-listen {addr} is reachable from other machines; use a loopback address, or add --metrics-allow-remote"
+                )))
+            }
+            Some(addr) => Some(crate::metrics::bind(addr).map_err(|e| {
+                Failure::Msg(format!("serving metrics on {addr}: {e}"))
+            })?),
+            None => None,
+        };
         // Ready: `status` says attached from here on, and then the waiting parent is told.
         let ready = {
             let attachment = attachment.clone();
@@ -475,20 +493,35 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                 Err(msg) => daemon::report_ready(Err(msg)),
             }
         };
-        server.spawn(
-            core.clone(),
-            control::MountInfo {
-                mountpoint: mountpoint.to_path_buf(),
-                store: store_dir.to_path_buf(),
-                started: std::time::Instant::now(),
-                remote: remote.clone(),
-                leases,
-                nfs_port: nfs.as_ref().map(|l| l.addr().port()),
-                frontend: args.frontend.name(),
-                transport: transport.clone(),
-                attachment,
-            },
-        )?;
+        let info = Arc::new(control::MountInfo {
+            mountpoint: mountpoint.to_path_buf(),
+            store: store_dir.to_path_buf(),
+            started: std::time::Instant::now(),
+            remote: remote.clone(),
+            leases,
+            nfs_port: nfs.as_ref().map(|l| l.addr().port()),
+            frontend: args.frontend.name(),
+            transport: transport.clone(),
+            attachment,
+            metrics: metrics.as_ref().map(|m| m.addr),
+        });
+        server.spawn(core.clone(), info.clone())?;
+        if let Some(listener) = metrics {
+            let latency = transport.latency.get_or_init(Default::default);
+            let status = {
+                let (core, info) = (core.clone(), info.clone());
+                Box::new(move || control::status(&core, &info))
+            };
+            let sources = crate::metrics::Sources {
+                core: core.clone(),
+                status,
+            };
+            let addr = listener.addr;
+            listener
+                .spawn(crate::metrics::registry(latency, sources))
+                .map_err(|e| Failure::Msg(format!("serving metrics on {addr}: {e}")))?;
+            log::info!("metrics at http://{addr}/metrics");
+        }
         log::info!("control socket at {}", socket.display());
         match nfs {
             Some(listener) => {

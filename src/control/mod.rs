@@ -140,8 +140,7 @@ impl Server {
     }
 
     /// Serves connections on background threads for as long as the process lives.
-    pub fn spawn(self, core: Arc<DigestFs>, info: MountInfo) -> io::Result<()> {
-        let info = Arc::new(info);
+    pub fn spawn(self, core: Arc<DigestFs>, info: Arc<MountInfo>) -> io::Result<()> {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -237,6 +236,8 @@ pub struct MountInfo {
     /// The FUSE transport in use, once the session is up.
     pub transport: Arc<crate::fuse::TransportInfo>,
     pub attachment: Arc<Attachment>,
+    /// Where `--metrics-listen` serves `/metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn reply(mut stream: &UnixStream, resp: &Response) -> io::Result<()> {
@@ -397,7 +398,8 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
     }
 }
 
-fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
+/// What `status` answers (and the metrics read).
+pub fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
     let s = &core.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let lease = |f: fn(&LeaseStats) -> &std::sync::atomic::AtomicU64| {
@@ -437,6 +439,7 @@ fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
             .get()
             .map(|_| load(&info.transport.dev_requests)),
         nfs_port: info.nfs_port,
+        metrics: info.metrics.map(|a| format!("http://{a}/metrics")),
         uptime_secs: info.started.elapsed().as_secs(),
         requests: load(&s.requests),
         lookups: load(&s.lookups),

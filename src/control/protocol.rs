@@ -128,6 +128,9 @@ pub struct StatusInfo {
     /// The port the NFS front end listens on (`--frontend nfs`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub nfs_port: Option<u16>,
+    /// The Prometheus endpoint (`--metrics-listen`), as a URL.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub metrics: Option<String>,
     pub uptime_secs: u64,
     pub requests: u64,
     pub lookups: u64,

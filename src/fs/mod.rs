@@ -11,6 +11,7 @@ mod children;
 pub mod inode;
 pub mod namespace;
 mod read;
+pub use read::ReadSource;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -113,6 +114,8 @@ pub struct Stats {
     pub lookups: AtomicU64,
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
+    /// `read_bytes` by where they came from: LMDB, a large blob's file, the remote CAS.
+    pub read_bytes_by_source: [AtomicU64; 3],
     pub opens: AtomicU64,
     pub errors: AtomicU64,
     /// `Directory`s checked by binds, for the client's progress display.

@@ -99,8 +99,14 @@ impl DigestFs {
             .cas
             .read_blob_into(&blob, offset, buf)
             .map_err(|e| self.store_failure(Some(ino), e))?;
-        self.stats.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.count_read(&blob, n);
         Ok(n)
+    }
+
+    fn count_read(&self, blob: &Blob, n: usize) {
+        self.stats.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.read_bytes_by_source[ReadSource::of(blob) as usize]
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Reads a file node without a handle (NFS has none).
@@ -122,9 +128,7 @@ impl DigestFs {
             .cas
             .read_blob(blob, offset, size as usize)
             .map_err(|e| self.store_failure(ino, e))?;
-        self.stats
-            .read_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.count_read(blob, data.len());
         Ok(data)
     }
 
@@ -169,5 +173,33 @@ impl DigestFs {
 
     pub fn open_handles(&self) -> usize {
         lock(&self.read.handles).len()
+    }
+}
+
+/// Where a read's bytes came from, for [`super::Stats::read_bytes_by_source`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadSource {
+    Lmdb = 0,
+    File = 1,
+    Remote = 2,
+}
+
+impl ReadSource {
+    pub const ALL: [ReadSource; 3] = [ReadSource::Lmdb, ReadSource::File, ReadSource::Remote];
+
+    fn of(blob: &Blob) -> ReadSource {
+        match blob {
+            Blob::Local(crate::store::Blob::Large(..)) => ReadSource::File,
+            Blob::Local(_) => ReadSource::Lmdb,
+            Blob::Fetching(_) => ReadSource::Remote,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadSource::Lmdb => "lmdb",
+            ReadSource::File => "file",
+            ReadSource::Remote => "remote",
+        }
     }
 }

@@ -90,9 +90,11 @@ impl FuseAdapter {
         }
     }
 
-    /// Counts a request that came over /dev/fuse (`status`).
-    fn counted(&self) {
+    /// Counts a request that came over /dev/fuse (`status`), and times it until the guard
+    /// drops (metrics).
+    fn counted(&self, op: &'static str) -> crate::metrics::Timed<'_> {
         self.stats.dev_requests.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::timed(&self.stats.latency, op, "dev")
     }
 
     /// Hands a large blob's file to the kernel for handle `fh`, reusing the inode's backing id
@@ -170,7 +172,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.counted();
+        let _timed = self.counted("lookup");
         match self.core.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(e)),
@@ -182,7 +184,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.counted();
+        let _timed = self.counted("getattr");
         match self.core.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
@@ -190,7 +192,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.counted();
+        let _timed = self.counted("readlink");
         match self.core.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(e)),
@@ -198,7 +200,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.counted();
+        let _timed = self.counted("open");
         if !self.passthrough_enabled.load(Ordering::Relaxed) {
             // Zero-message opens: answering ENOSYS once makes the kernel open files without
             // asking us (keeping their page cache) and read with no handle. Saves a round trip
@@ -231,7 +233,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.counted();
+        let _timed = self.counted("read");
         match self.core.read(ino.0, fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
@@ -266,7 +268,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.counted();
+        let _timed = self.counted("opendir");
         // Zero-message opendir: the kernel then caches every listing (FOPEN_CACHE_DIR) and
         // reads them with no handle; binds invalidate the namespace directories they change.
         match self.core.getattr(ino.0) {
@@ -284,7 +286,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.counted();
+        let _timed = self.counted("readdir");
         let res = self.core.readdir(ino.0, offset, false, |e| {
             reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), e.name)
         });
@@ -302,7 +304,7 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        self.counted();
+        let _timed = self.counted("readdirplus");
         let ttl = self.ttl;
         let (mut unlisted, mut added) = (None, 0);
         let res = self.core.readdir(ino.0, offset, true, |e| {
@@ -347,7 +349,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.counted();
+        let _timed = self.counted("statfs");
         reply.statfs(
             0,
             0,

@@ -63,6 +63,8 @@ pub struct TransportInfo {
     pub ring: std::sync::OnceLock<(usize, usize)>,
     /// Requests answered over the io_uring queues.
     pub ring_requests: std::sync::atomic::AtomicU64,
+    /// Request latencies, once metrics are on (`--metrics-listen`).
+    pub latency: std::sync::OnceLock<crate::metrics::Latency>,
     /// Opens answered with a backing id (FUSE passthrough), on either transport.
     pub passthrough_opens: std::sync::atomic::AtomicU64,
     /// Requests answered over /dev/fuse, but for forgets and interrupts (which the kernel sends

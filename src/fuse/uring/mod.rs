@@ -356,7 +356,8 @@ impl QueueThread {
                     0 => {
                         retried[i] = 0;
                         self.stats.ring_requests.fetch_add(1, Ordering::Relaxed);
-                        serve_one(q, i, &self.core, self.ttl, opens, &mut last[i])?;
+                        let latency = &self.stats.latency;
+                        serve_one(q, i, &self.core, self.ttl, opens, latency, &mut last[i])?;
                     }
                     r if is_connection_end(-r) => {}
                     r if (r == -libc::EINTR || r == -libc::EAGAIN) && retried[i] < RETRIES => {
@@ -452,6 +453,7 @@ fn serve_one(
     core: &DigestFs,
     ttl: Duration,
     opens: Option<&RingOpens>,
+    latency: &std::sync::OnceLock<crate::metrics::Latency>,
     last: &mut u64,
 ) -> io::Result<()> {
     let bufs = q.entry(i);
@@ -462,6 +464,7 @@ fn serve_one(
         Some(h) => {
             let op_in = &header[sys::OP_AT..sys::ENT_AT];
             // A panic in the core must not lose the request (its reader would wait forever).
+            let _timed = crate::metrics::timed(latency, wire::opcode_name(h.opcode), "io-uring");
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 answer(core, ttl, opens, &h, op_in, bufs.payload, payload_len)
             }))

@@ -40,6 +40,29 @@ pub const FUSE_RENAME2: u32 = 45;
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
+/// An opcode's name, as the metrics label it (the /dev/fuse adapter's method names).
+pub fn opcode_name(opcode: u32) -> &'static str {
+    match opcode {
+        FUSE_LOOKUP => "lookup",
+        FUSE_FORGET => "forget",
+        FUSE_GETATTR => "getattr",
+        FUSE_READLINK => "readlink",
+        FUSE_OPEN => "open",
+        FUSE_READ => "read",
+        FUSE_STATFS => "statfs",
+        FUSE_RELEASE => "release",
+        FUSE_GETXATTR => "getxattr",
+        FUSE_LISTXATTR => "listxattr",
+        FUSE_FLUSH => "flush",
+        FUSE_OPENDIR => "opendir",
+        FUSE_READDIR => "readdir",
+        FUSE_RELEASEDIR => "releasedir",
+        FUSE_READDIRPLUS => "readdirplus",
+        FUSE_DESTROY => "destroy",
+        _ => "other",
+    }
+}
+
 /// `struct fuse_in_header`.
 pub const IN_HEADER_LEN: usize = 40;
 /// `struct fuse_out_header`.
