@@ -557,7 +557,7 @@ fn mount_failures_exit_nonzero_with_the_reason() {
 #[test]
 fn a_stale_mount_left_by_kill_9_is_recovered() {
     let mut m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
-    m.kill9();
+    m.kill9_with_watcher();
     assert!(is_mounted(&m.mnt));
     // Over io_uring a request the ring held when the daemon died ends with ECONNABORTED or
     // ECANCELED while the kernel tears the ring down; every call fails at once, and then the

@@ -80,7 +80,7 @@ fn doctor_passes_a_good_setup_and_names_fixes_for_a_broken_one() {
     assert_eq!(code, 1);
     assert!(out.contains("not Pants' schema version 2"), "{out}");
     let mut stale = Mount::fixture(&[], &[]);
-    stale.kill9();
+    stale.kill9_with_watcher();
     let (code, out) = doctor(&m.store, &[stale.mnt.to_str().unwrap()], None);
     assert_eq!(code, 1);
     assert!(

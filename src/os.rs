@@ -343,16 +343,28 @@ fn run_unmount(cmd: &mut std::process::Command, what: &str) -> io::Result<()> {
     }
 }
 
+/// The device of the topmost FUSE mount at `mountpoint`, as the mount table has it: what names
+/// its connection, whatever is mounted over or instead of it later.
+#[cfg(target_os = "linux")]
+pub fn fuse_device_at(mountpoint: &Path) -> io::Result<u64> {
+    let abs = absolute(mountpoint)?;
+    mounts()?
+        .into_iter()
+        .rfind(|m| m.mountpoint == abs && m.fstype.starts_with("fuse"))
+        .and_then(|m| m.device)
+        .ok_or_else(|| io::Error::other(format!("no FUSE mount at {}", abs.display())))
+}
+
 /// Aborts the FUSE connection mounted at `mountpoint` (the top one there): every request it
 /// holds ends with an error and new ones fail at once, as when its daemon dies. Root.
 #[cfg(target_os = "linux")]
 pub fn abort_fuse_connection(mountpoint: &Path) -> io::Result<()> {
-    let abs = absolute(mountpoint)?;
-    let dev = mounts()?
-        .into_iter()
-        .rfind(|m| m.mountpoint == abs && m.fstype.starts_with("fuse"))
-        .and_then(|m| m.device)
-        .ok_or_else(|| io::Error::other(format!("no FUSE mount at {}", abs.display())))?;
+    abort_fuse_device(fuse_device_at(mountpoint)?)
+}
+
+/// Aborts the FUSE connection whose superblock is device `dev` (see [`fuse_device_at`]). Root.
+#[cfg(target_os = "linux")]
+pub fn abort_fuse_device(dev: u64) -> io::Result<()> {
     // The kernel names a connection by its superblock's device number, encoded as it does.
     let id = (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev));
     let connections = Path::new("/sys/fs/fuse/connections");

@@ -134,11 +134,23 @@ impl Daemon {
         status
     }
 
-    /// Kills the daemon with SIGKILL (a FUSE mount is left stale).
+    /// Kills the daemon with SIGKILL; its watcher (`digestfs watch-mount`) then detaches the
+    /// mount.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Kills the daemon's watcher, then the daemon, with SIGKILL: what no process can clean
+    /// up after (a killed process group, say) leaves a stale mount.
+    pub fn kill9_with_watcher(&mut self) {
+        let watchers = children(self.pid());
+        assert!(!watchers.is_empty(), "the daemon has no watcher");
+        for pid in watchers {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        self.kill9();
     }
 }
 
@@ -176,6 +188,22 @@ pub struct Mount {
     pub mnt: PathBuf,
     pub store: PathBuf,
     pub daemon: Daemon,
+}
+
+/// The child processes of `pid` (of any of its threads).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 pub fn is_mounted(mnt: &Path) -> bool {
@@ -283,9 +311,14 @@ impl Mount {
         self.daemon.wait_exit(limit)
     }
 
-    /// Kills the daemon with SIGKILL, leaving a stale mount behind.
+    /// Kills the daemon with SIGKILL; its watcher detaches the mount.
     pub fn kill9(&mut self) {
         self.daemon.kill9()
+    }
+
+    /// Kills the daemon and its watcher with SIGKILL, leaving a stale mount behind.
+    pub fn kill9_with_watcher(&mut self) {
+        self.daemon.kill9_with_watcher()
     }
 }
 

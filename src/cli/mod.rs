@@ -151,6 +151,14 @@ enum Command {
     /// Write the man pages and shell completions into DIR (for packaging)
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
+    /// Detach the FUSE mount at MOUNTPOINT once the daemon that started this is gone (internal)
+    #[command(hide = true)]
+    WatchMount {
+        /// The mount's device, as the mount table has it
+        #[arg(long)]
+        device: u64,
+        mountpoint: PathBuf,
+    },
     /// Check what mounting needs (FUSE, fusermount3, kernel, store, mountpoint, remote CAS), with fixes
     Doctor {
         /// Also check that --allow-other is permitted
@@ -471,6 +479,7 @@ fn run(cli: Cli) -> CliResult {
         }
         Command::Which { paths, control } => which(&paths, control.as_deref()),
         Command::GenerateAssets { dir } => generate_assets(&dir),
+        Command::WatchMount { device, mountpoint } => watch_mount(&mountpoint, device),
         Command::Doctor {
             allow_other,
             mountpoint,
@@ -503,6 +512,17 @@ fn run(cli: Cli) -> CliResult {
             Ok(())
         }
     }
+}
+
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn watch_mount(mountpoint: &Path, device: u64) -> CliResult {
+    crate::fuse::mount::watch_and_detach(mountpoint, device)
+        .map_err(|e| Failure::Msg(format!("detaching {}: {e}", mountpoint.display())))
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn watch_mount(_mountpoint: &Path, _device: u64) -> CliResult {
+    Err(Failure::Msg("this build has no FUSE front end".into()))
 }
 
 fn print_status(s: &control::protocol::StatusInfo) -> CliResult {

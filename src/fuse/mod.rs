@@ -70,4 +70,6 @@ pub struct TransportInfo {
     /// Requests answered over /dev/fuse, but for forgets and interrupts (which the kernel sends
     /// there on either transport).
     pub dev_requests: std::sync::atomic::AtomicU64,
+    /// A ring queue failed once serving and aborted the connection: the daemon exits 1.
+    pub ring_failed: std::sync::atomic::AtomicBool,
 }

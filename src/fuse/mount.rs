@@ -102,6 +102,14 @@ pub fn serve(
             }
             if let Ok(id) = res {
                 let _ = mounted.set(id);
+                if let MountId::Device(dev) = id {
+                    if let Err(e) = spawn_orphan_watcher(&probe_mp, dev) {
+                        log::warn!(
+                            "no watcher to detach {} if this daemon is killed: {e}",
+                            probe_mp.display()
+                        );
+                    }
+                }
             }
             ready(res);
         })
@@ -116,7 +124,15 @@ pub fn serve(
     ended.store(true, Ordering::SeqCst);
     let _ = ready_thread.join();
     log::info!("{} unmounted", mp.display());
-    res.map_err(|e| format!("serving {}: {e}", mp.display()))
+    res.map_err(|e| format!("serving {}: {e}", mp.display()))?;
+    if cfg.transport_used.ring_failed.load(Ordering::SeqCst) {
+        // A supervisor must see this as the failure it is (`Restart=on-failure`).
+        return Err(format!(
+            "serving {}: a queue of the io_uring transport failed, and its connection was aborted (see the log above)",
+            mp.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Mounts, negotiates INIT, and starts the ring if the transport is io-uring: the session
@@ -174,18 +190,32 @@ fn try_session(
 ) -> Result<Option<(fuser::Session<FuseAdapter>, Ring)>, String> {
     let mp = &cfg.mountpoint;
     let failed = |e: std::io::Error| format!("FUSE over io_uring on {}: {e}", mp.display());
+    // The connection is named by its device, taken once mounted: by the time a queue fails,
+    // this mount may have been detached and another one mounted at the same path.
+    let device = Arc::new(OnceLock::<u64>::new());
     let on_fatal: super::uring::OnFatal = {
-        let mp = mp.clone();
+        let (mp, device, info) = (mp.clone(), device.clone(), cfg.transport_used.clone());
         Arc::new(move || {
-            if let Err(e) = os::abort_fuse_connection(&mp) {
+            info.ring_failed.store(true, Ordering::SeqCst);
+            let aborted = match device.get() {
+                Some(dev) => os::abort_fuse_device(*dev),
+                None => os::abort_fuse_connection(&mp),
+            };
+            if let Err(e) = aborted {
                 // The kernel ends the connection when its last descriptor closes, which exit
-                // does; detached first, so that no dead mount is left at the mountpoint.
+                // does; detached first (if it is still the mount there), so that no dead mount
+                // is left at the mountpoint.
                 log::error!(
                     "aborting the FUSE connection of {}: {e}; detaching the mount and exiting",
                     mp.display()
                 );
-                if let Err(e) = os::unmount(&mp, true) {
-                    log::error!("detaching {}: {e}", mp.display());
+                let ours = device
+                    .get()
+                    .is_none_or(|d| os::is_attached(&mp, MountId::Device(*d)).unwrap_or(false));
+                if ours {
+                    if let Err(e) = os::unmount(&mp, true) {
+                        log::error!("detaching {}: {e}", mp.display());
+                    }
                 }
                 std::process::exit(1);
             }
@@ -224,6 +254,9 @@ fn try_session(
         drop(session);
         return Ok(None);
     }
+    if let Ok(dev) = os::fuse_device_at(mp) {
+        let _ = device.set(dev);
+    }
     // The opens come over the ring: it makes the backing ids, with the connection's fd.
     let opens = match cfg.passthrough {
         Passthrough::Off => None,
@@ -242,7 +275,11 @@ fn try_session(
         Err(e) => {
             // Aborted before the session drops: its unmount would otherwise wait on a DESTROY
             // that nobody reads, the queues that did register holding the connection open.
-            if let Err(e) = os::abort_fuse_connection(mp) {
+            let aborted = match device.get() {
+                Some(dev) => os::abort_fuse_device(*dev),
+                None => os::abort_fuse_connection(mp),
+            };
+            if let Err(e) = aborted {
                 log::warn!("aborting the FUSE connection of {}: {e}", mp.display());
             }
             return Err(failed(e));
@@ -366,4 +403,71 @@ fn wait_until_answering(mp: &Path, ended: &AtomicBool) -> Result<MountId, String
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
+}
+
+/// Holds the write end of the orphan watcher's pipe for the life of the process.
+static WATCHER_PIPE: OnceLock<std::io::PipeWriter> = OnceLock::new();
+
+/// Starts `digestfs watch-mount`, which lazily detaches this mount once this process is gone,
+/// however it ends (`kill -9`, the OOM killer): otherwise the mount stays behind, answering
+/// ENOTCONN, until someone unmounts it. It waits for the end of a pipe whose one writer is this
+/// process (close-on-exec, so no child of ours holds it), as fusermount3's `auto_unmount` waits
+/// on its socket. In a process group of its own and deaf to SIGINT, SIGTERM and SIGHUP, so that
+/// what stops the daemon cleanly leaves it to find nothing to do.
+fn spawn_orphan_watcher(mp: &Path, dev: u64) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let (reader, writer) = std::io::pipe()?;
+    // /proc/self/exe: still this binary if its file was replaced (an upgrade) since it started.
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "digestfs".into());
+    let mut child = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .arg("watch-mount")
+        .arg("--device")
+        .arg(dev.to_string())
+        .arg(mp)
+        .stdin(reader)
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    if WATCHER_PIPE.set(writer).is_err() {
+        // One mount per process: never reached, but never leave a watcher without its pipe.
+        let _ = child.kill();
+    }
+    // Reaped if it ends first (it never should while we live).
+    std::thread::Builder::new()
+        .name("watcher".into())
+        .spawn(move || child.wait())?;
+    Ok(())
+}
+
+/// `digestfs watch-mount`: waits until the daemon that started it is gone (its pipe on stdin
+/// ends), then lazily detaches the FUSE mount at `mp` if it is still the one with device `dev`.
+/// A daemon that unmounted cleanly, or whose mount was detached and replaced, leaves it nothing
+/// to do.
+pub fn watch_and_detach(mp: &Path, dev: u64) -> std::io::Result<()> {
+    use std::io::Read;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: SIG_IGN for a signal this process never handles.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let mut stdin = std::io::stdin().lock();
+    let mut buf = [0u8; 16];
+    loop {
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if os::is_attached(mp, MountId::Device(dev))? {
+        log::warn!(
+            "the daemon serving {} ended without unmounting it; detaching the mount",
+            mp.display()
+        );
+        os::unmount(mp, true)?;
+    }
+    Ok(())
 }

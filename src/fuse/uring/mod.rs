@@ -14,18 +14,24 @@
 //!   kernel holds every request until each queue has an entry.
 //! - Every end of the connection ends the queues: an unmount or abort ends each entry with
 //!   ENOTCONN, ECONNABORTED or ECANCELED, and the queue's thread returns. A queue that cannot
-//!   go on (a command the kernel refuses, a panic in its thread) aborts the connection through
-//!   fusectl, or detaches the mount and exits if that fails, so that no reader waits on a
-//!   CPU whose queue is gone and no dead mount is left behind.
-//!
-//! What it does not do:
-//! - `/dev/fuse` is still read, by one fuser thread: the kernel sends forgets, interrupts and
-//!   requests queued before the ring was ready there.
+//!   go on (a command the kernel refuses, a panic in its thread) aborts its own connection
+//!   (named by the mount's device, not its path) through fusectl, or detaches the mount and
+//!   exits if that fails, so that no reader waits on a CPU whose queue is gone and no dead
+//!   mount is left behind; the daemon then exits 1. A daemon killed outright (`kill -9`) is
+//!   detached by its watcher process (`digestfs watch-mount`), on either transport.
 //! - Passthrough opens (`--passthrough`): a backing id is made by an ioctl on the connection's
 //!   fd, once per inode and kept while any handle of it is open ([`RingOpens`]); the OPEN reply
 //!   that carries it is committed over the ring like any other.
-//! - Reads are synchronous within an entry: a depth of E overlaps at most E of one CPU's
-//!   requests.
+//!
+//! What it does not do:
+//! - Leave `/dev/fuse` unread: one fuser thread reads it, for the forgets and interrupts the
+//!   kernel sends there whatever the transport. (Requests made before the ring is ready are not
+//!   among them: the kernel holds those until every queue has an entry.)
+//! - Overlap the requests of one entry: reads are synchronous within an entry, so a depth of E
+//!   overlaps at most E of one CPU's requests, and E slow ones (readahead of a cold blob, say)
+//!   hold up the rest of that CPU's requests until one ends.
+//! - Scale its threads down: there are possible CPUs x depth of them, each with a ring and a
+//!   payload buffer of the connection's largest request (1 MiB), mapped, not taken from the heap.
 //!
 //! Why our own decoding rather than fuser's: fuser 0.18 has no ring transport and its request
 //! parsing and reply senders are private, so the ring cannot hand it a request. A read-only
