@@ -8,7 +8,6 @@ FUSE request fails the test instead of hanging the run.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import random
@@ -25,13 +24,12 @@ import zipfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 BIN = os.environ.get("DIGESTFS_BIN", os.path.join(REPO, "target", "debug", "digestfs"))
-PATCH = os.path.join(HERE, "pants-bsp-digestfs.patch")
-PRISTINE = os.environ.get(
-    "PANTS_UPSTREAM", os.path.join(REPO, "..", "shared", "pants-upstream", "7f5db53")
-)
+TOOLS = os.environ.get("DIGESTFS_PANTS_TOOLS", os.path.join(REPO, "target", "pants-e2e", "tools"))
 
 sys.path.insert(0, HERE)
-# The stdlib client, importable as `digestfs_client` (it imports nothing relative).
+# The plugin's Pants-free modules, as `pants_digestfs.digestfs`, `pants_digestfs.seam`…
+sys.path.insert(0, os.path.join(HERE, "plugin"))
+# … and the stdlib client also as `digestfs_client` (it imports nothing relative).
 sys.path.insert(0, os.path.join(HERE, "plugin", "pants_digestfs"))
 
 
@@ -176,33 +174,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@functools.cache
-def patched_tree() -> str:
-    """A copy of the pristine Pants files with the patch applied (once per test process)."""
-    root = tempfile.mkdtemp(prefix="pants-patched-")
-    shutil.copytree(PRISTINE, root, dirs_exist_ok=True)
-    subprocess.run(["chmod", "-R", "u+w", root], check=True)
-    run("git", "init", "-q", root)
-    run("git", "-C", root, "apply", "--check", PATCH)
-    run("git", "-C", root, "apply", PATCH)
-    import atexit
-
-    atexit.register(shutil.rmtree, root, True)
-    return root
-
-
-def import_patched_module(name: str):
-    """Imports `name` (e.g. `pants.bsp.digestfs`) from the patched copy of the Pants files."""
-    src = os.path.join(patched_tree(), "src", "python")
-    if src not in sys.path:
-        sys.path.insert(0, src)
-    import importlib
-
-    module = importlib.import_module(name)
-    assert module.__file__.startswith(src), f"{name} imported from {module.__file__}, not {src}"
-    return module
 
 
 def is_mounted(path: str) -> bool:

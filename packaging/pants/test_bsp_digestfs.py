@@ -1,5 +1,5 @@
-"""Tests the Pants-free part of the patch, `pants.bsp.digestfs` as the patch adds it, imported from
-a patched copy of the pristine Pants files: mapping a digest's paths to views and layers, starting
+"""Tests the plugin's Pants-free lifecycle module, `pants_digestfs.digestfs`: mapping a digest's
+paths to views and layers, starting
 the mount (and each reason not to), binding through the client against a real mount, and the
 fallback decisions. Only what cannot happen here is stubbed: a machine without FUSE, and a
 digestfs binary that fails to mount."""
@@ -17,19 +17,18 @@ from _support import (
     MountTestCase,
     children,
     import_dir,
-    import_patched_module,
     is_mounted,
     sha256_file,
     make_jar,
     require_binary,
 )
 
-bsp_digestfs = import_patched_module("pants.bsp.digestfs")
+from pants_digestfs import digestfs as bsp_digestfs  # noqa: E402 (after _support's sys.path)
 BSPDigestfs = bsp_digestfs.BSPDigestfs
 LayerKind = bsp_digestfs.LayerKind
 EMPTY = bsp_digestfs.EMPTY_DIGEST
 ABSENT = "cd" * 32 + "-120"
-LOGGER = "pants.bsp.digestfs"
+LOGGER = "pants_digestfs.digestfs"
 
 
 class MappingTest(unittest.TestCase):
@@ -469,7 +468,7 @@ class RetryDecisionTest(unittest.TestCase):
         return d, d.client
 
     def test_unavailable_falls_back_without_waiting(self):
-        from pants.bsp.digestfs_client import DigestfsUnavailable
+        from pants_digestfs.digestfs_client import DigestfsUnavailable
 
         d, client = self.digestfs(DigestfsUnavailable("remote timed out"))
         with self.assertLogs(LOGGER, logging.WARNING) as logs:
@@ -492,7 +491,7 @@ class RetryDecisionTest(unittest.TestCase):
         self.assertFalse(d.active)
 
     def test_a_hung_daemon_is_not_mounted_again(self):
-        from pants.bsp.digestfs_client import DigestfsUnreachable
+        from pants_digestfs.digestfs_client import DigestfsUnreachable
 
         d, client = self.digestfs(DigestfsUnreachable("no answer", timed_out=True))
         with self.assertLogs(LOGGER, logging.WARNING):
@@ -501,7 +500,7 @@ class RetryDecisionTest(unittest.TestCase):
         self.assertFalse(d.active)
 
     def test_a_conflict_falls_back_at_once(self):
-        from pants.bsp.digestfs_client import DigestfsConflict
+        from pants_digestfs.digestfs_client import DigestfsConflict
 
         d, client = self.digestfs(DigestfsConflict("conflict at r/lib/a.jar", path="r/lib/a.jar"))
         with self.assertLogs(LOGGER, logging.WARNING):
@@ -510,7 +509,7 @@ class RetryDecisionTest(unittest.TestCase):
         self.assertFalse(d.active)
 
     def test_a_vanished_daemon_is_mounted_again_once(self):
-        from pants.bsp.digestfs_client import DigestfsUnreachable
+        from pants_digestfs.digestfs_client import DigestfsUnreachable
 
         d, client = self.digestfs(DigestfsUnreachable("gone"), True)
         with self.assertLogs(LOGGER, logging.WARNING) as logs:
@@ -529,7 +528,7 @@ class RetryDecisionTest(unittest.TestCase):
         self.assertEqual(self.remounts, [])
 
     def test_stale_layers_are_dropped_and_a_vanished_one_is_fine(self):
-        from pants.bsp.digestfs_client import DigestfsBadRequest
+        from pants_digestfs.digestfs_client import DigestfsBadRequest
 
         views = [
             {"path": "r/lib", "layers": {"modules.t": ABSENT, "modules.u": ABSENT}},

@@ -1,115 +1,47 @@
-"""Checks the plugin (packaging/pants/plugin/pants_digestfs) against the Pants versions it
-supports, without running them: every module compiles, and every name it imports from Pants,
-in the code path of that version, is defined where it imports it from.
+"""Checks the plugin (packaging/pants/plugin/pants_digestfs) as Pants loads it.
 
-- 7f5db53 against its pristine sources in ../shared/pants-upstream (Pants at that commit cannot
-  run here); names from modules outside that subset are listed, and must be engine modules.
-- 2.17.1 against the installed release, when `scripts/install-pants` has run (it has in
-  `scripts/test`); `scripts/pants-e2e` then runs the plugin in a real BSP session.
+- Every module compiles with each Python found (3.9 for Pants 2.17–2.24, 3.11 after).
+- pyproject declares the range `versions.SUPPORTED` names.
+- Against the real Pants 2.17.1 that `scripts/install-pants` installs (with its compiled engine):
+  `register.rules()` registers the plugin's handler, and when a probe fails or the release is
+  unknown, it logs exactly one warning naming the version and what is missing, registers only
+  the options, and raises nothing; and the `write_digest` wrapper sends each part of a write
+  where it belongs (with Pants' own write and the mount recorded, over a real store).
+  `scripts/pants-e2e` then runs it all in a real BSP session.
+- Other releases are checked by `packaging/pants/check-release` against their own sources
+  (docs/pants.md has the table); their sources are not kept here.
 """
 
 from __future__ import annotations
 
-import ast
 import glob
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import unittest
 import zipfile
 
-from _support import HERE, PRISTINE
+from _support import HERE, TOOLS, children, import_dir, require_binary
 
 PLUGIN = os.path.join(HERE, "plugin", "pants_digestfs")
 MODULES = sorted(glob.glob(os.path.join(PLUGIN, "*.py")))
-REPO = os.path.dirname(os.path.dirname(HERE))
-TOOLS = os.environ.get("DIGESTFS_PANTS_TOOLS", os.path.join(REPO, "target", "pants-e2e", "tools"))
-
-# Modules of 7f5db53 that the pristine subset lacks; the plugin may import from these only.
-OUTSIDE_SUBSET = {
-    "pants.backend.scala.compile.scalac_plugins",
-    "pants.backend.scala.subsystems.scalac",
-    "pants.base.build_root",
-    "pants.engine.addresses",
-    "pants.engine.internals.native_engine",
-    "pants.engine.internals.selectors",
-    "pants.engine.intrinsics",
-    "pants.engine.rules",
-    "pants.engine.unions",
-    "pants.option.option_types",
-    "pants.option.subsystem",
-}
-
-
-def imports_for(path: str, call_by_name: bool) -> list[tuple[str, str, int]]:
-    """(module, name, line) of every `from pants… import name` on the code path of a version."""
-    found: list[tuple[str, str, int]] = []
-
-    def visit(nodes: list[ast.stmt]) -> None:
-        for node in nodes:
-            if isinstance(node, ast.If) and "CALL_BY_NAME" in ast.unparse(node.test):
-                visit(node.body if call_by_name else node.orelse)
-            elif isinstance(node, ast.Try):
-                # `try: from pants.engine.rules import implicitly`: there after 2.17 only.
-                visit(node.body if call_by_name else [])
-                if not call_by_name:
-                    for handler in node.handlers:
-                        visit(handler.body)
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pants."):
-                found.extend((node.module, a.name, node.lineno) for a in node.names)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                visit(node.body)
-
-    with open(path) as f:
-        visit(ast.parse(f.read()).body)
-    return found
-
-
-def defined_names(path: str) -> set[str]:
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    names: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-    return names
-
-
-def source_of(root: str, module: str) -> str | None:
-    base = os.path.join(root, *module.split("."))
-    for path in (base + ".py", base + ".pyi", os.path.join(base, "__init__.py")):
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def unresolved(root: str, call_by_name: bool) -> tuple[list[str], set[str]]:
-    missing, outside = [], set()
-    for module_path in MODULES:
-        for module, name, line in imports_for(module_path, call_by_name):
-            source = source_of(root, module)
-            if source is None:
-                outside.add(module)
-            elif name not in defined_names(source):
-                missing.append(f"{os.path.basename(module_path)}:{line}: {module}.{name}")
-    return missing, outside
+VENV_PYTHON = os.path.join(TOOLS, "venv", "bin", "python")
 
 
 class PluginCompiles(unittest.TestCase):
     def test_every_module_compiles_with_each_python_found(self):
         pythons = [sys.executable]
-        for version in ("3.9", "3.12", "3.13", "3.14"):
+        for version in ("3.9", "3.11", "3.12", "3.13", "3.14"):
             found = glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python3"))
             pythons += sorted(found)[-1:]
+        self.assertTrue(any("/3.9." in p for p in pythons), f"no Python 3.9 among {pythons}")
         for python in pythons:
-            for path in MODULES:
+            for path in MODULES + [os.path.join(HERE, "check-release")]:
                 with tempfile.TemporaryDirectory() as out:
                     done = subprocess.run(
                         [python, "-c", "import py_compile,sys; py_compile.compile(sys.argv[1], "
@@ -120,43 +52,202 @@ class PluginCompiles(unittest.TestCase):
                 self.assertEqual(done.returncode, 0, f"{python}: {path}: {done.stderr}")
 
 
-class PluginAgainst7f5db53(unittest.TestCase):
-    def test_every_name_imported_on_its_path_exists_there(self):
-        root = os.path.join(PRISTINE, "src", "python")
-        self.assertTrue(os.path.isdir(root), f"no pristine Pants files at {PRISTINE}")
-        missing, outside = unresolved(root, call_by_name=True)
-        self.assertEqual(missing, [], "names the plugin imports that 7f5db53 lacks")
-        self.assertLessEqual(outside, OUTSIDE_SUBSET, "modules outside the pristine subset")
-
-    def test_it_replaces_the_three_jar_writing_methods(self):
+class SupportedRange(unittest.TestCase):
+    def test_pyproject_declares_the_range_the_probes_use(self):
+        with open(os.path.join(HERE, "plugin", "pyproject.toml")) as f:
+            declared = re.findall(r'"pantsbuild\.pants([^"]+)"', f.read())
         with open(os.path.join(PLUGIN, "versions.py")) as f:
-            text = f.read()
-        for method in (
-            "buildTarget/dependencyModules",
-            "buildTarget/dependencySources",
-            "buildTarget/scalacOptions",
-        ):
-            self.assertIn(f'"{method}"', text)
-        # And 7f5db53's handlers of those methods are the ones that write under jvm/resolves.
-        for rel, rule in (
-            ("pants/bsp/util_rules/targets.py", "bsp_dependency_modules"),
-            ("pants/bsp/util_rules/targets.py", "bsp_dependency_sources"),
-            ("pants/backend/scala/bsp/rules.py", "handle_bsp_scalac_options_request"),
-        ):
-            with open(os.path.join(PRISTINE, "src", "python", rel)) as f:
-                tree = ast.parse(f.read())
-            (fn,) = [n for n in tree.body if getattr(n, "name", None) == rule]
-            self.assertIn("write_digest", ast.unparse(fn), f"{rel}:{rule}")
+            supported = re.search(r'^SUPPORTED = "([^"]+)"', f.read(), re.M).group(1)
+        self.assertEqual(declared, [supported])
 
 
-class PluginAgainst2_17_1(unittest.TestCase):
-    def test_every_name_imported_on_its_path_exists_there(self):
-        found = glob.glob(os.path.join(TOOLS, "venv", "lib", "python3.9", "site-packages"))
-        if not found:
+# Run in the Pants 2.17.1 venv: logging to stdout, then what `rules()` registered.
+LOAD = textwrap.dedent(
+    """
+    import logging, sys
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="LOG %(message)s")
+    sys.path.insert(0, sys.argv[1])
+    exec(sys.argv[2])  # what the test breaks first
+    from pants_digestfs import register
+    for attempt in range(2):  # Pants may ask more than once; the warning comes once.
+        rules = register.rules()
+    kinds = sorted({type(r).__name__ for r in rules})
+    print("RULES", len(rules), ",".join(kinds))
+    print("HANDLER", any(type(r).__name__ == "UnionRule" for r in rules))
+    print("OPTIONS", any("digestfs" in str(getattr(r, "canonical_name", "")) for r in rules))
+    """
+)
+
+
+class PluginOnPants2_17_1(unittest.TestCase):
+    def setUp(self):
+        if not os.access(VENV_PYTHON, os.X_OK):
             self.skipTest(f"no Pants 2.17.1 under {TOOLS} (scripts/install-pants installs it)")
-        missing, outside = unresolved(found[0], call_by_name=False)
-        self.assertEqual(missing, [], "names the plugin imports that 2.17.1 lacks")
-        self.assertEqual(outside, set(), "modules 2.17.1 lacks")
+
+    def load(self, breaking: str = "") -> tuple[list[str], dict[str, str]]:
+        done = subprocess.run(
+            [VENV_PYTHON, "-c", LOAD, os.path.join(HERE, "plugin"), breaking],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        logs = [line[4:] for line in done.stdout.splitlines() if line.startswith("LOG ")]
+        out = dict(
+            line.split(" ", 1) for line in done.stdout.splitlines()
+            if line.split(" ", 1)[0] in ("RULES", "HANDLER", "OPTIONS")
+        )
+        return logs, out
+
+    def test_it_loads_and_registers_its_handler(self):
+        logs, out = self.load()
+        self.assertEqual(logs, [])
+        self.assertEqual(out["HANDLER"], "True")
+        self.assertEqual(out["OPTIONS"], "True")
+
+    def test_a_failed_probe_is_one_warning_and_only_the_options(self):
+        # As on a Pants without `Get` or call-by-name: no way to run Pants' own handler.
+        # Pants' own modules are loaded (and their rules parsed) before any backend's.
+        logs, out = self.load(
+            "import pants.bsp.util_rules.targets, pants.bsp.protocol, pants.engine.fs\n"
+            "import pants.engine.internals.selectors as s; del s.Get"
+        )
+        self.assertEqual(len(logs), 1, logs)
+        self.assertIn("Pants 2.17.1", logs[0])
+        self.assertIn("a way to call Pants' `workspace/buildTargets` rule", logs[0])
+        self.assertEqual(out["HANDLER"], "False")
+        self.assertEqual(out["OPTIONS"], "True")
+
+    def test_a_changed_write_digest_is_one_warning(self):
+        logs, out = self.load(
+            "import pants.engine.fs as f\n"
+            "f.Workspace.write_digest = lambda self, digest, path_prefix=None: None"
+        )
+        self.assertEqual(len(logs), 1, logs)
+        self.assertIn("`Workspace.write_digest(digest, *, path_prefix", logs[0])
+        self.assertEqual(out["HANDLER"], "False")
+
+    def test_an_unknown_release_is_one_warning(self):
+        logs, out = self.load("import pants.version as v; v.VERSION = '2.40.0'")
+        self.assertEqual(len(logs), 1, logs)
+        self.assertIn("Pants 2.40.0", logs[0])
+        self.assertIn("a release the plugin knows", logs[0])
+        self.assertEqual(out["HANDLER"], "False")
+
+    def test_an_import_that_fails_is_one_warning_not_an_error(self):
+        logs, out = self.load("import sys; sys.modules['pants.bsp.protocol'] = None")
+        self.assertEqual(len(logs), 1, logs)
+        self.assertIn("pants_digestfs is not active on Pants 2.17.1", logs[0])
+        self.assertEqual(out["HANDLER"], "False")
+
+
+# Run in the Pants 2.17.1 venv: the wrapper `rules._write_digest` over real `Digest`s, with
+# Pants' own `write_digest` and the mount replaced by recorders (the e2e runs the real ones).
+WRAP = textwrap.dedent(
+    """
+    import inspect, json, sys
+    sys.path.insert(0, sys.argv[1])
+    from pants.engine.fs import Workspace
+    from pants.engine.internals.native_engine import Digest
+    from pants_digestfs import rules
+    binary, store, root, bound, prefixes = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+    calls = []
+    text = lambda d: f"{d.fingerprint}-{d.serialized_bytes_length}"
+    def original(ws, d, *, path_prefix=None, clear_paths=(), side_effecting=True):
+        calls.append(["write", text(d), path_prefix])
+    class Session:
+        def ensure_directory_digest_persisted(self, d):
+            calls.append(["persist", text(d)])
+    class WS:
+        _scheduler = Session()
+    class Mount:
+        store_dir, store_args, timeout = store, (), 30
+        def __init__(self):
+            self.binary = binary
+        def wait_started(self):
+            return True
+        def fall_back(self, reason):
+            calls.append(["fall_back", reason])
+        def bind_layer(self, layer, views, persist_again=None):
+            calls.append(["bind", views])
+            return bound == "yes"
+    before = inspect.signature(Workspace.write_digest)
+    rules._arm(Mount()); rules._arm(Mount())
+    wrapped = Workspace.write_digest
+    assert inspect.signature(wrapped) == before, inspect.signature(wrapped)
+    assert not hasattr(wrapped._digestfs_original, "_digestfs_original"), "wrapped twice"
+    fp, size = root.rsplit("-", 1)
+    for prefix in json.loads(prefixes):
+        rules._write_digest(original, WS(), Digest(fp, int(size)), path_prefix=prefix,
+                            clear_paths=(), side_effecting=True)
+    print(json.dumps(calls))
+    """
+)
+
+
+class WrapperOnPants2_17_1(unittest.TestCase):
+    def setUp(self):
+        if not os.access(VENV_PYTHON, os.X_OK):
+            self.skipTest(f"no Pants 2.17.1 under {TOOLS} (scripts/install-pants installs it)")
+        self.bin = require_binary(self)
+        self.tmp = tempfile.mkdtemp(prefix="digestfs-wrap-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.store = os.path.join(self.tmp, "store")
+        os.makedirs(self.store)
+
+    def tree(self, files):
+        root = os.path.join(self.tmp, f"src{len(os.listdir(self.tmp))}")
+        for path, content in files.items():
+            os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+            with open(os.path.join(root, path), "w") as f:
+                f.write(content)
+        return import_dir(self.store, root)
+
+    def at(self, digest, path):
+        for name in path.split("/"):
+            digest = children(self.store, digest)[name]
+        return digest
+
+    def wrap(self, root, prefixes, bound=True):
+        done = subprocess.run(
+            [VENV_PYTHON, "-c", WRAP, os.path.join(HERE, "plugin"), self.bin, self.store, root,
+             "yes" if bound else "no", json.dumps(prefixes)],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return json.loads(done.stdout.splitlines()[-1])
+
+    def test_a_jar_write_is_bound_and_the_rest_written_by_pants(self):
+        d = self.tree({"jvm/resolves/r/lib/a.jar": "a", "jvm/classes/t/C.class": "c"})
+        lib, classes = self.at(d, "jvm/resolves/r/lib"), self.at(d, "jvm/classes")
+        self.assertEqual(
+            self.wrap(d, [".pants.d/bsp"]),
+            [["persist", d], ["write", classes, ".pants.d/bsp/jvm/classes"],
+             ["bind", {"r/lib": lib}]],
+        )
+
+    def test_a_refused_bind_writes_the_views_as_pants_does(self):
+        d = self.tree({"jvm/resolves/r/lib/a.jar": "a"})
+        lib = self.at(d, "jvm/resolves/r/lib")
+        self.assertEqual(
+            self.wrap(d, [".pants.d/bsp"], bound=False),
+            [["persist", d], ["bind", {"r/lib": lib}],
+             ["write", lib, ".pants.d/bsp/jvm/resolves/r/lib"]],
+        )
+
+    def test_other_writes_are_pants_own(self):
+        d = self.tree({"jvm/classes/t/C.class": "c"})
+        self.assertEqual(
+            self.wrap(d, ["dist", ".pants.d/bsp"]),
+            [["write", d, "dist"], ["persist", d], ["write", d, ".pants.d/bsp"]],
+        )
+
+    def test_what_no_view_can_serve_falls_back_and_is_written_whole(self):
+        d = self.tree({"jvm/resolves/r/lib/a.jar": "a", "jvm/notes.txt": "n"})
+        calls = self.wrap(d, [".pants.d/bsp"])
+        self.assertEqual([c[0] for c in calls], ["persist", "fall_back", "write"])
+        self.assertIn("jvm/notes.txt is a file beside the mount", calls[1][1])
+        self.assertEqual(calls[2], ["write", d, ".pants.d/bsp"])
 
 
 class PluginWheel(unittest.TestCase):

@@ -32,7 +32,7 @@ RESOLVE = "jvm-default"
 LOCKFILE = "3rdparty/jvm/default.lock"
 SCALA_VERSION = "2.13.12"
 GROUPS = ("jvm", "jvm2")
-# The backend the plugin must come after (it overrides its BSP handler mappings).
+# The backend the plugin must come after (its workspace/buildTargets mapping must be the last).
 SCALA_BACKEND = "pants.backend.experimental.scala"
 PLUGIN_BACKEND = "pants_digestfs"
 

@@ -4,21 +4,19 @@
 
 Several BSP requests write the same jars into `.pants.d/bsp/jvm/resolves/<resolve>/lib`
 concurrently, and those writes race (https://github.com/pantsbuild/pants/issues/21532). With
-digestfs on (the `pants_digestfs` plugin's `[digestfs].enabled`, or the patch's
-`[experimental-bsp].digestfs`), the BSP server instead mounts digestfs, a read-only view of the
-local store, at `.pants.d/bsp/jvm/resolves` and *binds* each request's directories into it:
-nothing is written, so nothing races.
+`[digestfs].enabled`, the BSP server instead mounts digestfs, a read-only view of the local
+store, at `.pants.d/bsp/jvm/resolves` and *binds* what Pants writes there into it: nothing is
+written, so nothing races.
 
 - The mount covers `jvm/resolves` only. Compile outputs, resources, the Scala runtime, scripts
   and logs are written beside it as before.
 - Each `<resolve>/lib` and `<resolve>/plugins` directory is a view: the union of its layers.
-- A layer is one (request kind, BSP target), named `modules.<target>`, `sources.<target>` or
-  `scalac.<target>`, because several BSP targets share a resolve and each request kind sends its
-  own part of it. Binary jars and `-sources.jar` files share `lib/`.
+- The plugin binds one layer per `write_digest` that reaches the mount, named by its content
+  (`seam.layer_for`). `LayerKind`/`layer_name` name the per-(request kind, BSP target) layers
+  of the plugin before it, which `reconcile` still recognises.
 
 This module imports nothing from Pants, so that it can be tested against a real mount without
-Pants, and so that the plugin and the patch share it as it is (the patch vendors it as
-`pants.bsp.digestfs`). The rules split the digests and call it.
+Pants. `rules.py` splits the digests and calls it.
 
 Nothing here may stall the engine: rules call `bind_layer` and friends on the engine's threads,
 so every subprocess (doctor, mount, unmount, materialize) runs on a helper thread of this module,
@@ -38,8 +36,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-# Relative, so that this module works both as the plugin's `pants_digestfs.digestfs` and as the
-# patch's `pants.bsp.digestfs`, each with the client beside it.
 from .digestfs_client import (
     DigestfsBadRequest,
     DigestfsClient,
@@ -156,7 +152,7 @@ def remote_store_from_options(
 
 
 def binary_from_option(value: str | None) -> str | None:
-    """The `[experimental-bsp].digestfs` value as a binary to run, or None when it is off."""
+    """A binary option's value as a binary to run, or None when it is off."""
     if value is None:
         return None
     value = value.strip()
@@ -255,7 +251,7 @@ class BSPDigestfs:
         store_dir: str,
         remote: RemoteStore | None = None,
         timeout: float = 120.0,
-        option_name: str = "[experimental-bsp].digestfs",
+        option_name: str = "[digestfs].enabled",
     ) -> BSPDigestfs | None:
         """Mounts (or reuses) digestfs at `<build_root>/.pants.d/bsp/jvm/resolves` and waits.
 

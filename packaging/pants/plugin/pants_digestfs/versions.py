@@ -1,291 +1,244 @@
 # Licensed under the Apache License, Version 2.0 (see LICENSE).
-"""Everything that differs between the Pants versions the plugin supports, and nothing else.
+"""What the running Pants offers the plugin, probed one capability at a time.
 
-- **2.17.1**, the last release on PyPI, run for real by `scripts/pants-e2e`: rules await
-  `Get`/`MultiGet`; jars are written under `jvm/resolves` by `buildTarget/dependencyModules` and
-  `buildTarget/scalacOptions` (`dependencySources` is a stub there); the remote store options are
-  `remote_store_address`, `remote_oauth_bearer_token_path`, and there is no `remote_provider`.
-- **7f5db53** (pantsbuild/pants main, August 2026), checked by import and compile against its
-  pristine sources: rules call other rules by name; `dependencySources` writes source jars too;
-  scalacOptions also writes `<resolve>/plugins` and passes scalac's options; the remote options
-  add `remote_provider` and `remote_oauth_bearer_token` (a value, not a path).
+No version number stands for a set of features: each probe asks for the one thing the plugin
+uses. Checked against the sources of every release from 2.17 to 2.33 and main (docs/pants.md):
 
-Each helper below returns what Pants' own handler computes for one request, without its
-`write_digest`: the plugin binds that instead (see `rules.py`).
+- `write_digest`: `Workspace.write_digest(digest, *, path_prefix, clear_paths, side_effecting)`,
+  the one call through which every BSP jar write goes (the seam, see rules.py).
+- `persist`: `SchedulerSession.ensure_directory_digest_persisted`, to store in-memory trees.
+- `build_targets`: `pants.bsp.spec.targets.WorkspaceBuildTargets{Params,Result}` and
+  `pants.bsp.protocol.BSPHandlerMapping`, for the one handler the plugin wraps.
+- `call`: how that handler runs Pants' own: by name (`implicitly` and
+  `pants.bsp.util_rules.targets.bsp_workspace_build_targets`, 2.19 on), else `Get` (2.17, 2.18;
+  deprecated from 2.30, gone from 2.32).
+- `queries`: who installs the query of a handler mapping: `pants.bsp.util_rules.queries` (2.23
+  on), the engine initializer (until 2.22), else the plugin builds the same `QueryRule`.
+- `uncacheable`: `_uncacheable_rule`, so the handler runs on every request (else `rule`).
+- The remote options are read at run time, each with its own `getattr` (`remote_options`).
+
+No probe raises. A missing capability, or a release outside `SUPPORTED`, is one warning that
+names the Pants version and what is missing; the plugin then registers only its options, and
+Pants' own handlers and writes stay as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-import threading
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional, Tuple
 
-from pants.bsp.spec.base import BuildTargetIdentifier
-from pants.engine.fs import AddPrefix, DigestSubset, MergeDigests, PathGlobs, RemovePrefix
-from pants.engine.internals.native_engine import Digest, Snapshot
+logger = logging.getLogger(__name__)
 
-from .digestfs import RemoteStore, remote_store_from_options
-
-try:
-    from pants.engine.rules import implicitly  # noqa: F401 (call-by-name: after 2.17)
-
-    CALL_BY_NAME = True
-except ImportError:
-    CALL_BY_NAME = False
-
-# BSP methods whose Pants handlers write jars under `jvm/resolves`.
-JAR_WRITING_METHODS = (
-    ("buildTarget/dependencyModules", "buildTarget/dependencySources", "buildTarget/scalacOptions")
-    if CALL_BY_NAME
-    else ("buildTarget/dependencyModules", "buildTarget/scalacOptions")
-)
+# Keep in step with pyproject.toml's `pants` extra (test_plugin.py checks it).
+SUPPORTED = ">=2.17.0,<2.35"
+_LOWEST, _BELOW = "2.17.0", "2.35.0.dev0"
 
 
-def remote_store(global_options) -> RemoteStore | None:
-    """The remote CAS Pants reads from, for digestfs to read through to, from `[GLOBAL]`.
+def _attr(module: str, name: str) -> Any:
+    """`module.name`, or None if either is missing (or importing it fails in any way)."""
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except Exception:  # A probe must never raise: Pants would stop at startup.
+        return None
 
-    Headers that a `remote_auth_plugin` computes are not reachable from rules in either version;
-    the static `remote_store_headers` and the bearer token are passed."""
-    if CALL_BY_NAME:
-        provider = global_options.remote_provider.value
-        token = global_options.remote_oauth_bearer_token
+
+def _method(module: str, cls: str, name: str) -> Any:
+    return getattr(_attr(module, cls), name, None)
+
+
+def pants_version() -> str:
+    return str(_attr("pants.version", "VERSION") or "unknown")
+
+
+def _known_release(version: str) -> bool:
+    try:
+        from packaging.version import Version  # Pants depends on it in every release.
+
+        return Version(_LOWEST) <= Version(version) < Version(_BELOW)
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    version: str
+    call: Optional[str]  # "get" or "call-by-name"
+    queries: Optional[str]  # "queries", "engine" or "own"
+    uncacheable: bool
+    missing: Tuple[str, ...]
+
+    @property
+    def usable(self) -> bool:
+        return not self.missing
+
+
+def _write_digest_ok() -> bool:
+    workspace = _attr("pants.engine.fs", "Workspace")
+    fn = getattr(workspace, "write_digest", None)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    names = list(params)
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return (
+        names[:2] == ["self", "digest"]
+        and all(params.get(n) is not None and params[n].kind is kw
+                for n in ("path_prefix", "clear_paths", "side_effecting"))
+    )
+
+
+def probe() -> Capabilities:
+    version = pants_version()
+    missing = []
+    if not _known_release(version):
+        missing.append(f"a release the plugin knows ({SUPPORTED})")
+    if not _write_digest_ok():
+        missing.append(
+            "`Workspace.write_digest(digest, *, path_prefix, clear_paths, side_effecting)`"
+        )
+    if _method("pants.engine.internals.scheduler", "SchedulerSession",
+               "ensure_directory_digest_persisted") is None:
+        missing.append("`SchedulerSession.ensure_directory_digest_persisted`")
+    for module, name in (
+        ("pants.bsp.protocol", "BSPHandlerMapping"),
+        ("pants.bsp.spec.targets", "WorkspaceBuildTargetsParams"),
+        ("pants.bsp.spec.targets", "WorkspaceBuildTargetsResult"),
+    ):
+        if _attr(module, name) is None:
+            missing.append(f"`{module}.{name}`")
+
+    # Call-by-name where it exists (2.19 on): `Get` warns from 2.30 and is gone from 2.32.
+    call = None
+    if (
+        _attr("pants.engine.rules", "implicitly") is not None
+        and _attr("pants.bsp.util_rules.targets", "bsp_workspace_build_targets") is not None
+    ):
+        call = "call-by-name"
+    elif _attr("pants.engine.internals.selectors", "Get") is not None:
+        call = "get"
     else:
-        provider = "reapi"
-        token = None
-        path = global_options.remote_oauth_bearer_token_path
-        if path:
-            try:
-                token = Path(path).read_text().strip()
-            except OSError:
-                token = None  # Pants itself reports an unreadable token file.
-    return remote_store_from_options(
-        provider=provider,
-        cache_read=global_options.remote_cache_read,
-        execution=global_options.remote_execution,
-        address=global_options.remote_store_address,
-        instance_name=global_options.remote_instance_name,
-        headers=global_options.remote_store_headers,
-        ca_certs_path=global_options.remote_ca_certs_path,
+        missing.append(
+            "a way to call Pants' `workspace/buildTargets` rule (`Get`, or `implicitly` and "
+            "`bsp_workspace_build_targets`)"
+        )
+
+    queries = None
+    if _attr("pants.bsp.util_rules.queries", "compute_handler_query_rules") is not None:
+        queries = "queries"
+    elif _attr("pants.init.engine_initializer", "BSPHandlerMapping") is not None:
+        queries = "engine"  # It makes a query for every BSPHandlerMapping itself.
+    elif (
+        _attr("pants.engine.rules", "QueryRule") is not None
+        and _attr("pants.engine.environment", "EnvironmentName") is not None
+    ):
+        queries = "own"
+    else:
+        missing.append("a way to install a BSP handler's query (`QueryRule`)")
+
+    uncacheable = _attr("pants.engine.rules", "_uncacheable_rule") is not None
+    return Capabilities(version, call, queries, uncacheable, tuple(missing))
+
+
+_warned = False
+
+
+def warn_once(message: str) -> None:
+    """One warning per process: `rules()` may be asked more than once."""
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(message)
+
+
+def unusable_message(version: str, missing) -> str:
+    return (
+        f"pants_digestfs is not active on Pants {version}: it lacks "
+        + "; ".join(missing)
+        + ". Pants' own BSP handlers write the jars of JVM resolves, as without the plugin."
+    )
+
+
+def handler_query_rules(caps: Capabilities, rules) -> tuple:
+    """The queries that let the BSP server request the plugin's handler mapping."""
+    if caps.queries == "queries":
+        from pants.bsp.util_rules.queries import compute_handler_query_rules
+
+        return tuple(compute_handler_query_rules(rules))
+    if caps.queries == "own":
+        from pants.bsp.protocol import BSPHandlerMapping
+        from pants.engine.environment import EnvironmentName
+        from pants.engine.fs import Workspace
+        from pants.engine.rules import QueryRule
+        from pants.engine.unions import UnionRule
+
+        return tuple(
+            QueryRule(r.union_member.response_type,
+                      (r.union_member.request_type, Workspace, EnvironmentName))
+            for r in rules
+            if isinstance(r, UnionRule) and r.union_base is BSPHandlerMapping
+        )
+    return ()  # "engine": `engine_initializer` makes one for every BSPHandlerMapping.
+
+
+def remote_options(global_options) -> dict:
+    """Pants' remote store options, each read on its own (names changed across releases):
+    2.17–2.22 have `remote_oauth_bearer_token_path`, 2.20 on `remote_oauth_bearer_token` and
+    `remote_provider` (from 2.29 declared on `BootstrapOptions`, which `GlobalOptions` extends).
+    An option a release lacks is None."""
+
+    def get(name: str):
+        try:
+            value = getattr(global_options, name)
+        except Exception:
+            return None
+        return getattr(value, "value", value)  # `remote_provider` is an enum.
+
+    token = get("remote_oauth_bearer_token")
+    path = get("remote_oauth_bearer_token_path")
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError:
+            token = None  # Pants itself reports an unreadable token file.
+    return dict(
+        provider=get("remote_provider") or "reapi",
+        cache_read=bool(get("remote_cache_read")),
+        execution=bool(get("remote_execution")),
+        address=get("remote_store_address"),
+        instance_name=get("remote_instance_name"),
+        headers=get("remote_store_headers") or {},
+        ca_certs_path=get("remote_ca_certs_path"),
         oauth_bearer_token=token,
     )
 
 
-if CALL_BY_NAME:
-    from pants.backend.scala.bsp.rules import HandleScalacOptionsResult
-    from pants.backend.scala.bsp.spec import ScalacOptionsItem
-    from pants.backend.scala.compile.scalac_plugins import (
-        ScalaPluginsForTargetRequest,
-        ScalaPluginsRequest,
-        fetch_plugins,
-        resolve_scala_plugins_for_target,
-    )
-    from pants.bsp.spec.targets import WorkspaceBuildTargetsParams
-    from pants.bsp.util_rules.queries import compute_handler_query_rules
-    from pants.bsp.util_rules.targets import (
-        ResolveOneDependencyModuleRequest,
-        ResolveOneDependencySourcesRequest,
-        bsp_workspace_build_targets,
-        resolve_bsp_build_target_addresses,
-        resolve_one_dependency_module,
-        resolve_one_dependency_sources,
-    )
-    from pants.engine.addresses import Addresses
-    from pants.engine.internals.selectors import concurrently
-    from pants.engine.intrinsics import (
-        add_prefix,
-        digest_subset_to_digest,
-        digest_to_snapshot,
-        merge_digests,
-        remove_prefix,
-    )
-    from pants.jvm.bsp.compile import jvm_classes_directory
-    from pants.jvm.bsp.dependencies import ThirdpartyModulesRequest, collect_thirdparty_modules
+def persist(workspace, digests, timeout: float) -> None:
+    """Stores the `Directory` entries of `digests` in the local store, where digestfs reads them:
+    digests made by `AddPrefix` or `MergeDigests` may exist only in memory.
 
-    def handler_query_rules(rules) -> tuple:
-        return compute_handler_query_rules(rules)
+    `SchedulerSession.ensure_directory_digest_persisted` is reached through the `Workspace`'s
+    session (no rule API has it). It blocks with the engine's `block_on`, which panics on the
+    threads that run rules ("Cannot start a runtime from within a runtime", seen in 2.17.1), so
+    it runs on a helper thread, waited for at most `timeout`. Any failure, the engine's panic
+    included (a BaseException), comes back as a RuntimeError."""
+    import threading
 
-    async def workspace_build_targets(params: WorkspaceBuildTargetsParams):
-        return await bsp_workspace_build_targets(params, **implicitly())
-
-    async def dependency_modules(targets: tuple[BuildTargetIdentifier, ...]):
-        return await concurrently(
-            resolve_one_dependency_module(ResolveOneDependencyModuleRequest(t), **implicitly())
-            for t in targets
-        )
-
-    async def dependency_sources(targets: tuple[BuildTargetIdentifier, ...]):
-        return await concurrently(
-            resolve_one_dependency_sources(ResolveOneDependencySourcesRequest(t), **implicitly())
-            for t in targets
-        )
-
-    async def scalac_options(target: BuildTargetIdentifier, build_root, scalac):
-        """Pants' `handle_bsp_scalac_options_request`, without its write: (item, digest)."""
-        targets = await resolve_bsp_build_target_addresses(**implicitly(target))
-        thirdparty_modules = await collect_thirdparty_modules(
-            ThirdpartyModulesRequest(Addresses(tgt.address for tgt in targets)), **implicitly()
-        )
-        resolve = thirdparty_modules.resolve
-        scalac_plugin_targets = await concurrently(
-            resolve_scala_plugins_for_target(
-                ScalaPluginsForTargetRequest(tgt, resolve.name), **implicitly()
-            )
-            for tgt in targets
-        )
-        local_plugins_prefix = f"jvm/resolves/{resolve.name}/plugins"
-        local_plugins = await fetch_plugins(
-            ScalaPluginsRequest.from_target_plugins(scalac_plugin_targets, resolve)
-        )
-        thirdparty_modules_prefix = f"jvm/resolves/{resolve.name}/lib"
-        thirdparty_modules_digest, local_plugins_digest = await concurrently(
-            add_prefix(AddPrefix(thirdparty_modules.merged_digest, thirdparty_modules_prefix)),
-            add_prefix(AddPrefix(local_plugins.classpath.digest, local_plugins_prefix)),
-        )
-        resolve_digest = await merge_digests(
-            MergeDigests([thirdparty_modules_digest, local_plugins_digest])
-        )
-        item = _scalac_item(
-            target,
-            build_root,
-            thirdparty_modules,
-            options=(
-                *local_plugins.args(
-                    str(build_root.pathlib_path.joinpath(f".pants.d/bsp/{local_plugins_prefix}"))
-                ),
-                *scalac.parsed_args_for_resolve(resolve.name),
-            ),
-        )
-        return HandleScalacOptionsResult(item), resolve_digest
-
-    async def snapshot(digest: Digest) -> Snapshot:
-        return await digest_to_snapshot(digest)
-
-    async def snapshots(digests: Iterable[Digest]) -> tuple[Snapshot, ...]:
-        return await concurrently(digest_to_snapshot(d) for d in digests)
-
-    async def subset(digest: Digest, globs: Iterable[str]) -> Digest:
-        return await digest_subset_to_digest(DigestSubset(digest, PathGlobs(list(globs))))
-
-    async def subsets(digest: Digest, globs_each: Iterable[Iterable[str]]) -> tuple[Digest, ...]:
-        return await concurrently(
-            digest_subset_to_digest(DigestSubset(digest, PathGlobs(list(g)))) for g in globs_each
-        )
-
-    async def remove_prefixes(pairs: Iterable[tuple[Digest, str]]) -> tuple[Digest, ...]:
-        return await concurrently(remove_prefix(RemovePrefix(d, p)) for d, p in pairs)
-
-    async def merge(digests: Iterable[Digest]) -> Digest:
-        return await merge_digests(MergeDigests(digests))
-
-else:
-    from pants.backend.scala.bsp.rules import (
-        HandleScalacOptionsResult,
-        ThirdpartyModules,
-        ThirdpartyModulesRequest,
-    )
-    from pants.backend.scala.bsp.spec import ScalacOptionsItem
-    from pants.bsp.spec.targets import WorkspaceBuildTargetsParams, WorkspaceBuildTargetsResult
-    from pants.bsp.util_rules.targets import (
-        ResolveOneDependencyModuleRequest,
-        ResolveOneDependencyModuleResult,
-    )
-    from pants.engine.addresses import Addresses
-    from pants.engine.internals.selectors import Get, MultiGet
-    from pants.engine.target import Targets
-    from pants.jvm.bsp.compile import jvm_classes_directory
-
-    def handler_query_rules(rules) -> tuple:
-        return ()  # `engine_initializer` makes one for every BSPHandlerMapping.
-
-    async def workspace_build_targets(
-        params: WorkspaceBuildTargetsParams,
-    ) -> WorkspaceBuildTargetsResult:
-        return await Get(WorkspaceBuildTargetsResult, WorkspaceBuildTargetsParams, params)
-
-    async def dependency_modules(
-        targets: tuple[BuildTargetIdentifier, ...]
-    ) -> tuple[ResolveOneDependencyModuleResult, ...]:
-        return await MultiGet(
-            Get(ResolveOneDependencyModuleResult, ResolveOneDependencyModuleRequest(t))
-            for t in targets
-        )
-
-    async def dependency_sources(targets: tuple[BuildTargetIdentifier, ...]):
-        raise NotImplementedError("buildTarget/dependencySources writes nothing in Pants 2.17")
-
-    async def scalac_options(target: BuildTargetIdentifier, build_root, scalac):
-        """Pants' `handle_bsp_scalac_options_request`, without its write: (result, digest)."""
-        targets = await Get(Targets, BuildTargetIdentifier, target)
-        thirdparty_modules = await Get(
-            ThirdpartyModules,
-            ThirdpartyModulesRequest(Addresses(tgt.address for tgt in targets)),
-        )
-        resolve = thirdparty_modules.resolve
-        resolve_digest = await Get(
-            Digest,
-            AddPrefix(thirdparty_modules.merged_digest, f"jvm/resolves/{resolve.name}/lib"),
-        )
-        item = _scalac_item(target, build_root, thirdparty_modules, options=())
-        return HandleScalacOptionsResult(item), resolve_digest
-
-    async def snapshot(digest: Digest) -> Snapshot:
-        return await Get(Snapshot, Digest, digest)
-
-    async def snapshots(digests: Iterable[Digest]) -> tuple[Snapshot, ...]:
-        return await MultiGet(Get(Snapshot, Digest, d) for d in digests)
-
-    async def subset(digest: Digest, globs: Iterable[str]) -> Digest:
-        return await Get(Digest, DigestSubset(digest, PathGlobs(list(globs))))
-
-    async def subsets(digest: Digest, globs_each: Iterable[Iterable[str]]) -> tuple[Digest, ...]:
-        return await MultiGet(
-            Get(Digest, DigestSubset(digest, PathGlobs(list(g)))) for g in globs_each
-        )
-
-    async def remove_prefixes(pairs: Iterable[tuple[Digest, str]]) -> tuple[Digest, ...]:
-        return await MultiGet(Get(Digest, RemovePrefix(d, p)) for d, p in pairs)
-
-    async def merge(digests: Iterable[Digest]) -> Digest:
-        return await Get(Digest, MergeDigests(digests))
-
-
-def _scalac_item(target, build_root, thirdparty_modules, options: tuple) -> ScalacOptionsItem:
-    """The scalacOptions item both versions build alike: the resolve's jars under `lib/` as
-    URIs, and the target's class directory beside the mount."""
-    resolve = thirdparty_modules.resolve.name
-    return ScalacOptionsItem(
-        target=target,
-        options=options,
-        classpath=tuple(
-            build_root.pathlib_path.joinpath(
-                f".pants.d/bsp/jvm/resolves/{resolve}/lib/{filename}"
-            ).as_uri()
-            for cp_entry in thirdparty_modules.entries.values()
-            for filename in cp_entry.filenames
-        ),
-        class_directory=build_root.pathlib_path.joinpath(
-            f".pants.d/bsp/{jvm_classes_directory(target)}"
-        ).as_uri(),
-    )
-
-
-def persist(workspace, digests: Iterable[Digest], timeout: float) -> None:
-    """Stores the `Directory` entries of `digests` in the local store, where the mount reads them:
-    digests made by `AddPrefix`, `MergeDigests` or `RemovePrefix` may exist only in memory.
-
-    Both versions have `SchedulerSession.ensure_directory_digest_persisted`, which a rule reaches
-    through the `Workspace` it was given (there is no rule API for it). It blocks on the store with
-    the engine's `block_on`, which panics on the engine's own threads, where rules run ("Cannot
-    start a runtime from within a runtime", seen in 2.17.1), so it runs on a helper thread, and
-    the rule waits for that store write. A failure, the engine's panic included (a BaseException),
-    comes back as a RuntimeError, which the caller treats like a refused bind."""
     digests = list(digests)
-    failure: list[BaseException] = []
+    failure: list = []
+    session = getattr(workspace, "_scheduler", None)
+    ensure = getattr(session, "ensure_directory_digest_persisted", None)
+    if ensure is None:
+        raise RuntimeError("this Pants' Workspace has no session to store digests with")
 
     def run() -> None:
         try:
             for digest in digests:
-                workspace._scheduler.ensure_directory_digest_persisted(digest)
+                ensure(digest)
         except BaseException as e:  # noqa: B036: pyo3's PanicException is a BaseException.
             failure.append(e)
 
