@@ -150,7 +150,7 @@ WRAP = textwrap.dedent(
     from pants.engine.fs import Workspace
     from pants.engine.internals.native_engine import Digest
     from pants_digestfs import rules
-    binary, store, root, bound, prefixes = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+    binary, store, root, bound, prefixes, mnt = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7]
     calls = []
     text = lambda d: f"{d.fingerprint}-{d.serialized_bytes_length}"
     def original(ws, d, *, path_prefix=None, clear_paths=(), side_effecting=True):
@@ -161,11 +161,11 @@ WRAP = textwrap.dedent(
     class WS:
         _scheduler = Session()
     class Mount:
-        store_dir, store_args, timeout = store, (), 30
+        store_dir, store_args, timeout, mountpoint = store, (), 30, mnt
         def __init__(self):
             self.binary = binary
         def wait_started(self):
-            return True
+            return bound != "never"
         def fall_back(self, reason):
             calls.append(["fall_back", reason])
         def bind_layer(self, layer, views, persist_again=None):
@@ -208,10 +208,11 @@ class WrapperOnPants2_17_1(unittest.TestCase):
             digest = children(self.store, digest)[name]
         return digest
 
-    def wrap(self, root, prefixes, bound=True):
+    def wrap(self, root, prefixes, bound="yes"):
+        self.mnt = os.path.join(self.tmp, "mnt")
         done = subprocess.run(
             [VENV_PYTHON, "-c", WRAP, os.path.join(HERE, "plugin"), self.bin, self.store, root,
-             "yes" if bound else "no", json.dumps(prefixes)],
+             bound, json.dumps(prefixes), self.mnt],
             capture_output=True, text=True, timeout=120,
         )
         self.assertEqual(done.returncode, 0, done.stderr)
@@ -226,14 +227,37 @@ class WrapperOnPants2_17_1(unittest.TestCase):
              ["bind", {"r/lib": lib}]],
         )
 
-    def test_a_refused_bind_writes_the_views_as_pants_does(self):
-        d = self.tree({"jvm/resolves/r/lib/a.jar": "a"})
+    def test_a_refused_bind_writes_the_views_to_disk_by_rename(self):
+        d = self.tree({"jvm/resolves/r/lib/a.jar": "a", "jvm/resolves/r/lib/b.jar": "b"})
         lib = self.at(d, "jvm/resolves/r/lib")
+        os.makedirs(os.path.join(self.tmp, "mnt", "r", "lib"))
+        # A jar Pants left read-only, as its copy does between its open and its chmod: a
+        # rename replaces it where Pants' own open(O_TRUNC) would fail with EACCES as a user.
+        old = os.path.join(self.tmp, "mnt", "r", "lib", "a.jar")
+        with open(old, "w") as f:
+            f.write("old")
+        os.chmod(old, 0o555)
+        old_ino = os.stat(old).st_ino
         self.assertEqual(
-            self.wrap(d, [".pants.d/bsp"], bound=False),
-            [["persist", d], ["bind", {"r/lib": lib}],
-             ["write", lib, ".pants.d/bsp/jvm/resolves/r/lib"]],
+            self.wrap(d, [".pants.d/bsp"], bound="no"),
+            [["persist", d], ["bind", {"r/lib": lib}]],
         )
+        for name, text in (("a.jar", "a"), ("b.jar", "b")):
+            path = os.path.join(self.mnt, "r", "lib", name)
+            with open(path) as f:
+                self.assertEqual(f.read(), text)
+            self.assertEqual(oct(os.stat(path).st_mode & 0o777), "0o644")
+        self.assertNotEqual(os.stat(old).st_ino, old_ino, "rewritten in place")
+
+    def test_without_a_mount_the_views_are_written_to_disk_by_rename(self):
+        d = self.tree({"jvm/resolves/r/lib/a.jar": "a", "jvm/classes/t/C.class": "c"})
+        classes = self.at(d, "jvm/classes")
+        self.assertEqual(
+            self.wrap(d, [".pants.d/bsp"], bound="never"),
+            [["persist", d], ["write", classes, ".pants.d/bsp/jvm/classes"]],
+        )
+        with open(os.path.join(self.mnt, "r", "lib", "a.jar")) as f:
+            self.assertEqual(f.read(), "a")
 
     def test_other_writes_are_pants_own(self):
         d = self.tree({"jvm/classes/t/C.class": "c"})

@@ -453,6 +453,45 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
+def file_keys(root: Path, skip: Path | None = None) -> dict[str, tuple]:
+    """relative path -> (st_dev, st_ino, size, mtime_ns, ctime_ns) of every regular file under
+    root on root's own file system (a mount serves files, nobody writes them), but under `skip`
+    (Pants' logs, which grow as it logs)."""
+    out: dict[str, tuple] = {}
+    try:
+        dev = os.stat(root).st_dev
+    except OSError:
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        if skip is not None and Path(dirpath) == skip.parent:
+            dirnames[:] = [d for d in dirnames if d != skip.name]
+        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_dev == dev]
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out[os.path.relpath(p, root)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def bytes_written(before: dict, after: dict, under: str = "") -> int:
+    """Bytes of the files new or written since `before` (a file written twice counts once, so
+    this is a lower bound), of those whose path starts with `under`."""
+    return sum(k[2] for p, k in after.items() if p.startswith(under) and before.get(p) != k)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) by the nearest rank."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
 def diff_snapshots(before: dict, after: dict) -> dict:
     added = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
@@ -476,7 +515,7 @@ def lib_state(lib: Path, lockfile: dict[str, dict]) -> dict:
             st = os.lstat(p)
         except OSError:
             continue
-        files.append([n, st.st_dev, oct(stat.S_IMODE(st.st_mode))])
+        files.append([n, st.st_dev, oct(stat.S_IMODE(st.st_mode)), st.st_ino])
         exp = lockfile.get(n)
         if exp and "sha256" in exp and stat.S_ISREG(st.st_mode):
             try:
@@ -635,6 +674,9 @@ def run_round(n, a, repo, server, reader, targets, lockfile, deadline, report) -
             except OSError as e:
                 rnd["failures"].append({"method": "rm -r lib", "message": str(e)})
     before = snapshot(resolves_root)
+    pants_d = repo / ".pants.d"
+    logs = pants_d / "bsp" / "logs"
+    files_before = file_keys(pants_d, skip=logs)
 
     # The refresh: everything at once, as IntelliJ sends it.
     done: "queue.Queue[Pending]" = queue.Queue()
@@ -664,7 +706,7 @@ def run_round(n, a, repo, server, reader, targets, lockfile, deadline, report) -
         for target, uri in jar_uris(p.method, result):
             reads.append((p.method, target, uri, reader.submit(uri)))
     rnd["requests"] = len(pendings)
-    rnd["latencies_s"] = {f"{p.id}:{p.method}": round(p.elapsed or -1, 1) for p in pendings}
+    rnd["latencies_s"] = {f"{p.id}:{p.method}": round(p.elapsed or -1, 3) for p in pendings}
 
     # One compile per round, so that Pants writes class files beside the resolves.
     origin = f"e2e-compile-{n}"
@@ -754,6 +796,9 @@ def run_round(n, a, repo, server, reader, targets, lockfile, deadline, report) -
         rnd["libs"][resolve] = {"files": [], "missing": sorted(named[resolve]), "extra": [], "modes": []}
 
     rnd["resolves_changed"] = {k: len(v) for k, v in diff_snapshots(before, snapshot(resolves_root)).items()}
+    files_after = file_keys(pants_d, skip=logs)
+    rnd["bytes_written_pants_d"] = bytes_written(files_before, files_after)
+    rnd["bytes_written_resolves"] = bytes_written(files_before, files_after, "bsp/jvm/resolves/")
     rnd["seconds"] = round(time.monotonic() - t_round, 1)
     return rnd
 
@@ -786,7 +831,30 @@ def totals(report: dict) -> dict:
         "uris_from_mount": sum(r["uris_from_mount"] for r in rs),
         "lib_modes": sorted({m for r in rs for v in r["libs"].values() for m in v["modes"]}),
         "final_lib_modes": sorted({m for v in (rs[-1]["libs"].values() if rs else []) for m in v["modes"]}),
+        "bytes_written_pants_d": sum(r.get("bytes_written_pants_d", 0) for r in rs),
+        "bytes_written_resolves": sum(r.get("bytes_written_resolves", 0) for r in rs),
+        # Times of the warm rounds: the first one downloads, compiles Pants' Scala parser, starts
+        # nailgun (a minute, whatever the plugin does).
+        "first_round_s": rs[0]["seconds"] if rs else None,
+        "round_s_p50": percentile([r["seconds"] for r in rs[1:]], 50),
+        "request_s_p50": percentile([v for r in rs[1:] for v in r["latencies_s"].values() if v >= 0], 50),
+        "request_s_p95": percentile([v for r in rs[1:] for v in r["latencies_s"].values() if v >= 0], 95),
+        "jars_with_new_inodes": sorted({n for r in rs for n in r["jars_seen_with_several_inodes"]}),
+        "lib_jars_new_inode_between_rounds": sum(
+            1
+            for prev, cur in zip(rs, rs[1:])
+            for resolve, lib in cur["libs"].items()
+            for name, ino in ((f[0], f[3]) for f in lib["files"])
+            if (old := lib_inode(prev, resolve, name)) is not None and old != ino
+        ),
     }
+
+
+def lib_inode(rnd: dict, resolve: str, name: str):
+    for f in rnd["libs"].get(resolve, {}).get("files", []):
+        if f[0] == name:
+            return f[3]
+    return None
 
 
 def server_errors(path: Path, keep: int = 5) -> list[str]:

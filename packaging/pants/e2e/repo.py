@@ -35,6 +35,19 @@ GROUPS = ("jvm", "jvm2")
 # The backend the plugin must come after (its workspace/buildTargets mapping must be the last).
 SCALA_BACKEND = "pants.backend.experimental.scala"
 PLUGIN_BACKEND = "pants_digestfs"
+# What scripts/install-pants installs; `--pants-version` names another (a Pants built by hand).
+PANTS_VERSION = "2.17.1"
+# From 2.24 on, without these `experimental-bsp` serves no JVM targets.
+BSP_BACKENDS = [
+    "pants.backend.experimental.bsp",
+    "pants.backend.experimental.java.bsp",
+    "pants.backend.experimental.scala.bsp",
+]
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
 
 # (target name, group, artifact, version, packages). Sizes of the jars on Maven Central:
 # scala-library 2.13.12 5.9 MB, zio_2.13 2.1.12 about 4 MB, guava 33.5.0-jre 3.0 MB,
@@ -117,11 +130,14 @@ def pants_toml(
     shards: int,
     plugin_dir: Path | None,
     digestfs_bin: Path | None,
+    pants_version: str = PANTS_VERSION,
 ) -> str:
     backends = ["pants.backend.experimental.java", SCALA_BACKEND]
+    if _release(pants_version) >= (2, 24):  # The BSP rules became backends of their own.
+        backends += BSP_BACKENDS
     lines = [
         "[GLOBAL]",
-        'pants_version = "2.17.1"',
+        f"pants_version = {toml_str(pants_version)}",
         "pantsd = false",
         "print_stacktrace = true",
         f"local_store_dir = {toml_str(str(work / 'store'))}",
@@ -193,6 +209,7 @@ def write_repo(
     plugin_dir: Path | None = None,
     digestfs_bin: Path | None = None,
     lockfile: Path | None = None,
+    pants_version: str = PANTS_VERSION,
 ) -> Path:
     """Writes WORK/repo afresh (removing WORK first) and returns the build root."""
     tools = json.loads((tools_dir / "coursier.json").read_text())
@@ -203,7 +220,7 @@ def write_repo(
     repo.mkdir(parents=True)
 
     files = {
-        "pants.toml": pants_toml(work, tools, shards, plugin_dir, digestfs_bin),
+        "pants.toml": pants_toml(work, tools, shards, plugin_dir, digestfs_bin, pants_version),
         "BUILD": root_build(),
         ".gitignore": ".pants.d\n.bsp\n",
     }
@@ -246,7 +263,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--plugin-dir", type=Path, help="enable the digestfs plugin from this dir")
     ap.add_argument("--digestfs-bin", type=Path, help="[digestfs].binary (with --plugin-dir)")
     ap.add_argument("--lockfile", type=Path, help=f"copy this lockfile to {LOCKFILE}")
+    ap.add_argument("--pants-version", default=PANTS_VERSION, help="[GLOBAL].pants_version")
     a = ap.parse_args(argv)
+    try:
+        _release(a.pants_version)
+    except ValueError:
+        ap.error(f"--pants-version {a.pants_version!r} is not a Pants version (2.24.3, say)")
     if a.shards < 1 or a.shards > 128 or a.shards & (a.shards - 1):
         ap.error("--shards must be a power of two from 1 to 128")
     repo = write_repo(
@@ -256,6 +278,7 @@ def main(argv: list[str]) -> int:
         a.plugin_dir.resolve() if a.plugin_dir else None,
         a.digestfs_bin.resolve() if a.digestfs_bin else None,
         a.lockfile,
+        a.pants_version,
     )
     print(repo)
     return 0

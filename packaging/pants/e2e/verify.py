@@ -7,6 +7,11 @@
                                    views), its views there from the start and kept, no warning
     verify.py on-disk RESOLVES     after unmounting: nothing was ever written under jvm/resolves
     verify.py no-fuse REPORT LOG   the plugin on, digestfs unusable: one warning, Pants' own writes
+    verify.py disabled REPORT      the plugin off: Pants' own writes, no mount, only its own race
+    verify.py leftover REPORT LOG  the plugin off, a daemon's mount left over: detached, with one
+                                   warning, before Pants wrote; no read-only file system met
+    verify.py race REPORT          without the plugin: the race shows (failed requests or torn
+                                   reads), as it must for the comparison to mean anything
     verify.py store STORE LOCKFILE SHARDS
                                    digestfs reads the store this Pants wrote: its shard count, and
                                    every jar of the lockfile byte for byte (small ones from the LMDB
@@ -108,13 +113,18 @@ def on_disk(resolves: str) -> list[str]:
 
 
 def no_fuse(report: dict, log: str) -> list[str]:
-    """One warning, and then Pants' own behaviour: jars written to disk, no mount. Pants' own
-    behaviour includes its race (`Permission denied` on a jar another target is writing), so
-    failures of that kind are allowed here, and no other."""
-    broken = []
+    """One warning, and then Pants' own behaviour (its race included)."""
     warnings = digestfs_warnings(log)
+    broken = []
     if len(warnings) != 1:
         broken.append(f"{len(warnings)} digestfs warnings in this session's log, not 1: {warnings[:3]}")
+    return broken + pants_own(report)
+
+
+def pants_own(report: dict) -> list[str]:
+    """Pants' own behaviour: jars written to disk under lib/, no mount, and no failure but Pants'
+    own race (`Permission denied` on a jar another target is writing)."""
+    broken = []
     for r in report.get("rounds", []):
         n = r["round"]
         if r.get("mount"):
@@ -132,6 +142,36 @@ def no_fuse(report: dict, log: str) -> list[str]:
     if not report.get("rounds"):
         broken.append("the session ran no round")
     return broken
+
+
+def disabled(report: dict) -> list[str]:
+    return pants_own(report)
+
+
+def leftover(report: dict, log: str) -> list[str]:
+    broken = []
+    lines = log_since(log)
+    detached = [line for line in lines if "Detached the digestfs mount" in line]
+    if len(detached) != 1:
+        broken.append(f"{len(detached)} lines say the leftover mount was detached, not 1")
+    for r in report.get("rounds", []):
+        for f in r["failures"]:
+            if "Read-only file system" in f["message"] or "os error 30" in f["message"]:
+                broken.append(f"round {r['round']}: {f['method']} met the read-only mount: {f['message'][:300]}")
+        if r.get("mount"):
+            broken.append(f"round {r['round']}: still mounted at jvm/resolves: {r['mount']}")
+    if not report.get("rounds"):
+        broken.append("the session ran no round")
+    return broken
+
+
+def race(report: dict) -> list[str]:
+    t = report.get("totals") or {}
+    if not report.get("rounds"):
+        return ["the session ran no round"]
+    if t.get("failed", 0) + t.get("hash_mismatches", 0) + t.get("unzip_failures", 0) == 0:
+        return ["no failed request and no torn read: the race did not show, so the comparison shows nothing"]
+    return []
 
 
 def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
@@ -170,7 +210,9 @@ def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("served", "reused", "on-disk", "no-fuse", "store"):
+    if len(argv) < 2 or argv[0] not in (
+        "served", "reused", "on-disk", "no-fuse", "disabled", "leftover", "race", "store"
+    ):
         print(__doc__, file=sys.stderr)
         return 2
     what = argv[0]
@@ -182,6 +224,12 @@ def main(argv: list[str]) -> int:
         broken = on_disk(argv[1])
     elif what == "store":
         broken = store(argv[1], argv[2], int(argv[3]))
+    elif what == "disabled":
+        broken = disabled(load(argv[1]))
+    elif what == "leftover":
+        broken = leftover(load(argv[1]), argv[2])
+    elif what == "race":
+        broken = race(load(argv[1]))
     else:
         broken = no_fuse(load(argv[1]), argv[2])
     for b in broken:

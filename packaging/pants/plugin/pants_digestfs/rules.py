@@ -32,7 +32,7 @@ from pants.engine.rules import collect_rules, rule
 from pants.engine.unions import UnionRule
 from pants.option.global_options import GlobalOptions
 
-from . import seam, versions
+from . import leftover, seam, versions
 from .digestfs import MOUNT_DIR, BSPDigestfs, digest_string, remote_store_from_options
 from .subsystem import DigestfsSubsystem
 
@@ -50,8 +50,11 @@ def session_mount(
     subsystem: DigestfsSubsystem, build_root: BuildRoot, global_options: GlobalOptions
 ) -> BSPDigestfs | None:
     """This server's mount, begun (not waited for); None when the plugin is off or the binary
-    is missing (then one warning)."""
+    is missing (then one warning). Without a mount of its own, a digestfs mount left at the
+    mountpoint by an earlier server is detached, so that Pants' own writes meet no read-only
+    mount."""
     if not subsystem.enabled:
+        _detach_leftover(build_root.path, "[digestfs].enabled is false")
         return None
     store_dir = str(Path(global_options.local_store_dir).expanduser().resolve())
     shards = global_options.local_store_shard_count
@@ -73,7 +76,34 @@ def session_mount(
                 mount.begin()
                 _arm(mount)
             _MOUNTS[key] = mount
-        return _MOUNTS[key]
+        mount = _MOUNTS[key]
+    if mount is None:
+        _detach_leftover(build_root.path, "digestfs cannot be used here")
+    return mount
+
+
+_LEFTOVERS_CHECKED: set = set()
+
+
+def _detach_leftover(build_root: str, why: str) -> None:
+    """Once per build root and process: detaches a digestfs mount at the mountpoint (at most
+    2 s), or says in one warning how to remove it."""
+    with _LOCK:
+        if build_root in _LEFTOVERS_CHECKED:
+            return
+        _LEFTOVERS_CHECKED.add(build_root)
+    path = str(Path(build_root) / MOUNT_DIR)
+    found = leftover.detach_leftover(path)
+    if found is None:
+        return
+    _fstype, error = found
+    if error is None:
+        logger.warning(
+            f"Detached the digestfs mount an earlier BSP server left at {path} ({why}): "
+            "the jars of JVM resolves are written there as without the plugin."
+        )
+    else:
+        logger.warning(error)
 
 
 def _arm(mount: BSPDigestfs) -> None:
@@ -97,10 +127,12 @@ def _write_digest(original, workspace, digest, *, path_prefix, clear_paths, side
                  side_effecting=side_effecting)
 
     mount = _ARMED[0] if _ARMED else None
-    if mount is None or not seam.reaches_mount(path_prefix) or not mount.wait_started():
+    if mount is None or not seam.reaches_mount(path_prefix):
         return write(digest, path_prefix, clear_paths)
+    active = mount.wait_started()
     if clear_paths:  # No Pants release passes them here; they would clear under the mount.
-        mount.fall_back(f"a write_digest under {path_prefix} with clear_paths={clear_paths!r}")
+        if active:
+            mount.fall_back(f"a write_digest under {path_prefix} with clear_paths={clear_paths!r}")
         return write(digest, path_prefix, clear_paths)
     root = digest_string(digest.fingerprint, digest.serialized_bytes_length)
     again = functools.partial(versions.persist, workspace, [digest], timeout=mount.timeout)
@@ -109,7 +141,8 @@ def _write_digest(original, workspace, digest, *, path_prefix, clear_paths, side
         ls = seam.store_lister(mount.binary, mount.store_dir, mount.store_args, mount.timeout)
         plan = seam.plan(path_prefix, root, ls)
     except Exception as e:  # Unsplittable, unstored or unreadable: Pants writes it all.
-        mount.fall_back(f"cannot bind the write of {root} under {path_prefix}: {e}")
+        if active:
+            mount.fall_back(f"cannot bind the write of {root} under {path_prefix}: {e}")
         return write(digest, path_prefix)
     if plan is None:
         return write(digest, path_prefix)
@@ -117,8 +150,17 @@ def _write_digest(original, workspace, digest, *, path_prefix, clear_paths, side
         write(_digest(d), prefix)
     if not plan.views:
         return None
-    if not mount.bind_layer(seam.layer_for(plan.views), plan.views, persist_again=again):
-        for view, d in sorted(plan.views.items()):  # The mount fell back: as Pants does.
+    if active and mount.bind_layer(seam.layer_for(plan.views), plan.views, persist_again=again):
+        return None
+    # No mount serves them (it never came up, or fell back): on disk, but each jar replaced by
+    # rename, never truncated in place under a reader or another writer.
+    for view, d in sorted(plan.views.items()):
+        dest = str(Path(mount.mountpoint) / view)
+        error = seam.materialize(
+            mount.binary, mount.store_dir, mount.store_args, d, dest, mount.timeout
+        )
+        if error is not None:
+            logger.warning(f"digestfs: writing {d} to {dest} failed ({error}); Pants writes it.")
             write(_digest(d), f"{MOUNT_DIR}/{view}")
     return None
 

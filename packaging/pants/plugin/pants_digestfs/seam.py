@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
@@ -147,3 +148,34 @@ def store_lister(binary: str, store_dir: str, store_args: Sequence[str], timeout
         return entries
 
     return ls
+
+
+def materialize(
+    binary: str, store_dir: str, store_args: Sequence[str], digest: str, dest: str, timeout: float
+) -> str | None:
+    """Writes the tree `digest` to `dest` with `digestfs materialize`, which writes each file
+    aside and renames it into place: a reader never sees a torn jar, and concurrent writers of
+    the same names never fail on each other (Pants' own copy truncates in place, then chmods).
+    The files then get the modes Pants leaves (0644, 0755 if executable), so that a later write
+    by Pants itself can open them. None if done, else what went wrong."""
+    try:
+        done = subprocess.run(
+            [binary, "--store", store_dir, *store_args, "materialize", digest, dest],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if done.returncode != 0:
+        return done.stderr.strip() or f"exit {done.returncode}"
+    try:
+        for root, _dirs, files in os.walk(dest):
+            for name in files:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, 0o755 if os.lstat(path).st_mode & 0o111 else 0o644)
+    except OSError as e:
+        return str(e)
+    return None

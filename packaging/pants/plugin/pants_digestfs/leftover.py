@@ -1,0 +1,97 @@
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""A digestfs mount left at `.pants.d/bsp/jvm/resolves` when the plugin is off.
+
+The daemon outlives the BSP server on purpose (the next server reuses it). If the plugin is then
+disabled, or its binary is gone, Pants' own `write_digest` would meet a read-only mount and every
+jar write would fail with EROFS. So a BSP server that does not use digestfs detaches such a mount
+before Pants writes there (lazily: files the IDE has open keep working), or says in one line how
+to remove it. Imports nothing from Pants.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo writes space, tab, newline and backslash as octal escapes.
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
+
+
+def digestfs_mount_at(path: str) -> str | None:
+    """The file system type of the topmost mount at `path` if it is digestfs's, else None.
+
+    Linux: `/proc/self/mountinfo` (a FUSE mount of subtype digestfs, or an NFS mount of a
+    loopback server, which is how digestfs serves macOS). Elsewhere: `mount` output. Never a
+    `stat` of `path`: a hung daemon would hang it."""
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return _from_mount_command(path)
+    found = None
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 10 or _unescape(fields[4]) != path:
+            continue
+        sep = fields.index("-", 6) if "-" in fields[6:] else None
+        if sep is None or sep + 2 >= len(fields):
+            continue
+        fstype, source = fields[sep + 1], fields[sep + 2]
+        found = fstype if fstype == "fuse.digestfs" or source == "digestfs" else None
+    return found
+
+
+def _from_mount_command(path: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["mount"], capture_output=True, text=True, timeout=2, stdin=subprocess.DEVNULL
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        # macOS: `localhost:/ on /path (nfs, ...)`, digestfs's NFS server on loopback.
+        head, sep, rest = line.partition(" on ")
+        if sep and rest.startswith(path + " (") and head.startswith(("localhost:", "127.0.0.1:")):
+            return "nfs"
+    return None
+
+
+def detach_command(path: str) -> list[str]:
+    """What detaches the mount at `path`, busy or not, without asking its daemon (which may be
+    hung or gone)."""
+    if sys.platform == "darwin":
+        return ["umount", "-f", path]
+    fusermount = shutil.which("fusermount3") or "fusermount3"
+    return [fusermount, "-u", "-z", path]
+
+
+def detach_leftover(path: str, timeout: float = 2.0) -> tuple[str, str | None] | None:
+    """Detaches a digestfs mount at `path`. None if there is none; else (what was found, None
+    once detached, or the one line that tells the user how to remove it)."""
+    fstype = digestfs_mount_at(path)
+    if fstype is None:
+        return None
+    cmd = detach_command(path)
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+        error = None if done.returncode == 0 else (done.stderr.strip() or f"exit {done.returncode}")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        error = str(e)
+    if error is None and digestfs_mount_at(path) is not None:
+        error = "it is still mounted"
+    if error is None:
+        return fstype, None
+    shown = " ".join(cmd)
+    return fstype, (
+        f"A digestfs mount is left at {path}, and the BSP server cannot write the jars of JVM "
+        f"resolves under it; remove it with `{shown}` ({error})."
+    )
