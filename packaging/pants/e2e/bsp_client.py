@@ -335,7 +335,7 @@ def jar_uris(method: str, result) -> list[tuple[str, str]]:
                 for a in (m.get("data") or {}).get("artifacts", []):
                     if a.get("uri", "").endswith(".jar"):
                         out.append((target, a["uri"]))
-        elif method == "buildTarget/scalacOptions":
+        elif method in ("buildTarget/scalacOptions", "buildTarget/javacOptions"):
             for u in item.get("classpath", []):
                 if u.endswith(".jar"):
                     out.append((target, u))
@@ -615,7 +615,7 @@ def run_session(a) -> dict:
                 "version": "2024.2",
                 "bspVersion": "2.1.0",
                 "rootUri": repo.as_uri(),
-                "capabilities": {"languageIds": ["scala", "java"]},
+                "capabilities": {"languageIds": ["java"] if a.java else ["scala", "java"]},
                 "data": {},
             },
             deadline.left(a.request_timeout),
@@ -640,6 +640,12 @@ def run_session(a) -> dict:
             rnd = run_round(n, a, repo, server, reader, targets, lockfile, deadline, report)
             report["rounds"].append(rnd)
             log(round_line(rnd))
+            if a.after_round and int(a.after_round[0]) == n:
+                # A fault the test injects between two refreshes (`kill -9` of the daemon, say).
+                done = subprocess.run(["sh", "-c", a.after_round[1]], capture_output=True, text=True, timeout=60)
+                report["after_round"] = {"round": n, "command": a.after_round[1], "status": done.returncode,
+                                         "output": (done.stdout + done.stderr)[-2000:]}
+                log(f"after round {n}: `{a.after_round[1]}` exited {done.returncode}")
         report["resolves_changed_in_session"] = diff_snapshots(session_before, snapshot(resolves_root))
 
         t0 = time.monotonic()
@@ -680,8 +686,9 @@ def run_round(n, a, repo, server, reader, targets, lockfile, deadline, report) -
 
     # The refresh: everything at once, as IntelliJ sends it.
     done: "queue.Queue[Pending]" = queue.Queue()
-    batch = [("buildTarget/dependencyModules", targets), ("buildTarget/scalacOptions", targets)]
-    batch += [("buildTarget/scalacOptions", [t]) for t in targets]
+    options = "buildTarget/javacOptions" if a.java else "buildTarget/scalacOptions"
+    batch = [("buildTarget/dependencyModules", targets), (options, targets)]
+    batch += [(options, [t]) for t in targets]
     pendings = [server.send(m, {"targets": ts}, on_done=done.put) for m, ts in batch]
     reads = []  # (target, uri, future)
     answered = 0
@@ -889,6 +896,8 @@ def main(argv: list[str]) -> int:
         help="remove jvm/resolves/*/lib before each round (only without the plugin)",
     )
     ap.add_argument("--lockfile", default=DEFAULT_LOCKFILE, help="relative to the repo")
+    ap.add_argument("--java", action="store_true", help="a Java-only repo: javacOptions, not scalacOptions")
+    ap.add_argument("--after-round", nargs=2, metavar=("N", "CMD"), help="run CMD (sh -c) after round N")
     ap.add_argument("--readers", type=int, default=2, help="jar reader threads")
     ap.add_argument("--request-timeout", type=float, default=480.0, help="seconds, per answer")
     ap.add_argument("--session-timeout", type=float, default=900.0, help="seconds, whole session")

@@ -116,6 +116,38 @@ SOURCES = {
 }
 
 
+# `--java-only`: the same groups and jars, Java sources, no Scala backend at all (the plugin must
+# not need it).
+JAVA_SOURCES = {
+    "jvm/Hello1.java": """\
+        package jvm;
+
+        import com.google.common.collect.ImmutableList;
+        import org.apache.commons.lang3.StringUtils;
+
+        public class Hello1 {
+          public static void main(String[] args) {
+            System.out.println(StringUtils.join(ImmutableList.of("a", "b", "c"), ","));
+          }
+        }
+        """,
+    "jvm2/Hello2.java": """\
+        package jvm2;
+
+        import org.apache.commons.math3.stat.descriptive.DescriptiveStatistics;
+
+        public class Hello2 {
+          public static void main(String[] args) {
+            DescriptiveStatistics stats = new DescriptiveStatistics();
+            stats.addValue(1.0);
+            stats.addValue(2.0);
+            System.out.println(stats.getMean());
+          }
+        }
+        """,
+}
+
+
 def toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
 
@@ -131,10 +163,11 @@ def pants_toml(
     plugin_dir: Path | None,
     digestfs_bin: Path | None,
     pants_version: str = PANTS_VERSION,
+    java_only: bool = False,
 ) -> str:
-    backends = ["pants.backend.experimental.java", SCALA_BACKEND]
+    backends = ["pants.backend.experimental.java"] + ([] if java_only else [SCALA_BACKEND])
     if _release(pants_version) >= (2, 24):  # The BSP rules became backends of their own.
-        backends += BSP_BACKENDS
+        backends += [b for b in BSP_BACKENDS if not (java_only and ".scala." in b)]
     lines = [
         "[GLOBAL]",
         f"pants_version = {toml_str(pants_version)}",
@@ -169,9 +202,7 @@ def pants_toml(
         "",
         "[jvm.resolves]",
         f"{RESOLVE} = {toml_str(LOCKFILE)}",
-        "",
-        "[scala.version_for_resolve]",
-        f"{RESOLVE} = {toml_str(SCALA_VERSION)}",
+        *([] if java_only else ["", "[scala.version_for_resolve]", f"{RESOLVE} = {toml_str(SCALA_VERSION)}"]),
         "",
         "[experimental-bsp]",
         f"groups_config_files = {toml_list(f'{g}/bsp-groups.toml' for g in GROUPS)}",
@@ -210,6 +241,7 @@ def write_repo(
     digestfs_bin: Path | None = None,
     lockfile: Path | None = None,
     pants_version: str = PANTS_VERSION,
+    java_only: bool = False,
 ) -> Path:
     """Writes WORK/repo afresh (removing WORK first) and returns the build root."""
     tools = json.loads((tools_dir / "coursier.json").read_text())
@@ -220,12 +252,12 @@ def write_repo(
     repo.mkdir(parents=True)
 
     files = {
-        "pants.toml": pants_toml(work, tools, shards, plugin_dir, digestfs_bin, pants_version),
+        "pants.toml": pants_toml(work, tools, shards, plugin_dir, digestfs_bin, pants_version, java_only),
         "BUILD": root_build(),
         ".gitignore": ".pants.d\n.bsp\n",
     }
     for g in GROUPS:
-        files[f"{g}/BUILD"] = "scala_sources()\n"
+        files[f"{g}/BUILD"] = "java_sources()\n" if java_only else "scala_sources()\n"
         files[f"{g}/bsp-groups.toml"] = textwrap.dedent(
             f"""\
             [groups.{g}]
@@ -235,7 +267,7 @@ def write_repo(
             base_directory = "{g}"
             """
         )
-    for path, text in SOURCES.items():
+    for path, text in (JAVA_SOURCES if java_only else SOURCES).items():
         files[path] = textwrap.dedent(text)
     for path, text in files.items():
         p = repo / path
@@ -264,6 +296,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--digestfs-bin", type=Path, help="[digestfs].binary (with --plugin-dir)")
     ap.add_argument("--lockfile", type=Path, help=f"copy this lockfile to {LOCKFILE}")
     ap.add_argument("--pants-version", default=PANTS_VERSION, help="[GLOBAL].pants_version")
+    ap.add_argument("--java-only", action="store_true", help="Java sources, no Scala backend")
     a = ap.parse_args(argv)
     try:
         _release(a.pants_version)
@@ -279,6 +312,7 @@ def main(argv: list[str]) -> int:
         a.digestfs_bin.resolve() if a.digestfs_bin else None,
         a.lockfile,
         a.pants_version,
+        a.java_only,
     )
     print(repo)
     return 0

@@ -10,6 +10,8 @@
     verify.py disabled REPORT      the plugin off: Pants' own writes, no mount, only its own race
     verify.py leftover REPORT LOG  the plugin off, a daemon's mount left over: detached, with one
                                    warning, before Pants wrote; no read-only file system met
+    verify.py daemon-killed REPORT the daemon killed between rounds: the rest still served, whole
+    verify.py java-only REPORT     a Java-only repo with the plugin on: it starts, nothing fails
     verify.py race REPORT          without the plugin: the race shows (failed requests or torn
                                    reads), as it must for the comparison to mean anything
     verify.py store STORE LOCKFILE SHARDS
@@ -165,6 +167,37 @@ def leftover(report: dict, log: str) -> list[str]:
     return broken
 
 
+def daemon_killed(report: dict) -> list[str]:
+    """The daemon killed with SIGKILL between two refreshes: every later request is still
+    answered and served from a mount (a new daemon restores the views), no read fails or tears."""
+    broken = []
+    after = report.get("after_round") or {}
+    if after.get("status") != 0:
+        broken.append(f"the daemon was not killed: {after}")
+    return broken + served(report)
+
+
+def java_only(report: dict) -> list[str]:
+    """A Java-only repo (no Scala backend) with the plugin on: the rule graph builds, the mount
+    comes up, no request fails, compile writes class files beside the mount."""
+    broken = []
+    if not report.get("rounds"):
+        return ["the session ran no round"]
+    for r in report["rounds"]:
+        n = r["round"]
+        for f in r["failures"]:
+            broken.append(f"round {n}: {f['method']} failed: {f['message'][:300]}")
+        mount = r.get("mount") or {}
+        if mount.get("fstype") != "fuse":
+            broken.append(f"round {n}: no digestfs mount at jvm/resolves (the plugin did not start): {mount}")
+        for key in ("read_errors", "hash_mismatches", "unzip_failures"):
+            if r[key]:
+                broken.append(f"round {n}: {key}: {r[key][:3]}")
+        if r["compile_status"] != 1 or r["class_files"] == 0:
+            broken.append(f"round {n}: compile status {r['compile_status']}, {r['class_files']} class files")
+    return broken
+
+
 def race(report: dict) -> list[str]:
     t = report.get("totals") or {}
     if not report.get("rounds"):
@@ -211,7 +244,7 @@ def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in (
-        "served", "reused", "on-disk", "no-fuse", "disabled", "leftover", "race", "store"
+        "served", "reused", "on-disk", "no-fuse", "disabled", "leftover", "race", "java-only", "daemon-killed", "store"
     ):
         print(__doc__, file=sys.stderr)
         return 2
@@ -230,6 +263,10 @@ def main(argv: list[str]) -> int:
         broken = leftover(load(argv[1]), argv[2])
     elif what == "race":
         broken = race(load(argv[1]))
+    elif what == "java-only":
+        broken = java_only(load(argv[1]))
+    elif what == "daemon-killed":
+        broken = daemon_killed(load(argv[1]))
     else:
         broken = no_fuse(load(argv[1]), argv[2])
     for b in broken:
