@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::harness::{is_mounted, Mount};
+use crate::harness::{all_threads_stopped, is_mounted, Mount};
 
 fn uring_enabled() -> bool {
     std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
@@ -138,20 +138,6 @@ fn an_explicit_transport_is_honoured_or_refused_with_the_reason() {
     let want = if uring_enabled() { "io-uring" } else { "dev" };
     assert_eq!(transport_of(&second), want);
     crate::harness::teardown(&mnt);
-}
-
-/// Whether every thread of `pid` is stopped (state T in /proc).
-fn all_threads_stopped(pid: i32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-            // The state follows the command name's closing parenthesis.
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
-        })
-    })
 }
 
 /// A daemon killed while requests wait on it (stopped first: the requests are queued in the

@@ -143,7 +143,7 @@ impl Daemon {
     }
 
     /// Kills the daemon's watcher, then the daemon, with SIGKILL: what no process can clean
-    /// up after (a killed process group, say) leaves a stale mount.
+    /// up after (a cgroup killed whole, say) leaves a stale mount.
     pub fn kill9_with_watcher(&mut self) {
         let watchers = children(self.pid());
         assert!(!watchers.is_empty(), "the daemon has no watcher");
@@ -188,6 +188,20 @@ pub struct Mount {
     pub mnt: PathBuf,
     pub store: PathBuf,
     pub daemon: Daemon,
+}
+
+/// Whether every thread of `pid` is stopped (state T in /proc).
+pub fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name's closing parenthesis.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    })
 }
 
 /// The child processes of `pid` (of any of its threads).

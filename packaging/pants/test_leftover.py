@@ -34,8 +34,9 @@ class LeftoverTest(MountTestCase):
 
     def test_a_leftover_mount_is_detached_and_its_daemon_exits(self):
         pid = self.mount()
-        self.assertEqual(leftover.digestfs_mount_at(self.mnt), "fuse")
-        self.assertEqual(leftover.detach_leftover(self.mnt), ("fuse", None))
+        fstype = leftover.digestfs_mount_at(self.mnt)
+        self.assertIn(fstype, ("fuse", "fuse.digestfs"))  # root mounts itself; users through fusermount3
+        self.assertEqual(leftover.detach_leftover(self.mnt), (fstype, None))
         self.assertFalse(is_mounted(self.mnt))
         # Pants can write there now.
         with open(os.path.join(self.mnt, "x.jar"), "w") as f:
@@ -50,7 +51,8 @@ class LeftoverTest(MountTestCase):
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(lambda: os.path.exists(f"/proc/{pid}") and os.kill(pid, signal.SIGCONT))
         started = time.monotonic()
-        self.assertEqual(leftover.detach_leftover(self.mnt, timeout=2.0), ("fuse", None))
+        fstype, error = leftover.detach_leftover(self.mnt, timeout=2.0)
+        self.assertIsNone(error)
         # Not a speed figure: a detach that waited on the stopped daemon would block for good.
         self.assertLess(time.monotonic() - started, 30)
         self.assertFalse(is_mounted(self.mnt))
@@ -67,7 +69,7 @@ class LeftoverTest(MountTestCase):
         self.addCleanup(setattr, leftover, "detach_command", real)
         leftover.detach_command = lambda path: ["false"]
         fstype, message = leftover.detach_leftover(self.mnt)
-        self.assertEqual(fstype, "fuse")
+        self.assertIn(fstype, ("fuse", "fuse.digestfs"))
         self.assertIn(self.mnt, message)
         self.assertIn("`false`", message)
         self.assertNotIn("\n", message)

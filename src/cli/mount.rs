@@ -329,12 +329,15 @@ fn claim(mountpoint: &Path) -> CliResult {
                 "{} is a stale mount left by a dead daemon; recovering it",
                 mountpoint.display()
             );
-            os::unmount_or_detach(mountpoint).map_err(|e| {
-                Failure::Msg(format!(
+            match os::unmount_or_detach(mountpoint) {
+                Ok(()) => Ok(()),
+                // The dead daemon's watcher may have detached it meanwhile.
+                Err(_) if os::mount_state(mountpoint)? == MountState::Free => Ok(()),
+                Err(e) => Err(Failure::Msg(format!(
                     "could not clear the stale mount at {}: {e}",
                     mountpoint.display()
-                ))
-            })
+                ))),
+            }
         }
     }
 }

@@ -93,6 +93,7 @@ pub fn serve(
     // which needs the request loop below to be running.
     let ended = Arc::new(AtomicBool::new(false));
     let (probe_mp, probe_ended, ra_kb) = (mp.clone(), ended.clone(), cfg.read_ahead_kb);
+    let probe_mounted = mounted.clone();
     let ready_thread = std::thread::Builder::new()
         .name("ready".into())
         .spawn(move || {
@@ -101,7 +102,7 @@ pub fn serve(
                 set_read_ahead(&probe_mp, ra_kb);
             }
             if let Ok(id) = res {
-                let _ = mounted.set(id);
+                let _ = probe_mounted.set(id);
                 if let MountId::Device(dev) = id {
                     if let Err(e) = spawn_orphan_watcher(&probe_mp, dev) {
                         log::warn!(
@@ -122,6 +123,23 @@ pub fn serve(
         ring.join(Duration::from_secs(5));
     }
     ended.store(true, Ordering::SeqCst);
+    // A connection that ended while still mounted (aborted through fusectl, by a failing ring
+    // queue or by root) leaves a dead mount answering ENOTCONN: ours, while it has our device
+    // (which no other mount can take while ours exists). Detached, so none is left behind.
+    if let Some(id @ MountId::Device(_)) = mounted.get().copied() {
+        if os::is_attached(&mp, id).unwrap_or(false) {
+            log::warn!(
+                "the FUSE connection of {} ended while mounted; detaching the dead mount",
+                mp.display()
+            );
+            if let Err(e) = os::unmount(&mp, true) {
+                log::error!("detaching {}: {e}", mp.display());
+            }
+        }
+    }
+    // Unmounted, or detached: nothing of ours is left for the watcher to detach, and what is
+    // at the mountpoint from now on (even with our old device number) is not ours.
+    stand_down_watcher();
     let _ = ready_thread.join();
     log::info!("{} unmounted", mp.display());
     res.map_err(|e| format!("serving {}: {e}", mp.display()))?;
@@ -196,7 +214,11 @@ fn try_session(
     let on_fatal: super::uring::OnFatal = {
         let (mp, device, info) = (mp.clone(), device.clone(), cfg.transport_used.clone());
         Arc::new(move || {
-            info.ring_failed.store(true, Ordering::SeqCst);
+            // Only once the ring serves: a queue that fails while the ring starts fails the
+            // start instead (and `auto` goes on over /dev/fuse).
+            if info.name.get() == Some(&"io-uring") {
+                info.ring_failed.store(true, Ordering::SeqCst);
+            }
             let aborted = match device.get() {
                 Some(dev) => os::abort_fuse_device(*dev),
                 None => os::abort_fuse_connection(&mp),
@@ -217,6 +239,7 @@ fn try_session(
                         log::error!("detaching {}: {e}", mp.display());
                     }
                 }
+                stand_down_watcher();
                 std::process::exit(1);
             }
         })
@@ -370,6 +393,7 @@ fn spawn_signal_thread(
                     "signal {sig}: the mount at {} is already detached; exiting",
                     mp.display()
                 );
+                stand_down_watcher();
                 on_exit();
                 std::process::exit(0);
             }
@@ -379,6 +403,7 @@ fn spawn_signal_thread(
             }
             std::thread::sleep(Duration::from_secs(5));
             log::warn!("the session did not end within 5 s of the unmount; exiting");
+            stand_down_watcher();
             on_exit();
             std::process::exit(0);
         })?;
@@ -408,12 +433,14 @@ fn wait_until_answering(mp: &Path, ended: &AtomicBool) -> Result<MountId, String
 /// Holds the write end of the orphan watcher's pipe for the life of the process.
 static WATCHER_PIPE: OnceLock<std::io::PipeWriter> = OnceLock::new();
 
-/// Starts `digestfs watch-mount`, which lazily detaches this mount once this process is gone,
-/// however it ends (`kill -9`, the OOM killer): otherwise the mount stays behind, answering
-/// ENOTCONN, until someone unmounts it. It waits for the end of a pipe whose one writer is this
-/// process (close-on-exec, so no child of ours holds it), as fusermount3's `auto_unmount` waits
-/// on its socket. In a process group of its own and deaf to SIGINT, SIGTERM and SIGHUP, so that
-/// what stops the daemon cleanly leaves it to find nothing to do.
+/// Starts `digestfs watch-mount`, which lazily detaches this mount once this process is gone
+/// without unmounting it (`kill -9`, the OOM killer): otherwise the mount stays behind,
+/// answering ENOTCONN, until someone unmounts it. It waits for the end of a pipe whose one
+/// writer is this process (close-on-exec, so no child of ours holds it), as fusermount3's
+/// `auto_unmount` waits on its socket. Every deliberate end first writes a byte to that pipe
+/// ([`stand_down_watcher`]): by then the device number of our unmounted mount may already be
+/// another mount's at the same path. In a process group of its own and deaf to SIGINT, SIGTERM
+/// and SIGHUP, so that what stops the daemon cleanly does not stop the watcher first.
 fn spawn_orphan_watcher(mp: &Path, dev: u64) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
     let (reader, writer) = std::io::pipe()?;
@@ -431,9 +458,11 @@ fn spawn_orphan_watcher(mp: &Path, dev: u64) -> std::io::Result<()> {
         .stdout(std::process::Stdio::null())
         .process_group(0)
         .spawn()?;
-    if WATCHER_PIPE.set(writer).is_err() {
-        // One mount per process: never reached, but never leave a watcher without its pipe.
+    if let Err(writer) = WATCHER_PIPE.set(writer) {
+        // One mount per process: never reached. Killed before its pipe ends, which it would
+        // take for this daemon's death.
         let _ = child.kill();
+        drop(writer);
     }
     // Reaped if it ends first (it never should while we live).
     std::thread::Builder::new()
@@ -442,10 +471,17 @@ fn spawn_orphan_watcher(mp: &Path, dev: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Tells the watcher that this process ends on purpose, its mount unmounted or left to others.
+fn stand_down_watcher() {
+    use std::io::Write;
+    if let Some(mut pipe) = WATCHER_PIPE.get() {
+        let _ = pipe.write_all(b"x");
+    }
+}
+
 /// `digestfs watch-mount`: waits until the daemon that started it is gone (its pipe on stdin
-/// ends), then lazily detaches the FUSE mount at `mp` if it is still the one with device `dev`.
-/// A daemon that unmounted cleanly, or whose mount was detached and replaced, leaves it nothing
-/// to do.
+/// ends), then, unless the daemon said it was ending on purpose (a byte on the pipe), lazily
+/// detaches the FUSE mount at `mp` if it is still the one with device `dev`.
 pub fn watch_and_detach(mp: &Path, dev: u64) -> std::io::Result<()> {
     use std::io::Read;
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -454,15 +490,16 @@ pub fn watch_and_detach(mp: &Path, dev: u64) -> std::io::Result<()> {
     }
     let mut stdin = std::io::stdin().lock();
     let mut buf = [0u8; 16];
+    let mut stood_down = false;
     loop {
         match stdin.read(&mut buf) {
             Ok(0) => break,
-            Ok(_) => {}
+            Ok(_) => stood_down = true,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    if os::is_attached(mp, MountId::Device(dev))? {
+    if !stood_down && os::is_attached(mp, MountId::Device(dev))? {
         log::warn!(
             "the daemon serving {} ended without unmounting it; detaching the mount",
             mp.display()

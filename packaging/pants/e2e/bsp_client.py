@@ -465,7 +465,7 @@ def file_keys(root: Path, skip: Path | None = None) -> dict[str, tuple]:
     for dirpath, dirnames, filenames in os.walk(root):
         if skip is not None and Path(dirpath) == skip.parent:
             dirnames[:] = [d for d in dirnames if d != skip.name]
-        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_dev == dev]
+        dirnames[:] = [d for d in dirnames if _same_dev(os.path.join(dirpath, d), dev)]
         for n in filenames:
             p = os.path.join(dirpath, n)
             try:
@@ -475,6 +475,13 @@ def file_keys(root: Path, skip: Path | None = None) -> dict[str, tuple]:
             if stat.S_ISREG(st.st_mode):
                 out[os.path.relpath(p, root)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return out
+
+
+def _same_dev(path: str, dev: int) -> bool:
+    try:
+        return os.lstat(path).st_dev == dev
+    except OSError:  # Gone, or a dead mount (ENOTCONN): nothing written there to count.
+        return False
 
 
 def bytes_written(before: dict, after: dict, under: str = "") -> int:
@@ -581,7 +588,7 @@ def run_session(a) -> dict:
     lockfile = parse_lockfile(repo / a.lockfile)
     report: dict = {"repo": str(repo), "mode": a.mode, "rounds": [], "phases": {}, "samples": {}}
     env = dict(os.environ)
-    env["PATH"] = f"{Path(a.pants).resolve().parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(a.pants).parent}{os.pathsep}{env.get('PATH', '')}"
     deadline = Deadline(a.session_timeout)
 
     t0 = time.monotonic()
@@ -905,7 +912,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 if any request failed or jar was bad")
     a = ap.parse_args(argv)
     if os.sep in a.pants:
-        a.pants = str(Path(a.pants).resolve())
+        a.pants = os.path.abspath(a.pants)  # not resolved: a symlink named `pants` must stay one
     if a.mode == "with" and a.delete_lib:
         ap.error("--delete-lib is for the mode without the plugin: the mount is read-only")
 

@@ -26,10 +26,11 @@ def _unescape(field: str) -> str:
 def digestfs_mount_at(path: str) -> str | None:
     """The file system type of the topmost mount at `path` if it is digestfs's, else None.
 
-    Linux: `/proc/self/mountinfo` (a FUSE mount of subtype digestfs, or an NFS mount of a
-    loopback server, which is how digestfs serves macOS). Elsewhere: `mount` output. Never a
-    `stat` of `path`: a hung daemon would hang it."""
-    path = os.path.realpath(path)
+    Linux: `/proc/self/mountinfo` (a FUSE mount named digestfs). Elsewhere (macOS): `mount`
+    output, an NFS mount of a loopback server, which is how digestfs serves macOS. Never a
+    `stat` of `path` itself, not even to resolve it: a hung daemon would hang it."""
+    parent, name = os.path.split(os.path.abspath(path))
+    path = os.path.join(os.path.realpath(parent), name)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
