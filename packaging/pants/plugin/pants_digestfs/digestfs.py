@@ -721,13 +721,13 @@ class BSPDigestfs:
             _write_marker(self.mountpoint)
             for (view, layer), digest in sorted(bound.items()):
                 dest = os.path.join(self.mountpoint, view)
-                done = _run(
+                done = run_command(
                     [self.binary, "--store", self.store_dir, *self.store_args, "materialize",
                      digest, dest],
                     self.start_timeout,
                 )
                 if done is None:
-                    done = _writable(dest)
+                    done = make_writable(dest)
                 if done is None:
                     written.add((view, layer))
                 else:
@@ -758,11 +758,11 @@ class BSPDigestfs:
         end), which asks the daemon. Never called with `_lock` held."""
         fusermount = shutil.which("fusermount3")
         if fusermount is not None and "--frontend=nfs" not in self.mount_args:
-            if _run([fusermount, "-u", "-z", self.mountpoint], self.timeout) is None:
+            if run_command([fusermount, "-u", "-z", self.mountpoint], self.timeout) is None:
                 return
         if self._attached() is False:
             return
-        _run([self.binary, "unmount", "--lazy", self.mountpoint], self.timeout)
+        run_command([self.binary, "unmount", "--lazy", self.mountpoint], self.timeout)
         if self._attached():
             self._log(
                 logging.WARNING,
@@ -806,7 +806,7 @@ def _on_helper_thread(fn: Callable[[], object], timeout: float, what: str):
     raise DigestfsError(f"{what} failed: {value}")
 
 
-def _run(cmd: list[str], timeout: float) -> str | None:
+def run_command(cmd: list[str], timeout: float) -> str | None:
     """Runs `cmd`; None if it succeeded, else what went wrong."""
     try:
         done = subprocess.run(
@@ -824,7 +824,7 @@ def _run(cmd: list[str], timeout: float) -> str | None:
     return None
 
 
-def _writable(dest: str) -> str | None:
+def make_writable(dest: str) -> str | None:
     """Gives the files `materialize` wrote the modes Pants leaves (0644, 0755 if executable):
     Pants' own later writes of the same names open them for writing, which a read-only file
     refuses to anyone but root. None if done, else what went wrong."""

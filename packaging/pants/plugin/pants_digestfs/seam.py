@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .digestfs import EMPTY_DIGEST, MOUNT_DIR
+from .digestfs import EMPTY_DIGEST, MOUNT_DIR, make_writable, run_command
 
 MOUNT_PARTS = tuple(MOUNT_DIR.split("/"))
 
@@ -156,26 +155,7 @@ def materialize(
     """Writes the tree `digest` to `dest` with `digestfs materialize`, which writes each file
     aside and renames it into place: a reader never sees a torn jar, and concurrent writers of
     the same names never fail on each other (Pants' own copy truncates in place, then chmods).
-    The files then get the modes Pants leaves (0644, 0755 if executable), so that a later write
-    by Pants itself can open them. None if done, else what went wrong."""
-    try:
-        done = subprocess.run(
-            [binary, "--store", store_dir, *store_args, "materialize", digest, dest],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return str(e)
-    if done.returncode != 0:
-        return done.stderr.strip() or f"exit {done.returncode}"
-    try:
-        for root, _dirs, files in os.walk(dest):
-            for name in files:
-                path = os.path.join(root, name)
-                if not os.path.islink(path):
-                    os.chmod(path, 0o755 if os.lstat(path).st_mode & 0o111 else 0o644)
-    except OSError as e:
-        return str(e)
-    return None
+    The files then get the modes Pants leaves, so that a later write by Pants itself can open
+    them. None if done, else what went wrong."""
+    cmd = [binary, "--store", store_dir, *store_args, "materialize", digest, dest]
+    return run_command(cmd, timeout) or make_writable(dest)
