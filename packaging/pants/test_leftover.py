@@ -65,12 +65,13 @@ class LeftoverTest(MountTestCase):
 
     def test_what_cannot_be_detached_is_one_line_with_the_command(self):
         self.mount()
-        real = leftover.detach_command
-        self.addCleanup(setattr, leftover, "detach_command", real)
-        leftover.detach_command = lambda path: ["false"]
+        real = leftover.detach
+        self.addCleanup(setattr, leftover, "detach", real)
+        leftover.detach = lambda path, timeout: "refused"
         fstype, message = leftover.detach_leftover(self.mnt)
         self.assertIn(fstype, ("fuse", "fuse.digestfs"))
         self.assertIn(self.mnt, message)
-        self.assertIn("`false`", message)
+        self.assertIn(f"`{' '.join(leftover.detach_command(self.mnt))}`", message)
+        self.assertIn("refused", message)
         self.assertNotIn("\n", message)
         self.assertTrue(is_mounted(self.mnt))

@@ -219,11 +219,7 @@ fn try_session(
             if info.name.get() == Some(&"io-uring") {
                 info.ring_failed.store(true, Ordering::SeqCst);
             }
-            let aborted = match device.get() {
-                Some(dev) => os::abort_fuse_device(*dev),
-                None => os::abort_fuse_connection(&mp),
-            };
-            if let Err(e) = aborted {
+            if let Err(e) = abort_own(&mp, &device) {
                 // The kernel ends the connection when its last descriptor closes, which exit
                 // does; detached first (if it is still the mount there), so that no dead mount
                 // is left at the mountpoint.
@@ -298,11 +294,7 @@ fn try_session(
         Err(e) => {
             // Aborted before the session drops: its unmount would otherwise wait on a DESTROY
             // that nobody reads, the queues that did register holding the connection open.
-            let aborted = match device.get() {
-                Some(dev) => os::abort_fuse_device(*dev),
-                None => os::abort_fuse_connection(mp),
-            };
-            if let Err(e) = aborted {
+            if let Err(e) = abort_own(mp, &device) {
                 log::warn!("aborting the FUSE connection of {}: {e}", mp.display());
             }
             return Err(failed(e));
@@ -316,6 +308,15 @@ fn try_session(
     let _ = cfg.transport_used.name.set("io-uring");
     let _ = cfg.transport_used.ring.set((ring.queues(), ring.depth()));
     Ok(Some((session, ring)))
+}
+
+/// Aborts this session's connection: by its device once known (the mount at `mp` may be
+/// another one's by then), else the FUSE mount at `mp`.
+fn abort_own(mp: &Path, device: &OnceLock<u64>) -> std::io::Result<()> {
+    match device.get() {
+        Some(dev) => os::abort_fuse_device(*dev),
+        None => os::abort_fuse_connection(mp),
+    }
 }
 
 /// Mounts and runs INIT, asking for the ring when `granted` is given (and set if INIT agreed).

@@ -45,6 +45,7 @@ from .digestfs_client import (
     DigestfsUnreachable,
     ensure_mounted,
 )
+from .leftover import detach
 
 logger = logging.getLogger(__name__)
 
@@ -752,14 +753,12 @@ class BSPDigestfs:
         return bool(status.get("attached", True))
 
     def _detach(self) -> None:
-        """Detaches the mount lazily: files the IDE has open keep working. `fusermount3 -u -z`
-        first where there is one: it needs no answer from the daemon (which may hang), and
-        succeeding is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front
-        end), which asks the daemon. Never called with `_lock` held."""
-        fusermount = shutil.which("fusermount3")
-        if fusermount is not None and "--frontend=nfs" not in self.mount_args:
-            if run_command([fusermount, "-u", "-z", self.mountpoint], self.timeout) is None:
-                return
+        """Detaches the mount lazily: files the IDE has open keep working. A FUSE mount is
+        detached without asking the daemon (which may hang: `leftover.detach`), and succeeding
+        is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front end), which
+        asks the daemon. Never called with `_lock` held."""
+        if "--frontend=nfs" not in self.mount_args and detach(self.mountpoint, self.timeout) is None:
+            return
         if self._attached() is False:
             return
         run_command([self.binary, "unmount", "--lazy", self.mountpoint], self.timeout)
