@@ -143,6 +143,22 @@ def import_dir(store: str, path: str) -> str:
     return run(BIN, "--store", store, "import", path, timeout=120).stdout.strip().splitlines()[-1]
 
 
+def import_files(store: str, root: str, files: dict[str, str]) -> str:
+    """Writes `files` ({relative path: text}) under `root` and imports it: the tree's digest."""
+    for path, text in files.items():
+        os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+        with open(os.path.join(root, path), "w") as f:
+            f.write(text)
+    return import_dir(store, root)
+
+
+def digest_at(store: str, digest: str, path: str) -> str:
+    """The digest of the entry at `path` (`a/b/c`) inside the tree `digest`."""
+    for name in path.split("/"):
+        digest = children(store, digest)[name]
+    return digest
+
+
 def children(store: str, digest: str) -> dict[str, str]:
     """{name: digest} of the entries of a tree, from `digestfs ls`."""
     out = {}

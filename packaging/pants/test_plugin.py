@@ -26,7 +26,7 @@ import textwrap
 import unittest
 import zipfile
 
-from _support import HERE, TOOLS, children, import_dir, require_binary
+from _support import HERE, TOOLS, digest_at, import_files, require_binary
 
 PLUGIN = os.path.join(HERE, "plugin", "pants_digestfs")
 MODULES = sorted(glob.glob(os.path.join(PLUGIN, "*.py")))
@@ -196,17 +196,10 @@ class WrapperOnPants2_17_1(unittest.TestCase):
         os.makedirs(self.store)
 
     def tree(self, files):
-        root = os.path.join(self.tmp, f"src{len(os.listdir(self.tmp))}")
-        for path, content in files.items():
-            os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
-            with open(os.path.join(root, path), "w") as f:
-                f.write(content)
-        return import_dir(self.store, root)
+        return import_files(self.store, os.path.join(self.tmp, f"src{len(os.listdir(self.tmp))}"), files)
 
     def at(self, digest, path):
-        for name in path.split("/"):
-            digest = children(self.store, digest)[name]
-        return digest
+        return digest_at(self.store, digest, path)
 
     def wrap(self, root, prefixes, bound="yes"):
         self.mnt = os.path.join(self.tmp, "mnt")

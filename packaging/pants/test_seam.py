@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import unittest
 
-from _support import children, import_dir, require_binary
+from _support import digest_at, import_files, require_binary
 
 from pants_digestfs import seam  # noqa: E402 (after _support's sys.path)
 
@@ -30,17 +30,10 @@ class SeamTest(unittest.TestCase):
 
     def tree(self, files: dict[str, str]) -> str:
         self.n += 1
-        root = os.path.join(self.tmp, f"src{self.n}")
-        for path, text in files.items():
-            os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
-            with open(os.path.join(root, path), "w") as f:
-                f.write(text)
-        return import_dir(self.store, root)
+        return import_files(self.store, os.path.join(self.tmp, f"src{self.n}"), files)
 
     def at(self, digest: str, path: str) -> str:
-        for name in path.split("/"):
-            digest = children(self.store, digest)[name]
-        return digest
+        return digest_at(self.store, digest, path)
 
     def test_a_bsp_write_is_split_into_views_and_the_rest(self):
         d = self.tree({

@@ -37,6 +37,11 @@ def load(path: str) -> dict:
         return json.load(f)
 
 
+def failed_requests(r: dict) -> list[str]:
+    """One line per request a round saw fail."""
+    return [f"round {r['round']}: {f['method']} failed: {f['message'][:300]}" for f in r["failures"]]
+
+
 def served(report: dict) -> list[str]:
     """Every round: no failed request, every URI from the mount, every jar whole and right, each
     lib/ exactly the jars the answers named, compile output written."""
@@ -45,8 +50,7 @@ def served(report: dict) -> list[str]:
         return ["the session ran no round"]
     for r in report["rounds"]:
         n = r["round"]
-        for f in r["failures"]:
-            broken.append(f"round {n}: {f['method']} failed: {f['message'][:300]}")
+        broken += failed_requests(r)
         if r["uris_read"] == 0:
             broken.append(f"round {n}: no URI was read")
         if r["uris_from_mount"] != r["uris_read"]:
@@ -146,10 +150,6 @@ def pants_own(report: dict) -> list[str]:
     return broken
 
 
-def disabled(report: dict) -> list[str]:
-    return pants_own(report)
-
-
 def leftover(report: dict, log: str) -> list[str]:
     broken = []
     lines = log_since(log)
@@ -185,8 +185,7 @@ def java_only(report: dict) -> list[str]:
         return ["the session ran no round"]
     for r in report["rounds"]:
         n = r["round"]
-        for f in r["failures"]:
-            broken.append(f"round {n}: {f['method']} failed: {f['message'][:300]}")
+        broken += failed_requests(r)
         mount = r.get("mount") or {}
         if mount.get("fstype") != "fuse":
             broken.append(f"round {n}: no digestfs mount at jvm/resolves (the plugin did not start): {mount}")
@@ -258,7 +257,7 @@ def main(argv: list[str]) -> int:
     elif what == "store":
         broken = store(argv[1], argv[2], int(argv[3]))
     elif what == "disabled":
-        broken = disabled(load(argv[1]))
+        broken = pants_own(load(argv[1]))
     elif what == "leftover":
         broken = leftover(load(argv[1]), argv[2])
     elif what == "race":
