@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::harness::Mount;
+use crate::harness::{all_threads_stopped, Mount};
 
 const COMMONS_LANG3: &str =
     "eb2667f24a588f6c87f4875fed97e5aa7303eb6cfa4f32d0691dfd2ed4cf64d2-595165";
@@ -181,4 +181,54 @@ fn the_mount_is_private_to_its_owner() {
         String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
         "{out:?}"
     );
+}
+
+/// LMDB locks `lock.mdb` exclusively while the first process opens an environment, and every
+/// other opener waits for it. A daemon stopped (SIGSTOP, a debugger) in that window would hold
+/// Pants and the plugin's fallback (`materialize`) until it ran again. So it opens every shard
+/// before it serves, not at the first bind that reaches one (whose lease renewal runs on after
+/// the bind is answered), and a stopped daemon leaves the store to everyone else.
+#[test]
+fn a_stopped_daemon_holds_up_no_other_reader_of_the_store() {
+    let m = Mount::fixture(&[], &[]);
+    let pid = m.pid() as i32;
+    let open: std::collections::HashSet<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .collect();
+    let mut locks = 0;
+    for kind in ["files", "directories"] {
+        for shard in std::fs::read_dir(m.store.join(kind)).unwrap() {
+            let shard = shard.unwrap().path();
+            if shard.join("data.mdb").exists() {
+                let lock = shard.join("lock.mdb");
+                locks += 1;
+                assert!(
+                    open.contains(&lock),
+                    "{lock:?} is not open in the serving daemon"
+                );
+            }
+        }
+    }
+    assert!(locks > 1, "the fixture store has LMDB environments");
+    // Stopped while the bind's lease renewal may still run.
+    let mnt = m.mnt.to_str().unwrap();
+    dfs_ok(&["bind", mnt, "lib", JAR_TREE]);
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_until("every daemon thread stopped", T, || {
+        all_threads_stopped(pid).then_some(())
+    });
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = run_timeout(
+        Command::new(bin())
+            .arg("--store")
+            .arg(&m.store)
+            .args(["materialize", JAR_TREE])
+            .arg(out_dir.path().join("lib")),
+        Duration::from_secs(60),
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(out.status.success(), "{out:?}");
+    let jansi = std::fs::read(out_dir.path().join("lib/lib/jansi.jar")).unwrap();
+    assert_eq!(digest_of(&jansi), JANSI);
 }

@@ -407,6 +407,13 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         // The last read of a path the caller may have given relative (--remote-ca-certs); the
         // mountpoint, store and socket are absolute already, and the log file is open.
         let (cas, remote) = open_cas(choice, Some(&args.remote))?;
+        // Now, and not on first use while serving: a daemon stopped mid-open would hold every
+        // other opener of that shard (Pants included) on LMDB's lock file until it resumed. One
+        // that cannot be opened now is tried again on first use, which reports it to the reader.
+        match cas.store().open_existing_shards() {
+            Ok(n) => log::debug!("opened {n} LMDB environments of {}", store_dir.display()),
+            Err(e) => log::debug!("{e} (tried again on first use)"),
+        }
         daemon::leave_cwd();
         if let Some(r) = &remote {
             r.probe_in_background();

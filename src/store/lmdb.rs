@@ -109,6 +109,18 @@ impl Shards {
         Ok(Some(s))
     }
 
+    /// Opens every shard that exists now. LMDB holds an exclusive lock on `lock.mdb` while the
+    /// first process opens an environment, so any other opener (Pants, `digestfs materialize`)
+    /// waits on it; a long-lived reader opens up front, where a stop (SIGSTOP, a debugger)
+    /// cannot catch it mid-open while it serves. Returns how many were opened.
+    pub fn open_existing(&self) -> Result<usize, StoreError> {
+        let mut opened = 0;
+        for shard in 0..self.shards.len() {
+            opened += usize::from(self.shard(shard, false)?.is_some());
+        }
+        Ok(opened)
+    }
+
     /// Copies up to `out.len()` bytes at `offset` of the blob out of the map: how many, or
     /// `Ok(None)` if absent.
     pub fn read_at(

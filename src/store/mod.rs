@@ -177,6 +177,12 @@ impl Store {
         }
     }
 
+    /// Opens every LMDB environment the store has now (see [`lmdb::Shards::open_existing`]):
+    /// for a daemon, before it serves. Returns how many.
+    pub fn open_existing_shards(&self) -> Result<usize> {
+        Ok(self.files.open_existing()? + self.directories.open_existing()?)
+    }
+
     /// How many LMDB shards each kind of blob is spread over.
     pub fn shard_count(&self) -> ShardCount {
         self.shard_count
