@@ -24,53 +24,20 @@ from _support import (
 )
 
 from pants_digestfs import digestfs as bsp_digestfs  # noqa: E402 (after _support's sys.path)
+from pants_digestfs import commands, settings  # noqa: E402
 BSPDigestfs = bsp_digestfs.BSPDigestfs
-LayerKind = bsp_digestfs.LayerKind
 EMPTY = bsp_digestfs.EMPTY_DIGEST
 ABSENT = "cd" * 32 + "-120"
 LOGGER = "pants_digestfs.digestfs"
 
 
-class MappingTest(unittest.TestCase):
-    def test_layer_names(self):
-        self.assertEqual(
-            bsp_digestfs.layer_name(LayerKind.MODULES, "pants:app"), "modules.pants:app"
-        )
-        self.assertEqual(
-            bsp_digestfs.layer_name(LayerKind.SOURCES, "pants:src/jvm:foo"),
-            "sources.pants:src/jvm:foo",
-        )
-        self.assertEqual(bsp_digestfs.layer_name(LayerKind.SCALAC, "t"), "scalac.t")
-        with self.assertRaises(ValueError):
-            bsp_digestfs.layer_name(LayerKind.SCALAC, "")
-
-    def test_paths_map_to_views(self):
-        views_of = bsp_digestfs.views_of
-        files = [
-            "jvm/resolves/jvm-default/lib/com.google.guava_guava_31.1-jre.jar",
-            "jvm/resolves/jvm-default/lib/com.google.guava_guava_31.1-jre-sources.jar",
-            "jvm/resolves/jvm-default/plugins/org.typelevel_kind-projector_0.13.2.jar",
-            "jvm/resolves/scala-2.13/lib/org.scala-lang_scala-library_2.13.12.jar",
-            "jvm/scala-runtime/2.13.12/scala-library.jar",
-            "jvm/classes/pants_app/A.class",
-        ]
-        dirs = ["jvm", "jvm/resolves", "jvm/resolves/jvm-default", "jvm/resolves/empty/plugins"]
-        self.assertEqual(
-            views_of(files, dirs),
-            ("empty/plugins", "jvm-default/lib", "jvm-default/plugins", "scala-2.13/lib"),
-        )
-        self.assertEqual(views_of(["jvm/resolves/r/lib/a/b/c.jar"]), ("r/lib",))
-        self.assertEqual(views_of([], []), ())
-        self.assertEqual(views_of(["scripts/run-bsp.sh"]), ())
-        for bad in ("jvm/resolves/stray.jar", "jvm/resolves/r/stray.jar", "jvm/resolves/r/../x/y"):
-            with self.assertRaises(ValueError, msg=bad):
-                views_of([bad])
-        self.assertEqual(bsp_digestfs.view_prefix("r/lib"), "jvm/resolves/r/lib")
+class SettingsTest(unittest.TestCase):
+    def test_names(self):
         self.assertEqual(bsp_digestfs.MOUNT_DIR, ".pants.d/bsp/jvm/resolves")
         self.assertEqual(bsp_digestfs.digest_string("ab" * 32, 7), "ab" * 32 + "-7")
 
     def test_remote_store_from_pants_options(self):
-        remote = bsp_digestfs.remote_store_from_options
+        remote = settings.remote_store_from_options
         base = dict(provider="reapi", cache_read=True, execution=False, address="grpcs://c:443")
         self.assertEqual(
             remote(
@@ -80,14 +47,14 @@ class MappingTest(unittest.TestCase):
                 ca_certs_path="/ca.pem",
                 oauth_bearer_token="tok",
             ),
-            bsp_digestfs.RemoteStore(
+            settings.RemoteStore(
                 address="grpcs://c:443",
                 instance_name="main",
                 ca_certs_path="/ca.pem",
                 headers=(("authorization", "Bearer tok"), ("x-team", "jvm")),
             ),
         )
-        self.assertEqual(remote(**base), bsp_digestfs.RemoteStore("grpcs://c:443"))
+        self.assertEqual(remote(**base), settings.RemoteStore("grpcs://c:443"))
         self.assertEqual(
             remote(**{**base, "cache_read": False, "execution": True}).address, "grpcs://c:443"
         )
@@ -98,9 +65,9 @@ class MappingTest(unittest.TestCase):
 
     def test_the_option_value(self):
         for off in (None, "", "  ", "false", "False", "none", "off"):
-            self.assertIsNone(bsp_digestfs.binary_from_option(off), off)
-        self.assertEqual(bsp_digestfs.binary_from_option("digestfs"), "digestfs")
-        self.assertEqual(bsp_digestfs.binary_from_option("/opt/bin/digestfs"), "/opt/bin/digestfs")
+            self.assertIsNone(settings.binary_from_option(off), off)
+        self.assertEqual(settings.binary_from_option("digestfs"), "digestfs")
+        self.assertEqual(settings.binary_from_option("/opt/bin/digestfs"), "/opt/bin/digestfs")
 
 
 def stub_binary(directory: str, script: str) -> str:
@@ -308,8 +275,10 @@ class BindTest(MountTestCase):
         self.assertIn("modules.pants:b", message)
         self.assertIn("written to disk", message)
         self.assertFalse(digestfs.active)
-        # The mount is detached, and the jars it served are on disk, so nothing handed out is lost.
+        # The mount is detached, and the jars it served are written to disk in the background,
+        # so nothing handed out is lost.
         self.assertFalse(is_mounted(self.mnt))
+        self.assertTrue(digestfs.wait_union_written(60))
         lib = os.path.join(self.mnt, "r", "lib")
         self.assertEqual(sorted(os.listdir(lib)), ["com.example_a_1.0.jar", "com.example_b_2.0.jar"])
         for name in os.listdir(lib):
@@ -353,12 +322,111 @@ class BindTest(MountTestCase):
         took = time.monotonic() - began
         self.assertEqual(len(logs.records), 1, logs.output)
         self.assertIn("did not answer", logs.output[0])
-        # Not a timing assertion on speed: the bound that the options set (1 s per call, 5 s to
-        # fall back), with slack for a loaded machine.
+        # Not a timing assertion on speed: the bound that the options set (1 s per call, then
+        # the unmount; the union is written in the background), with slack for a loaded machine.
         self.assertLess(took, 30, "a hung daemon stalls the caller only for its timeouts")
         self.assertFalse(is_mounted(self.mnt))
+        self.assertTrue(digestfs.wait_union_written(60))
         lib = os.path.join(self.mnt, "r", "lib")
         self.assertEqual(sorted(os.listdir(lib)), ["com.example_a_1.0.jar", "com.example_b_2.0.jar"])
+
+    def test_after_a_fallback_the_mount_comes_back_with_every_layer(self):
+        digestfs = BSPDigestfs.create(
+            binary_option=self.bin,
+            build_root=self.build_root,
+            store_dir=self.store,
+            timeout=1.0,
+            start_timeout=30.0,
+            return_after=0.3,
+        )
+        self.assertTrue(digestfs.wait_started())
+        self.assertTrue(digestfs.bind_layer("modules.pants:a", {"r/lib": self.trees["lib1"]}))
+        hung = digestfs.pid
+        os.kill(hung, signal.SIGSTOP)
+        self.addCleanup(lambda: _resume(hung))
+        with self.assertLogs(LOGGER, logging.WARNING):
+            self.assertFalse(digestfs.bind_layer("modules.pants:b", {"r/lib": self.trees["lib2"]}))
+        self.assertTrue(digestfs.wait_union_written(60))
+        # What callers write to disk from now on is recorded (as rules.py does), to be bound
+        # when the mount is back: the layer that fell back, and later ones.
+        digestfs.written_to_disk("modules.pants:b", {"r/lib": self.trees["lib2"]})
+        digestfs.written_to_disk("modules.pants:c", {"r/plugins": self.trees["plugins"]})
+        # Due, but the daemon still hangs: the request asks once (one `timeout`) and writes.
+        time.sleep(0.4)
+        with digestfs.request() as active:
+            self.assertFalse(active)
+        self.assertFalse(is_mounted(self.mnt))
+        # Resumed, it finds its mount gone and ends; the next request due mounts again.
+        _resume(hung)
+        time.sleep(0.4)
+        with self.assertLogs(LOGGER, logging.INFO) as logs:
+            with digestfs.request() as active:
+                self.assertTrue(active)
+        self.assertTrue(any("again" in line for line in logs.output), logs.output)
+        self.assertTrue(is_mounted(self.mnt))
+        self.assertNotEqual(digestfs.pid, hung)
+        dev = os.stat(self.mnt).st_dev
+        lib = os.path.join(self.mnt, "r", "lib")
+        self.assertEqual(
+            sorted(os.listdir(lib)),
+            ["com.example_a_1.0.jar", "com.example_b_2.0.jar", "com.example_c_3.0.jar"],
+        )
+        for name in os.listdir(lib):
+            self.assertEqual(os.stat(os.path.join(lib, name)).st_dev, dev)
+            self.assertEqual(sha256_file(os.path.join(lib, name)), self.jars[name])
+        self.assertEqual(
+            os.listdir(os.path.join(self.mnt, "r", "plugins")),
+            ["org.typelevel_kind-projector_0.13.2.jar"],
+        )
+        self.assertTrue(digestfs.bind_layer("modules.pants:d", {"r/lib": self.trees["lib2"]}))
+
+    def test_two_servers_follow_each_other_off_the_mount_and_never_mount_over_the_other(self):
+        def server() -> BSPDigestfs:
+            d = BSPDigestfs.create(
+                binary_option=self.bin, build_root=self.build_root, store_dir=self.store,
+                timeout=5.0, start_timeout=30.0, return_after=0.2,
+            )
+            self.assertTrue(d.wait_started())
+            return d
+
+        a, b = server(), server()
+        self.assertEqual(a.pid, b.pid, "the second server reuses the daemon")
+        self.assertTrue(a.bind_layer("modules.pants:a", {"r/lib": self.trees["lib1"]}))
+        self.assertTrue(b.bind_layer("modules.pants:b", {"r/lib": self.trees["lib2"]}))
+        # A falls back (a digest missing however often it is stored): the shared mount goes.
+        with self.assertLogs(LOGGER, logging.WARNING):
+            self.assertFalse(a.bind_layer("modules.pants:x", {"r/lib": ABSENT}, lambda: None))
+        self.assertTrue(a.wait_union_written(60))
+        self.assertFalse(is_mounted(self.mnt))
+        # B's next bind finds the mount gone (the daemon ends with it, or, with files open,
+        # answers with the mount detached), and it does not mount over A's writes: B writes to
+        # disk too.
+        with self.assertLogs(LOGGER, logging.WARNING) as logs:
+            self.assertFalse(b.bind_layer("modules.pants:c", {"r/plugins": self.trees["plugins"]}))
+        self.assertRegex("\n".join(logs.output), f"was detached|pid {os.getpid()} fell back")
+        self.assertFalse(is_mounted(self.mnt))
+        self.assertTrue(b.wait_union_written(60))
+        lib = os.path.join(self.mnt, "r", "lib")
+        self.assertEqual(
+            sorted(os.listdir(lib)),
+            ["com.example_a_1.0.jar", "com.example_b_2.0.jar", "com.example_c_3.0.jar"],
+        )
+        # Due, but each sees the other's marker: neither mounts over what the other writes.
+        time.sleep(0.3)
+        for d in (a, b):
+            with self.assertLogs(LOGGER, logging.WARNING) as logs:
+                with d.request() as active:
+                    self.assertFalse(active)
+            self.assertIn("fell back from digestfs", "\n".join(logs.output))
+            self.assertFalse(is_mounted(self.mnt))
+        # B ends (its marker goes with its process): A is back on the mount.
+        commands.remove_marker(self.mnt, b._session)
+        time.sleep(0.3)
+        with a.request() as active:
+            self.assertTrue(active)
+        self.assertTrue(is_mounted(self.mnt))
+        self.assertEqual(sorted(os.listdir(lib)), ["com.example_a_1.0.jar", "com.example_b_2.0.jar"])
+        self.assertEqual(os.stat(os.path.join(lib, "com.example_b_2.0.jar")).st_dev, os.stat(self.mnt).st_dev)
 
     def test_layers_of_an_earlier_session_give_way(self):
         first = self.start()
@@ -371,11 +439,7 @@ class BindTest(MountTestCase):
         fresh = make_jar(os.path.join(src, "com.example_a_1.0.jar"), "a", seed=9)
         snapshot = import_dir(self.store, src)
         second = self.start()
-        second.reconcile(["pants:a", "pants:b"])
-        deadline = time.monotonic() + 10
-        while "modules.pants:gone" in self.layers(second).get("r/lib", {}):
-            self.assertLess(time.monotonic(), deadline, "the removed target's layer stays")
-            time.sleep(0.05)
+        # Both earlier layers hold the old bytes: they give way to this session's bind.
         with self.assertNoLogs(LOGGER, logging.WARNING):
             self.assertTrue(second.bind_layer("modules.pants:b", {"r/lib": snapshot}))
         self.assertTrue(second.active)
@@ -438,6 +502,11 @@ class ScriptedClient:
 
     def views(self):
         return self._next(("views",)) or []
+
+    attached = True
+
+    def status(self):  # Not scripted: asked after every bind, answered from `attached`.
+        return {"attached": self.attached}
 
 
 class RetryDecisionTest(unittest.TestCase):
@@ -508,6 +577,14 @@ class RetryDecisionTest(unittest.TestCase):
         self.assertEqual(len(client.calls), 1)
         self.assertFalse(d.active)
 
+    def test_a_mount_detached_by_another_server_falls_back(self):
+        d, client = self.digestfs(True)
+        client.attached = False
+        with self.assertLogs(LOGGER, logging.WARNING) as logs:
+            self.assertFalse(d.bind_layer("modules.t", {"r/lib": ABSENT}))
+        self.assertIn("was detached", logs.output[0])
+        self.assertFalse(d.active)
+
     def test_a_vanished_daemon_is_mounted_again_once(self):
         from pants_digestfs.digestfs_client import DigestfsUnreachable
 
@@ -550,3 +627,10 @@ class RetryDecisionTest(unittest.TestCase):
             ],
         )
         self.assertTrue(d.active)
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass

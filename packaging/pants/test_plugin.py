@@ -160,12 +160,16 @@ WRAP = textwrap.dedent(
             calls.append(["persist", text(d)])
     class WS:
         _scheduler = Session()
+    import contextlib
     class Mount:
-        store_dir, store_args, timeout, mountpoint = store, (), 30, mnt
+        store_dir, store_args, timeout, start_timeout, mountpoint = store, (), 30, 30, mnt
         def __init__(self):
             self.binary = binary
-        def wait_started(self):
-            return bound != "never"
+        @contextlib.contextmanager
+        def request(self):
+            yield bound != "never"
+        def written_to_disk(self, layer, views):
+            calls.append(["on disk", views])
         def fall_back(self, reason):
             calls.append(["fall_back", reason])
         def bind_layer(self, layer, views, persist_again=None):
@@ -233,7 +237,7 @@ class WrapperOnPants2_17_1(unittest.TestCase):
         old_ino = os.stat(old).st_ino
         self.assertEqual(
             self.wrap(d, [".pants.d/bsp"], bound="no"),
-            [["persist", d], ["bind", {"r/lib": lib}]],
+            [["persist", d], ["bind", {"r/lib": lib}], ["on disk", {"r/lib": lib}]],
         )
         for name, text in (("a.jar", "a"), ("b.jar", "b")):
             path = os.path.join(self.mnt, "r", "lib", name)
@@ -247,7 +251,8 @@ class WrapperOnPants2_17_1(unittest.TestCase):
         classes = self.at(d, "jvm/classes")
         self.assertEqual(
             self.wrap(d, [".pants.d/bsp"], bound="never"),
-            [["persist", d], ["write", classes, ".pants.d/bsp/jvm/classes"]],
+            [["persist", d], ["write", classes, ".pants.d/bsp/jvm/classes"],
+             ["on disk", {"r/lib": self.at(d, "jvm/resolves/r/lib")}]],
         )
         with open(os.path.join(self.mnt, "r", "lib", "a.jar")) as f:
             self.assertEqual(f.read(), "a")

@@ -647,12 +647,16 @@ def run_session(a) -> dict:
             rnd = run_round(n, a, repo, server, reader, targets, lockfile, deadline, report)
             report["rounds"].append(rnd)
             log(round_line(rnd))
-            if a.after_round and int(a.after_round[0]) == n:
+            for after, command in a.after_round or ():
+                if int(after) != n:
+                    continue
                 # A fault the test injects between two refreshes (`kill -9` of the daemon, say).
-                done = subprocess.run(["sh", "-c", a.after_round[1]], capture_output=True, text=True, timeout=60)
-                report["after_round"] = {"round": n, "command": a.after_round[1], "status": done.returncode,
-                                         "output": (done.stdout + done.stderr)[-2000:]}
-                log(f"after round {n}: `{a.after_round[1]}` exited {done.returncode}")
+                done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
+                report.setdefault("after_rounds", []).append(
+                    {"round": n, "command": command, "status": done.returncode,
+                     "output": (done.stdout + done.stderr)[-2000:]}
+                )
+                log(f"after round {n}: `{command}` exited {done.returncode}")
         report["resolves_changed_in_session"] = diff_snapshots(session_before, snapshot(resolves_root))
 
         t0 = time.monotonic()
@@ -904,7 +908,8 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--lockfile", default=DEFAULT_LOCKFILE, help="relative to the repo")
     ap.add_argument("--java", action="store_true", help="a Java-only repo: javacOptions, not scalacOptions")
-    ap.add_argument("--after-round", nargs=2, metavar=("N", "CMD"), help="run CMD (sh -c) after round N")
+    ap.add_argument("--after-round", nargs=2, metavar=("N", "CMD"), action="append",
+                    help="run CMD (sh -c) after round N (repeatable)")
     ap.add_argument("--readers", type=int, default=2, help="jar reader threads")
     ap.add_argument("--request-timeout", type=float, default=480.0, help="seconds, per answer")
     ap.add_argument("--session-timeout", type=float, default=900.0, help="seconds, whole session")

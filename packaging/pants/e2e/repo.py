@@ -181,6 +181,8 @@ def pants_toml(
     ]
     if plugin_dir is not None:
         lines.append(f"pythonpath = {toml_list([str(plugin_dir)])}")
+        # Each wrapped write logs what it cost at debug: the e2e bounds it.
+        lines.append('log_levels_by_target = {"pants_digestfs.rules" = "debug"}')
         backends.append(PLUGIN_BACKEND)
     lines.append(f"backend_packages = {toml_list(backends)}")
     lines += ["", "[anonymous-telemetry]", "enabled = false"]
@@ -208,7 +210,9 @@ def pants_toml(
         f"groups_config_files = {toml_list(f'{g}/bsp-groups.toml' for g in GROUPS)}",
     ]
     if plugin_dir is not None:
-        lines += ["", "[digestfs]", "enabled = true"]
+        # Back on the mount soon after a fallback: the daemon-hung scenario resumes it between
+        # two rounds.
+        lines += ["", "[digestfs]", "enabled = true", "return_after = 1"]
         if digestfs_bin is not None:
             lines.append(f"binary = {toml_str(str(digestfs_bin))}")
     return "\n".join(lines) + "\n"

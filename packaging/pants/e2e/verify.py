@@ -10,7 +10,12 @@
     verify.py disabled REPORT      the plugin off: Pants' own writes, no mount, only its own race
     verify.py leftover REPORT LOG  the plugin off, a daemon's mount left over: detached, with one
                                    warning, before Pants wrote; no read-only file system met
-    verify.py daemon-killed REPORT the daemon killed between rounds: the rest still served, whole
+    verify.py daemon-killed REPORT LOG
+                                   the daemon killed between rounds: the rest still served, whole
+    verify.py daemon-hung REPORT LOG
+                                   the daemon stopped (SIGSTOP) between rounds: the mount is
+                                   detached, later rounds are written to disk, nothing fails or
+                                   tears, and no write waits on digestfs longer than 2 s
     verify.py java-only REPORT     a Java-only repo with the plugin on: it starts, nothing fails
     verify.py race REPORT          without the plugin: the race shows (failed requests or torn
                                    reads), as it must for the comparison to mean anything
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,14 +173,80 @@ def leftover(report: dict, log: str) -> list[str]:
     return broken
 
 
-def daemon_killed(report: dict) -> list[str]:
+# The line the plugin logs at debug for each write it wraps (rules.py).
+COST = re.compile(
+    r"digestfs: a write under \S+: (.*); ([0-9.]+) s waiting on the daemon, ([0-9.]+) s in the "
+    r"plugin in all"
+)
+# What a request may wait on digestfs with the daemon hung or killed (issue: 2 s).
+BOUND_S = 2.0
+
+
+def plugin_costs(log: str) -> list[tuple[str, float, float]]:
+    """(what happened, s waiting on the daemon, s in the plugin) per wrapped write."""
+    return [(m[1], float(m[2]), float(m[3])) for line in log_since(log) if (m := COST.search(line))]
+
+
+def bounded(log: str, what: str) -> list[str]:
+    """No wrapped write waited on the daemon, or spent in the plugin, more than BOUND_S."""
+    costs = plugin_costs(log)
+    if not costs:
+        return [f"{log}: no cost line from the plugin (log_levels_by_target debug?)"]
+    daemon = max(c[1] for c in costs)
+    plugin = max(c[2] for c in costs)
+    print(
+        f"verify {what}: {len(costs)} wrapped writes; the longest waited {daemon:.2f} s on the "
+        f"daemon and spent {plugin:.2f} s in the plugin in all (bound {BOUND_S:g} s)",
+        file=sys.stderr,
+    )
+    return [
+        f"a write {how} waited {d:.2f} s on the daemon and {p:.2f} s in the plugin (bound {BOUND_S:g} s)"
+        for how, d, p in costs
+        if d > BOUND_S or p > BOUND_S
+    ][:3]
+
+
+def daemon_killed(report: dict, log: str) -> list[str]:
     """The daemon killed with SIGKILL between two refreshes: every later request is still
-    answered and served from a mount (a new daemon restores the views), no read fails or tears."""
-    broken = []
-    after = report.get("after_round") or {}
-    if after.get("status") != 0:
-        broken.append(f"the daemon was not killed: {after}")
-    return broken + served(report)
+    answered and served from a mount (a new daemon restores the views), no read fails or tears,
+    and no write waits long on the new daemon."""
+    return injected(report, 1) + served(report) + bounded(log, "daemon-killed")
+
+
+def injected(report: dict, count: int) -> list[str]:
+    """The faults injected between rounds (`--after-round`) ran, `count` of them."""
+    after = report.get("after_rounds") or []
+    if len(after) != count or any(a.get("status") != 0 for a in after):
+        return [f"{count} injected commands should have run between rounds and succeeded: {after}"]
+    return []
+
+
+def daemon_hung(report: dict, log: str) -> list[str]:
+    """The daemon stopped with SIGSTOP after round 1 and resumed after round 2: round 1 is served
+    from the mount; in round 2 the plugin detached it, and every request is answered with the
+    jars on disk, whole, within the bound; in round 3 the mount is back (a new daemon) and serves
+    every jar again."""
+    broken = injected(report, 2)
+    rounds = report.get("rounds") or []
+    if len(rounds) != 3:
+        return broken + [f"{len(rounds)} rounds; the check needs 3: served, hung, back"]
+    broken += served({**report, "rounds": [rounds[0], rounds[2]]})
+    for r in rounds[1:2]:
+        n = r["round"]
+        broken += failed_requests(r)
+        if (r.get("mount") or {}).get("fstype") == "fuse":
+            broken.append(f"round {n}: still mounted at jvm/resolves: {r['mount']}")
+        if r["uris_read"] == 0:
+            broken.append(f"round {n}: no URI was read")
+        for key in ("read_errors", "hash_mismatches", "bad_reads", "unzip_failures", "not_in_lockfile"):
+            if r[key]:
+                broken.append(f"round {n}: {key}: {r[key][:3]}")
+        for resolve, lib in r["libs"].items():
+            if lib["missing"]:
+                broken.append(f"round {n}: {resolve}/lib lacks {lib['missing'][:3]}")
+        if r["compile_status"] != 1 or r["class_files"] == 0:
+            broken.append(f"round {n}: compile status {r['compile_status']}, {r['class_files']} class files")
+    return broken + bounded(log, "daemon-hung")
 
 
 def java_only(report: dict) -> list[str]:
@@ -243,7 +315,8 @@ def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in (
-        "served", "reused", "on-disk", "no-fuse", "disabled", "leftover", "race", "java-only", "daemon-killed", "store"
+        "served", "reused", "on-disk", "no-fuse", "disabled", "leftover", "race", "java-only", "daemon-killed",
+        "daemon-hung", "store"
     ):
         print(__doc__, file=sys.stderr)
         return 2
@@ -265,7 +338,9 @@ def main(argv: list[str]) -> int:
     elif what == "java-only":
         broken = java_only(load(argv[1]))
     elif what == "daemon-killed":
-        broken = daemon_killed(load(argv[1]))
+        broken = daemon_killed(load(argv[1]), argv[2])
+    elif what == "daemon-hung":
+        broken = daemon_hung(load(argv[1]), argv[2])
     else:
         broken = no_fuse(load(argv[1]), argv[2])
     for b in broken:

@@ -12,28 +12,28 @@ written, so nothing races.
   and logs are written beside it as before.
 - Each `<resolve>/lib` and `<resolve>/plugins` directory is a view: the union of its layers.
 - The plugin binds one layer per `write_digest` that reaches the mount, named by its content
-  (`seam.layer_for`). `LayerKind`/`layer_name` name the per-(request kind, BSP target) layers
-  of the plugin before it, which `reconcile` still recognises.
+  (`seam.layer_for`), so two BSP servers of one repo bind the same jars as the same layer.
 
 This module imports nothing from Pants, so that it can be tested against a real mount without
 Pants. `rules.py` splits the digests and calls it.
 
 Nothing here may stall the engine: rules call `bind_layer` and friends on the engine's threads,
 so every subprocess (doctor, mount, unmount, materialize) runs on a helper thread of this module,
-socket calls to the daemon have a short timeout, and nothing sleeps. A rule waits at most
-`start_timeout` for the mount to come up, or for a fallback to finish.
+socket calls to the daemon have a short timeout (`timeout`), and nothing sleeps. A rule waits
+at most `start_timeout` once, for the mount to come up; after that, a daemon that stops
+answering costs a request one `timeout` and an unmount (see `fall_back`), never more.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from enum import Enum
 
 from .digestfs_client import (
@@ -45,7 +45,17 @@ from .digestfs_client import (
     DigestfsUnreachable,
     ensure_mounted,
 )
+from .commands import (
+    doctor,
+    fallback_owner,
+    make_writable,
+    on_helper_thread,
+    remove_marker,
+    run_command,
+    write_marker,
+)
 from .leftover import detach
+from .settings import RemoteStore, binary_from_option, mount_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -59,120 +69,11 @@ MOUNT_DIR = f"{BSP_DIR}/{RESOLVES_DIR}"
 EMPTY_DIGEST = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855-0"
 
 
-class LayerKind(Enum):
-    """The BSP requests that put jars under `jvm/resolves`."""
-
-    MODULES = "modules"  # buildTarget/dependencyModules: `<resolve>/lib/*.jar`
-    SOURCES = "sources"  # buildTarget/dependencySources: `<resolve>/lib/*-sources.jar`
-    SCALAC = "scalac"  # buildTarget/scalacOptions: `<resolve>/lib` and `<resolve>/plugins`
-
-
-def layer_name(kind: LayerKind, target: str) -> str:
-    """The layer of one (request kind, BSP target), e.g. `modules.pants:my-group`."""
-    if not target:
-        raise ValueError("a BSP target name must not be empty")
-    return f"{kind.value}.{target}"
-
-
 def digest_string(fingerprint: str, serialized_bytes_length: int) -> str:
     """A `Digest` as digestfs writes it: `<fingerprint>-<size>`."""
     return f"{fingerprint}-{serialized_bytes_length}"
 
 
-def view_prefix(view: str) -> str:
-    """Where a view's content lies in a BSP output digest, relative to `.pants.d/bsp`."""
-    return f"{RESOLVES_DIR}/{view}"
-
-
-def views_of(files: Iterable[str], dirs: Iterable[str] = ()) -> tuple[str, ...]:
-    """The views that the paths of a BSP output digest fall into, sorted.
-
-    Paths are relative to `.pants.d/bsp`, as in the digests the BSP rules write there. A path
-    `jvm/resolves/<resolve>/<dir>/...` belongs to the view `<resolve>/<dir>` (in practice `lib` or
-    `plugins`); paths outside `jvm/resolves` belong to none. A file directly in `jvm/resolves` or
-    in `jvm/resolves/<resolve>` cannot be served by a view: that is a ValueError.
-    """
-    views: set[str] = set()
-    prefix = f"{RESOLVES_DIR}/"
-    for is_file, paths in ((True, files), (False, dirs)):
-        for path in paths:
-            if not path.startswith(prefix):
-                continue
-            parts = path[len(prefix) :].split("/")
-            if any(p in ("", ".", "..") for p in parts):
-                raise ValueError(f"unexpected path in a BSP output digest: {path!r}")
-            if len(parts) < 2:
-                if is_file:
-                    raise ValueError(
-                        f"{BSP_DIR}/{path} is a file outside any `<resolve>/<dir>` view"
-                    )
-                continue
-            if len(parts) == 2 and is_file:
-                raise ValueError(f"{BSP_DIR}/{path} is a file outside any `<resolve>/<dir>` view")
-            views.add(f"{parts[0]}/{parts[1]}")
-    return tuple(sorted(views))
-
-
-@dataclass(frozen=True)
-class RemoteStore:
-    """The remote CAS that digestfs should fetch missing blobs from: Pants' own."""
-
-    address: str
-    instance_name: str | None = None
-    ca_certs_path: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-def remote_store_from_options(
-    *,
-    provider: str,
-    cache_read: bool,
-    execution: bool,
-    address: str | None,
-    instance_name: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    ca_certs_path: str | None = None,
-    oauth_bearer_token: str | None = None,
-) -> RemoteStore | None:
-    """The remote store digestfs should read through to, from Pants' `[GLOBAL]` options.
-
-    Only a REAPI store that Pants reads from (remote cache reads or remote execution) is passed:
-    only then can blobs be remote-only, under `cache_content_behavior = "validate"` or `"defer"`.
-    """
-    if provider != "reapi" or not address or not (cache_read or execution):
-        return None
-    all_headers = dict(headers or {})
-    if oauth_bearer_token:
-        all_headers["authorization"] = f"Bearer {oauth_bearer_token}"
-    return RemoteStore(
-        address=address,
-        instance_name=instance_name or None,
-        ca_certs_path=ca_certs_path or None,
-        headers=tuple(sorted(all_headers.items())),
-    )
-
-
-def binary_from_option(value: str | None) -> str | None:
-    """A binary option's value as a binary to run, or None when it is off."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value or value.lower() in ("false", "none", "off"):
-        return None
-    return value
-
-
-def target_of_layer(layer: str) -> str | None:
-    """The BSP target of a layer named by `layer_name`, or None for a layer of someone else."""
-    kind, sep, target = layer.partition(".")
-    if not sep or kind not in {k.value for k in LayerKind} or not target:
-        return None
-    return target
-
-
-# Written beside the views (on the disk under the mountpoint) by a fallback, naming the process
-# whose BSP server now owns the written jars: no other server mounts over them while it lives.
-FALLBACK_MARKER = ".digestfs-fallback"
 
 
 class _State(Enum):
@@ -188,15 +89,15 @@ class BSPDigestfs:
 
     `begin` starts it (doctor and mount) on a helper thread; `start` does the same and waits, for
     callers outside the engine. While `active`, `bind_layer` serves a layer's views from the
-    mount. When a bind fails in a way a retry does not fix, the mount falls back, once: binds
-    already made finish, new ones are held off, the union of every layer bound in this session
-    is written to disk (`digestfs materialize`, which is safe against concurrent writers), the
-    mount is detached lazily (files the IDE has open keep working), and one warning is logged.
-    From then on `active` is False and callers write their jars as Pants does without digestfs.
+    mount. When a bind fails in a way a retry does not fix, the mount falls back: it is detached
+    lazily (files the IDE has open keep working), one warning is logged, callers write their
+    own jars to disk, and the union of every layer bound in this session is written there in
+    the background (`digestfs materialize`, which is safe against concurrent writers). Once
+    `return_after` has passed, a `request` tries the mount again (see there).
 
-    Layers bound by an earlier session (another BSP server process) are taken over: layers of
-    targets that no longer exist are unbound (`reconcile`), and an earlier layer that conflicts
-    with a new bind is dropped from that view, since this session will bind its target again.
+    Layers bound by an earlier session (another BSP server process) are taken over: an earlier
+    layer that conflicts with a new bind is dropped from that view, since this session binds
+    what it needs again.
 
     Thread-safe: the BSP server handles requests on several threads.
     """
@@ -212,6 +113,7 @@ class BSPDigestfs:
         mount_args: Iterable[str] = (),
         timeout: float = 5.0,
         start_timeout: float = 10.0,
+        return_after: float = 30.0,
         option_name: str = "[digestfs].enabled",
     ) -> None:
         self.binary = binary
@@ -222,24 +124,28 @@ class BSPDigestfs:
         self.mount_args = tuple(mount_args)
         self.timeout = timeout
         self.start_timeout = start_timeout
+        self.return_after = return_after
         self.option_name = option_name
         self.pid: int | None = None
         self.client = DigestfsClient(mountpoint=mountpoint, timeout=timeout)
         self._lock = threading.Condition()
         self._state = _State.IDLE
-        self._settled = threading.Event()  # Set once the state is ACTIVE or OFF.
+        self._settled = threading.Event()  # Set once the state is past STARTING.
         # Set once callers may write to disk: nothing of ours is mounted over the resolves.
         self._clear = threading.Event()
-        # (view, layer) that a fallback wrote to disk.
-        self._written: set[tuple[str, str]] = set()
+        # Set once a fallback has written the union of the bound layers (or given up on it).
+        self._union_written = threading.Event()
         self._inflight = 0  # Binds under way; a fallback waits for them.
         self._layer_locks: dict[str, threading.Lock] = {}
         # {(view, layer): digest} bound in this session: what a fallback writes.
         self._bound: dict[tuple[str, str], str] = {}
         # (view, layer) bound before this session, by another BSP server process.
         self._earlier: set[tuple[str, str]] = set()
-        self._targets: frozenset[str] | None = None
         self._deferred: list[tuple[int, str]] = []
+        # After a fallback: when to try the mount again (see `request`); None before one.
+        self._return_at: float | None = None
+        self._requests = 0  # Wrapped writes under way; the mount comes back only between them.
+        self._session = uuid.uuid4().hex  # Names this session's fallback marker.
 
     # --- starting -------------------------------------------------------------------------------
 
@@ -305,6 +211,61 @@ class BSPDigestfs:
             self._state = _State.STARTING
         threading.Thread(target=self._start, name="digestfs-start", daemon=True).start()
 
+    @contextlib.contextmanager
+    def request(self):
+        """One write that may reach the mount: yields `wait_started()`, True while the mount
+        serves, else the caller writes to disk. After a fallback, the first request once
+        `return_after` has passed, and no other is under way (none is writing to disk, where
+        the mount would appear), tries the mount again: a daemon that still does not answer
+        costs it one `timeout`; one that answers, or is gone, is reused or replaced (`mount
+        --reuse`), every layer of the session is bound again, and the mount serves again."""
+        probe = False
+        with self._lock:
+            if (
+                self._state is _State.OFF
+                and self._return_at is not None
+                and time.monotonic() >= self._return_at
+                and self._requests == 0
+            ):
+                self._return_at = time.monotonic() + self.return_after
+                probe = True
+            self._requests += 1
+        try:
+            if probe and self._answers_or_gone():
+                with self._lock:
+                    again = self._state is _State.OFF and self._requests == 1
+                    if again:
+                        self._state = _State.STARTING
+                        self._settled.clear()
+                        self._clear.clear()
+                if again:
+                    self._log(logging.INFO, f"digestfs: trying the mount at {self.mountpoint} again.")
+                    threading.Thread(target=self._start, name="digestfs-start", daemon=True).start()
+            yield self.wait_started()
+        finally:
+            with self._lock:
+                self._requests -= 1
+
+    def _answers_or_gone(self) -> bool:
+        """Whether the daemon at the mountpoint answers, or is gone (so that another can start),
+        rather than hung: at most one `timeout`."""
+        try:
+            self.client.status()
+        except DigestfsUnreachable as e:
+            return not e.timed_out
+        except DigestfsError:
+            return True
+        return True
+
+    def written_to_disk(self, layer: str, views: Mapping[str, str]) -> None:
+        """Records a layer a caller wrote to disk after a fallback: the mount binds it when it
+        comes back."""
+        with self._lock:
+            if self._return_at is not None:
+                for view, digest in views.items():
+                    if digest != EMPTY_DIGEST:
+                        self._bound[(view.strip("/"), layer)] = digest
+
     def wait_started(self) -> bool:
         """Begins if need be, and waits (at most `start_timeout`) until the mount serves or has
         fallen back. True while it serves; False once callers may write to disk (no mount of
@@ -332,7 +293,10 @@ class BSPDigestfs:
 
     def _mount(self) -> bool:
         """Doctor, then the mount; True once something of ours may be mounted."""
-        problems = _doctor(self.binary, self.store_dir, self.store_args, self.start_timeout)
+        # Once per session: coming back after a fallback, it passed already.
+        problems = None
+        if self._return_at is None:
+            problems = doctor(self.binary, self.store_dir, self.store_args, self.start_timeout)
         if problems is not None:
             self._settle_off(
                 f"`{self.binary} doctor` reports that digestfs cannot mount here (FUSE or the "
@@ -340,7 +304,7 @@ class BSPDigestfs:
                 f"{self.option_name}:\n{problems}"
             )
             return False
-        owner = _fallback_owner(self.mountpoint)
+        owner = fallback_owner(self.mountpoint, self._session)
         if owner is not None:
             self._settle_off(
                 f"the BSP server with pid {owner} fell back from digestfs and wrote the jars of "
@@ -348,10 +312,7 @@ class BSPDigestfs:
                 "mount over them. The next BSP server after it exits mounts again."
             )
             return False
-        try:  # Its writer is gone: the marker is no reason not to mount any more.
-            os.unlink(os.path.join(self.mountpoint, FALLBACK_MARKER))
-        except OSError:
-            pass
+        remove_marker(self.mountpoint, self._session)  # Back on the mount, if it was off it.
         if not self._still(_State.STARTING):
             return False
         try:
@@ -377,12 +338,20 @@ class BSPDigestfs:
             self._settle_off(f"the digestfs daemon at {self.mountpoint} does not answer: {e}")
             return True
         with self._lock:
+            self._earlier = earlier
+            again = sorted(self._bound.items())
+        try:  # Back after a fallback: what the session wrote to disk meanwhile is bound too.
+            for (view, layer), digest in again:
+                self._bind(view, digest, layer, None)
+        except DigestfsError as e:
+            self._detach()
+            self._settle_off(f"binding the session's layers at {self.mountpoint} again failed: {e}")
+            return True
+        with self._lock:
             gave_up = self._state is not _State.STARTING
             if not gave_up:
                 self.pid = pid
-                self._earlier = earlier
                 self._state = _State.ACTIVE
-                targets = self._targets
         if gave_up:
             self._detach()
             return True
@@ -390,8 +359,6 @@ class BSPDigestfs:
             logging.INFO,
             f"Serving the jars of JVM resolves from digestfs at {self.mountpoint} (pid {pid}).",
         )
-        if targets is not None:
-            self._reconcile(targets)
         if self._still(_State.ACTIVE):
             self._settled.set()
         return True
@@ -405,7 +372,7 @@ class BSPDigestfs:
             timeout=self.start_timeout,
             store_args=self.store_args,
             mount_args=self.mount_args,
-            **_remote_kwargs(self.remote),
+            **mount_kwargs(self.remote),
         )
 
     def _still(self, state: _State) -> bool:
@@ -418,6 +385,9 @@ class BSPDigestfs:
             if self._state is not _State.STARTING:
                 return
             self._state = _State.OFF
+            returning = self._return_at is not None
+        if returning:  # Still on disk after a fallback: marked again.
+            write_marker(self.mountpoint, self._session)
         self._log(logging.WARNING, message)
         self._clear.set()
         self._settled.set()
@@ -427,18 +397,25 @@ class BSPDigestfs:
             if self._state is not _State.STARTING:
                 return
             self._state = _State.OFF
+            returning = self._return_at is not None
         logger.warning(
             f"{reason}; the BSP server writes the jars of JVM resolves to disk as without "
             f"{self.option_name}."
         )
         # Whatever is mounted there now (a mount that came up late, a reused one) must go for
         # writes to disk to succeed; `_start` detaches too if it mounts after this.
-        threading.Thread(target=self._detach_and_clear, name="digestfs-detach", daemon=True).start()
+        threading.Thread(
+            target=self._detach_and_clear, args=(returning,), name="digestfs-detach", daemon=True
+        ).start()
         self._settled.set()
 
-    def _detach_and_clear(self) -> None:
+    def _detach_and_clear(self, mark: bool) -> None:
+        """Detaches, and lets callers write; `mark`ed as this session's writes (the directory
+        under the mount is where the marker goes) before any caller writes."""
         try:
             self._detach()
+            if mark:
+                write_marker(self.mountpoint, self._session)
         finally:
             self._clear.set()
 
@@ -471,9 +448,9 @@ class BSPDigestfs:
         makes the mount fall back rather than fail the request.
 
         Binds the layer in each view (an empty digest means no layer there), and unbinds it from
-        views it is no longer part of. Returns True when the views are served: by the mount, or,
-        if the mount fell back while this bind was under way, written to disk with the union of
-        the session's layers. False when the caller must write them to disk itself.
+        views it is no longer part of. Returns True when the mount serves the views; False when
+        the caller must write them to disk itself (the mount is then detached): no mount, or it
+        fell back, before or during this bind.
 
         Retries what a retry can fix, at once: `missing` after `persist_again()` (which should
         store the digests again), a `conflict` with a layer of an earlier session after dropping
@@ -490,9 +467,8 @@ class BSPDigestfs:
             else:
                 falling_back = False
                 self._inflight += 1
-        if falling_back:  # It began after `wait_started`: wait for it, then the caller writes.
-            return self._wait_fallen_back(set())
-        mine = {(view, layer) for view in wanted}
+        if falling_back:  # It began after `wait_started`: once unmounted, the caller writes.
+            return self._caller_writes()
         failure: str | None = None
         try:
             if persist_first is not None:
@@ -501,6 +477,10 @@ class BSPDigestfs:
                 for view, digest in sorted(wanted.items()):
                     self._bind(view, digest, layer, persist_again)
                 self._retrying(lambda: self._drop_stale(layer, wanted), None)
+            # Bound, but served only if the mount is still there: another BSP server of this
+            # repo that fell back detaches it (the daemon, shared, goes on answering).
+            if self._attached() is False:
+                raise DigestfsError(f"the mount at {self.mountpoint} was detached")
         except DigestfsError as e:
             failure = f"binding the layer `{layer}` failed: {e}"
         except Exception as e:  # A failure to persist is the caller's; it must not fail the request.
@@ -516,8 +496,8 @@ class BSPDigestfs:
         with self._lock:
             if self._state is _State.ACTIVE:
                 return True
-        # A fallback began meanwhile: served only if it wrote what this bind recorded.
-        return self._wait_fallen_back(mine)
+        # A fallback began meanwhile, and may have taken its union before this bind was recorded.
+        return self._caller_writes()
 
     def _bind(
         self, view: str, digest: str, layer: str, persist_again: Callable[[], None] | None
@@ -595,7 +575,7 @@ class BSPDigestfs:
         # runs on a helper thread, so that the rule that got here only waits, and not for long.
         # Never over what another server wrote after falling back, nor once this one has: if the
         # session fell back while it ran, what it mounted is detached again.
-        owner = _fallback_owner(self.mountpoint)
+        owner = fallback_owner(self.mountpoint, self._session)
         if owner is not None or not self._still(_State.ACTIVE):
             raise DigestfsUnreachable(
                 f"not mounting again at {self.mountpoint}"
@@ -608,71 +588,25 @@ class BSPDigestfs:
                 self._detach()
             return pid
 
-        pid = _on_helper_thread(
+        pid = on_helper_thread(
             mount, self.start_timeout, f"mounting digestfs again at {self.mountpoint}"
         )
         with self._lock:
             self.pid = pid
 
-    # --- stale layers ---------------------------------------------------------------------------
-
-    def reconcile(self, targets: Iterable[str]) -> None:
-        """Unbinds the layers of BSP targets that are not among this session's `targets`.
-
-        Called with the answer to `workspace/buildTargets`; applied once the mount serves (on a
-        helper thread if it does already), so that a removed BSP group, or an old layer whose jars
-        now conflict with a new one, does not linger.
-        """
-        targets = frozenset(targets)
-        with self._lock:
-            self._targets = targets
-            active = self._state is _State.ACTIVE
-        self.begin()
-        if active:
-            threading.Thread(
-                target=self._reconcile, args=(targets,), name="digestfs-reconcile", daemon=True
-            ).start()
-        self._flush()
-
-    def _reconcile(self, targets: frozenset[str]) -> None:
-        try:
-            views = self.client.views()
-            dropped = []
-            for view in views:
-                path = view["path"].strip("/")
-                for layer in view.get("layers", {}):
-                    target = target_of_layer(layer)
-                    if target is None or target in targets:
-                        continue
-                    try:
-                        self.client.unbind(path, layer=layer)
-                    except DigestfsBadRequest:
-                        pass
-                    dropped.append(f"{path}:{layer}")
-                    with self._lock:
-                        self._earlier.discard((path, layer))
-                        self._bound.pop((path, layer), None)
-        except DigestfsError as e:
-            self._log(
-                logging.WARNING, f"digestfs: could not drop the layers of removed BSP targets: {e}"
-            )
-            return
-        if dropped:
-            self._log(
-                logging.INFO,
-                f"digestfs: unbound the layers of BSP targets that no longer exist: {dropped}",
-            )
-
     # --- falling back ---------------------------------------------------------------------------
 
     def fall_back(self, reason: str) -> None:
-        """Stops using the mount for this session, once: detaches it, writes the union of the
-        layers bound so far to disk, and lets callers write. Returns once callers may write (no
-        mount left over the resolves), having waited at most `start_timeout` for the union."""
+        """Stops using the mount for this session, once: detaches it, lets callers write, and
+        writes the union of the layers bound so far to disk in the background. Returns once
+        callers may write (no mount left over the resolves): the unmount, never the union, which
+        a hung daemon does not slow (it is read from the store). Callers and the union write the
+        same names by rename (`digestfs materialize`), so neither tears nor refuses the other."""
         with self._lock:
             if self._state is _State.ACTIVE:
                 self._state = _State.FALLING_BACK
-                self._settled.clear()
+                self._clear.clear()
+                self._union_written.clear()
                 start = True
             else:
                 start = False
@@ -683,19 +617,19 @@ class BSPDigestfs:
                 f"resolves are written to disk as without {self.option_name}."
             )
             threading.Thread(target=self._fall_back, name="digestfs-fallback", daemon=True).start()
-        self._wait_fallen_back(set())
+        self._caller_writes()
 
-    def _wait_fallen_back(self, mine: set[tuple[str, str]]) -> bool:
-        """Waits for a fallback: True if it wrote every (view, layer) of `mine` to disk."""
+    def _caller_writes(self) -> bool:
+        """Waits until callers may write (no mount of ours over the resolves): False, so that a
+        caller writes its own views."""
         self._wait_clear()
-        if not self._settled.wait(self.start_timeout):
-            logger.warning(
-                f"digestfs: writing the jars served so far under {self.mountpoint} did not finish "
-                f"within {self.start_timeout:g}s; writing to disk regardless."
-            )
         self._flush()
-        with self._lock:
-            return bool(mine) and mine <= self._written
+        return False
+
+    def wait_union_written(self, timeout: float) -> bool:
+        """Whether a fallback's union is on disk (waiting at most `timeout`): for tests and for
+        a server that shuts down."""
+        return self._union_written.wait(timeout)
 
     def _log(self, level: int, message: str) -> None:
         """Logs from a helper thread: kept until a caller's thread flushes it. Pants drops what
@@ -716,10 +650,8 @@ class BSPDigestfs:
             # told so (`_wait_fallen_back`) and writes itself.
             self._lock.wait_for(lambda: self._inflight == 0, timeout=self.start_timeout)
             bound = dict(self._bound)
-        written: set[tuple[str, str]] = set()
         try:
-            self._detach_and_clear()
-            _write_marker(self.mountpoint)
+            self._detach_and_clear(mark=True)
             for (view, layer), digest in sorted(bound.items()):
                 dest = os.path.join(self.mountpoint, view)
                 done = run_command(
@@ -729,9 +661,7 @@ class BSPDigestfs:
                 )
                 if done is None:
                     done = make_writable(dest)
-                if done is None:
-                    written.add((view, layer))
-                else:
+                if done is not None:
                     self._log(
                         logging.WARNING,
                         f"digestfs: could not write the layer `{layer}` ({digest}) to {dest}: "
@@ -739,9 +669,9 @@ class BSPDigestfs:
                     )
         finally:
             with self._lock:
-                self._written = written
                 self._state = _State.OFF
-            self._settled.set()
+                self._return_at = time.monotonic() + self.return_after
+            self._union_written.set()
 
     def _attached(self) -> bool | None:
         """Whether the daemon says its mount is attached; None if it does not answer (never a
@@ -768,120 +698,3 @@ class BSPDigestfs:
                 f"digestfs: could not unmount {self.mountpoint}; writing jars under it will fail "
                 f"until it is unmounted (`{self.binary} unmount --lazy {self.mountpoint}`).",
             )
-
-
-def _remote_kwargs(remote: RemoteStore | None) -> dict:
-    if remote is None:
-        return {}
-    return {
-        "remote_store_address": remote.address,
-        "remote_instance_name": remote.instance_name,
-        "remote_ca_certs": remote.ca_certs_path,
-        "remote_headers": dict(remote.headers),
-    }
-
-
-def _on_helper_thread(fn: Callable[[], object], timeout: float, what: str):
-    """`fn()` run on a helper thread, waited for at most `timeout`: its result, or its
-    DigestfsError (any other exception becomes one)."""
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append((True, fn()))
-        except Exception as e:
-            result.append((False, e))
-
-    thread = threading.Thread(target=run, name="digestfs-helper", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not result:
-        raise DigestfsError(f"{what} did not finish within {timeout:g}s")
-    ok, value = result[0]
-    if ok:
-        return value
-    if isinstance(value, DigestfsError):
-        raise value
-    raise DigestfsError(f"{what} failed: {value}")
-
-
-def run_command(cmd: list[str], timeout: float) -> str | None:
-    """Runs `cmd`; None if it succeeded, else what went wrong."""
-    try:
-        done = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=timeout,
-            text=True,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return str(e)
-    if done.returncode != 0:
-        return done.stderr.strip() or f"exit {done.returncode}"
-    return None
-
-
-def make_writable(dest: str) -> str | None:
-    """Gives the files `materialize` wrote the modes Pants leaves (0644, 0755 if executable):
-    Pants' own later writes of the same names open them for writing, which a read-only file
-    refuses to anyone but root. None if done, else what went wrong."""
-    try:
-        for root, _dirs, files in os.walk(dest):
-            for name in files:
-                path = os.path.join(root, name)
-                mode = os.lstat(path).st_mode
-                if not os.path.islink(path):
-                    os.chmod(path, 0o755 if mode & 0o111 else 0o644)
-    except OSError as e:
-        return str(e)
-    return None
-
-
-def _write_marker(mountpoint: str) -> None:
-    try:
-        os.makedirs(mountpoint, exist_ok=True)
-        with open(os.path.join(mountpoint, FALLBACK_MARKER), "w") as f:
-            json.dump({"pid": os.getpid()}, f)
-    except OSError as e:
-        logger.debug(f"digestfs: could not write {FALLBACK_MARKER}: {e}")
-
-
-def _fallback_owner(mountpoint: str) -> int | None:
-    """The pid of a live process that fell back and wrote under `mountpoint`, if any."""
-    try:
-        with open(os.path.join(mountpoint, FALLBACK_MARKER)) as f:
-            pid = int(json.load(f)["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return pid
-
-
-def _doctor(
-    binary: str, store_dir: str, store_args: Iterable[str], timeout: float
-) -> str | None:
-    """None if `digestfs doctor` passes, else what it reports as failing, with its fixes."""
-    try:
-        done = subprocess.run(
-            [binary, "--store", store_dir, *store_args, "doctor"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            text=True,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"  {e}"
-    if done.returncode == 0:
-        return None
-    failing = [
-        line for line in done.stdout.splitlines() if not line.startswith("ok ") and line.strip()
-    ]
-    return "\n".join(f"  {line.strip()}" for line in failing) or f"  exit {done.returncode}"

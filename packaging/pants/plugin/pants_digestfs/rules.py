@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from pathlib import Path
 
 from pants.base.build_root import BuildRoot
@@ -33,7 +34,8 @@ from pants.engine.unions import UnionRule
 from pants.option.global_options import GlobalOptions
 
 from . import leftover, seam, versions
-from .digestfs import MOUNT_DIR, BSPDigestfs, digest_string, remote_store_from_options
+from .digestfs import MOUNT_DIR, BSPDigestfs, digest_string
+from .settings import remote_store_from_options
 from .subsystem import DigestfsSubsystem
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,8 @@ def session_mount(
                 store_args=("--local-store-shard-count", str(shards)),
                 mount_args=tuple(subsystem.mount_args),
                 timeout=subsystem.timeout,
-                start_timeout=subsystem.timeout,
+                start_timeout=subsystem.start_timeout,
+                return_after=subsystem.return_after,
                 option_name="[digestfs].enabled",
             )
             if mount is not None:
@@ -122,47 +125,98 @@ def _arm(mount: BSPDigestfs) -> None:
 
 
 def _write_digest(original, workspace, digest, *, path_prefix, clear_paths, side_effecting):
-    def write(d, prefix, clear=()):
-        original(workspace, d, path_prefix=prefix, clear_paths=clear,
-                 side_effecting=side_effecting)
-
     mount = _ARMED[0] if _ARMED else None
     if mount is None or not seam.reaches_mount(path_prefix):
-        return write(digest, path_prefix, clear_paths)
-    active = mount.wait_started()
+        return original(workspace, digest, path_prefix=path_prefix, clear_paths=clear_paths,
+                        side_effecting=side_effecting)
+    clock = _Clock()
+    try:
+        began = time.monotonic()
+        with mount.request() as active:
+            clock.daemon += time.monotonic() - began
+            how = _write_through(original, workspace, mount, clock, active, digest, path_prefix,
+                                 clear_paths, side_effecting)
+    finally:
+        clock.stop()
+    # What the plugin cost this request, Pants' own writes left out: the e2e bounds it.
+    logger.debug(
+        f"digestfs: a write under {path_prefix}: {how}; {clock.daemon:.3f} s waiting on the "
+        f"daemon, {clock.plugin:.3f} s in the plugin in all"
+    )
+    return None
+
+
+class _Clock:
+    """Where a wrapped write spent its time: waiting on the daemon, and in the plugin in all
+    (everything but Pants' own `write_digest`)."""
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self.daemon = self.pants = self.plugin = 0.0
+
+    def waiting(self, fn, *args, **kwargs):
+        t0 = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.daemon += time.monotonic() - t0
+
+    def pants_writes(self, fn, *args, **kwargs):
+        t0 = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.pants += time.monotonic() - t0
+
+    def stop(self) -> None:
+        self.plugin = time.monotonic() - self.began - self.pants
+
+
+def _write_through(original, workspace, mount, clock, active, digest, path_prefix, clear_paths,
+                   side_effecting) -> str:
+    """The wrapped write, `active` when the mount serves: what happened, in a few words."""
+    def write(d, prefix, clear=()):
+        clock.pants_writes(original, workspace, d, path_prefix=prefix, clear_paths=clear,
+                           side_effecting=side_effecting)
     if clear_paths:  # No Pants release passes them here; they would clear under the mount.
         if active:
-            mount.fall_back(f"a write_digest under {path_prefix} with clear_paths={clear_paths!r}")
-        return write(digest, path_prefix, clear_paths)
+            clock.waiting(mount.fall_back,
+                          f"a write_digest under {path_prefix} with clear_paths={clear_paths!r}")
+        write(digest, path_prefix, clear_paths)
+        return "written by Pants (clear_paths)"
     root = digest_string(digest.fingerprint, digest.serialized_bytes_length)
-    again = functools.partial(versions.persist, workspace, [digest], timeout=mount.timeout)
+    again = functools.partial(versions.persist, workspace, [digest], timeout=mount.start_timeout)
     try:
         again()
-        ls = seam.store_lister(mount.binary, mount.store_dir, mount.store_args, mount.timeout)
+        ls = seam.store_lister(mount.binary, mount.store_dir, mount.store_args, mount.start_timeout)
         plan = seam.plan(path_prefix, root, ls)
     except Exception as e:  # Unsplittable, unstored or unreadable: Pants writes it all.
         if active:
-            mount.fall_back(f"cannot bind the write of {root} under {path_prefix}: {e}")
-        return write(digest, path_prefix)
+            clock.waiting(mount.fall_back, f"cannot bind the write of {root} under {path_prefix}: {e}")
+        write(digest, path_prefix)
+        return "written by Pants (not splittable)"
     if plan is None:
-        return write(digest, path_prefix)
+        write(digest, path_prefix)
+        return "written by Pants (no view)"
     for prefix, d in plan.outside:
         write(_digest(d), prefix)
     if not plan.views:
-        return None
-    if active and mount.bind_layer(seam.layer_for(plan.views), plan.views, persist_again=again):
-        return None
+        return "written by Pants (no view)"
+    layer = seam.layer_for(plan.views)
+    if active and clock.waiting(mount.bind_layer, layer, plan.views, persist_again=again):
+        return f"bound {len(plan.views)} views as `{layer}`"
     # No mount serves them (it never came up, or fell back): on disk, but each jar replaced by
     # rename, never truncated in place under a reader or another writer.
+    mount.written_to_disk(layer, plan.views)
     for view, d in sorted(plan.views.items()):
         dest = str(Path(mount.mountpoint) / view)
         error = seam.materialize(
-            mount.binary, mount.store_dir, mount.store_args, d, dest, mount.timeout
+            mount.binary, mount.store_dir, mount.store_args, d, dest, mount.start_timeout
         )
         if error is not None:
             logger.warning(f"digestfs: writing {d} to {dest} failed ({error}); Pants writes it.")
             write(_digest(d), f"{MOUNT_DIR}/{view}")
-    return None
+    return f"wrote {len(plan.views)} views to disk"
 
 
 def _digest(text: str) -> Digest:

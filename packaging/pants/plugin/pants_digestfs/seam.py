@@ -18,7 +18,8 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .digestfs import EMPTY_DIGEST, MOUNT_DIR, make_writable, run_command
+from .commands import make_writable, run_command
+from .digestfs import EMPTY_DIGEST, MOUNT_DIR
 
 MOUNT_PARTS = tuple(MOUNT_DIR.split("/"))
 

@@ -28,12 +28,31 @@ class DigestfsSubsystem(Subsystem):
         help="The `digestfs` binary: a path, or a name to find on the `PATH`.",
     )
     timeout = FloatOption(
-        default=5.0,
+        default=1.0,
         advanced=True,
         help=(
-            "Seconds to wait for the daemon: for one bind, and for the mount to start or fall "
-            "back. A daemon that does not answer in time makes the BSP server write the jars to "
-            "disk, with one warning, rather than stall."
+            "Seconds a BSP request waits for the daemon to answer a bind. A daemon that does "
+            "not answer in time (hung, or stopped) makes the BSP server detach the mount and "
+            "write the jars to disk, with one warning, rather than stall: a request then waits "
+            "this long once, plus the unmount."
+        ),
+    )
+    start_timeout = FloatOption(
+        default=10.0,
+        advanced=True,
+        help=(
+            "Seconds the first request that writes jars waits for the mount to come up (doctor "
+            "and `digestfs mount`, once per BSP server), and a request waits for a killed "
+            "daemon to be replaced. Past it, the jars are written to disk."
+        ),
+    )
+    return_after = FloatOption(
+        default=30.0,
+        advanced=True,
+        help=(
+            "Seconds after falling back to disk before the BSP server tries the mount again (at "
+            "the next request that writes jars, while no other is under way). A daemon that "
+            "still does not answer costs that request one `timeout`."
         ),
     )
     mount_args = StrListOption(
