@@ -585,7 +585,9 @@ def abbreviate(method: str, result) -> dict:
 
 def run_session(a) -> dict:
     repo: Path = a.repo.resolve()
-    lockfile = parse_lockfile(repo / a.lockfile)
+    lockfile = {}
+    for path in a.lockfile or [DEFAULT_LOCKFILE]:  # One per resolve; the same jar, the same bytes.
+        lockfile.update(parse_lockfile(repo / path))
     report: dict = {"repo": str(repo), "mode": a.mode, "rounds": [], "phases": {}, "samples": {}}
     env = dict(os.environ)
     env["PATH"] = f"{Path(a.pants).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -906,7 +908,7 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="remove jvm/resolves/*/lib before each round (only without the plugin)",
     )
-    ap.add_argument("--lockfile", default=DEFAULT_LOCKFILE, help="relative to the repo")
+    ap.add_argument("--lockfile", action="append", help=f"relative to the repo, repeatable (default {DEFAULT_LOCKFILE})")
     ap.add_argument("--java", action="store_true", help="a Java-only repo: javacOptions, not scalacOptions")
     ap.add_argument("--after-round", nargs=2, metavar=("N", "CMD"), action="append",
                     help="run CMD (sh -c) after round N (repeatable)")

@@ -30,6 +30,9 @@ from pathlib import Path
 
 RESOLVE = "jvm-default"
 LOCKFILE = "3rdparty/jvm/default.lock"
+# With --two-resolves, `jvm2/` is in a resolve of its own, of the same artifacts.
+OTHER_RESOLVE = "jvm-other"
+OTHER_LOCKFILE = "3rdparty/jvm/other.lock"
 SCALA_VERSION = "2.13.12"
 GROUPS = ("jvm", "jvm2")
 # The backend the plugin must come after (its workspace/buildTargets mapping must be the last).
@@ -164,7 +167,9 @@ def pants_toml(
     digestfs_bin: Path | None,
     pants_version: str = PANTS_VERSION,
     java_only: bool = False,
+    two_resolves: bool = False,
 ) -> str:
+    resolves = [(RESOLVE, LOCKFILE)] + ([(OTHER_RESOLVE, OTHER_LOCKFILE)] if two_resolves else [])
     backends = ["pants.backend.experimental.java"] + ([] if java_only else [SCALA_BACKEND])
     if _release(pants_version) >= (2, 24):  # The BSP rules became backends of their own.
         backends += [b for b in BSP_BACKENDS if not (java_only and ".scala." in b)]
@@ -203,8 +208,9 @@ def pants_toml(
         f"tool_jdk = {toml_str(tools['jvm']['tool_jdk'])}",
         "",
         "[jvm.resolves]",
-        f"{RESOLVE} = {toml_str(LOCKFILE)}",
-        *([] if java_only else ["", "[scala.version_for_resolve]", f"{RESOLVE} = {toml_str(SCALA_VERSION)}"]),
+        *(f"{r} = {toml_str(lock)}" for r, lock in resolves),
+        *([] if java_only else ["", "[scala.version_for_resolve]",
+                                *(f"{r} = {toml_str(SCALA_VERSION)}" for r, _ in resolves)]),
         "",
         "[experimental-bsp]",
         f"groups_config_files = {toml_list(f'{g}/bsp-groups.toml' for g in GROUPS)}",
@@ -218,22 +224,24 @@ def pants_toml(
     return "\n".join(lines) + "\n"
 
 
-def root_build() -> str:
+def root_build(two_resolves: bool = False) -> str:
     out = []
-    for name, group, artifact, version, packages in ARTIFACTS:
-        out.append(
-            textwrap.dedent(
-                f"""\
-                jvm_artifact(
-                    name={toml_str(name)},
-                    group={toml_str(group)},
-                    artifact={toml_str(artifact)},
-                    version={toml_str(version)},
-                    packages={json.dumps(list(packages))},
+    for resolve, suffix in [(RESOLVE, "")] + ([(OTHER_RESOLVE, "-other")] if two_resolves else []):
+        for name, group, artifact, version, packages in ARTIFACTS:
+            out.append(
+                textwrap.dedent(
+                    f"""\
+                    jvm_artifact(
+                        name={toml_str(name + suffix)},
+                        group={toml_str(group)},
+                        artifact={toml_str(artifact)},
+                        version={toml_str(version)},
+                        packages={json.dumps(list(packages))},
+                        resolve={toml_str(resolve)},
+                    )
+                    """
                 )
-                """
             )
-        )
     return "\n".join(out)
 
 
@@ -246,6 +254,7 @@ def write_repo(
     lockfile: Path | None = None,
     pants_version: str = PANTS_VERSION,
     java_only: bool = False,
+    two_resolves: bool = False,
 ) -> Path:
     """Writes WORK/repo afresh (removing WORK first) and returns the build root."""
     tools = json.loads((tools_dir / "coursier.json").read_text())
@@ -256,12 +265,16 @@ def write_repo(
     repo.mkdir(parents=True)
 
     files = {
-        "pants.toml": pants_toml(work, tools, shards, plugin_dir, digestfs_bin, pants_version, java_only),
-        "BUILD": root_build(),
+        "pants.toml": pants_toml(
+            work, tools, shards, plugin_dir, digestfs_bin, pants_version, java_only, two_resolves
+        ),
+        "BUILD": root_build(two_resolves),
         ".gitignore": ".pants.d\n.bsp\n",
     }
     for g in GROUPS:
-        files[f"{g}/BUILD"] = "java_sources()\n" if java_only else "scala_sources()\n"
+        kind = "java_sources" if java_only else "scala_sources"
+        resolve = f'resolve="{OTHER_RESOLVE}"' if two_resolves and g == GROUPS[1] else ""
+        files[f"{g}/BUILD"] = f"{kind}({resolve})\n"
         files[f"{g}/bsp-groups.toml"] = textwrap.dedent(
             f"""\
             [groups.{g}]
@@ -301,6 +314,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--lockfile", type=Path, help=f"copy this lockfile to {LOCKFILE}")
     ap.add_argument("--pants-version", default=PANTS_VERSION, help="[GLOBAL].pants_version")
     ap.add_argument("--java-only", action="store_true", help="Java sources, no Scala backend")
+    ap.add_argument(
+        "--two-resolves", action="store_true",
+        help=f"jvm2/ in a resolve of its own, {OTHER_RESOLVE} ({OTHER_LOCKFILE}: generate it)",
+    )
     a = ap.parse_args(argv)
     try:
         _release(a.pants_version)
@@ -317,6 +334,7 @@ def main(argv: list[str]) -> int:
         a.lockfile,
         a.pants_version,
         a.java_only,
+        a.two_resolves,
     )
     print(repo)
     return 0

@@ -16,13 +16,18 @@
                                    the daemon stopped (SIGSTOP) between rounds: the mount is
                                    detached, later rounds are written to disk, nothing fails or
                                    tears, and no write waits on digestfs longer than 2 s
+    verify.py two-servers REPORT1 REPORT2 LOG
+                                   two BSP servers at once on one repo: both served from the one
+                                   mount, neither fell back nor detached it
+    verify.py two-resolves REPORT  a repo of two resolves: both served, each lib/ exactly its jars
     verify.py java-only REPORT     a Java-only repo with the plugin on: it starts, nothing fails
     verify.py race REPORT          without the plugin: the race shows (failed requests or torn
                                    reads), as it must for the comparison to mean anything
-    verify.py store STORE LOCKFILE SHARDS
+    verify.py store STORE LOCKFILE SHARDS [REPORT]
                                    digestfs reads the store this Pants wrote: its shard count, and
                                    every jar of the lockfile byte for byte (small ones from the LMDB
-                                   shards, large ones from immutable/files)
+                                   shards, large ones from immutable/files); with REPORT, only
+                                   the jars its sessions' lib/ held
 
 Each prints what it checked, and exits 1 naming every promise broken. Stdlib only.
 """
@@ -249,6 +254,15 @@ def daemon_hung(report: dict, log: str) -> list[str]:
     return broken + bounded(log, "daemon-hung")
 
 
+def two_servers(reports: list[dict], log: str) -> list[str]:
+    broken = []
+    for i, report in enumerate(reports, 1):
+        broken += [f"server {i}: {b}" for b in served(report)]
+    fell = [line for line in digestfs_warnings(log) if "Writing the jars served so far" in line or "fell back" in line]
+    broken += [f"a server fell back: {line[:300]}" for line in fell[:3]]
+    return broken
+
+
 def java_only(report: dict) -> list[str]:
     """A Java-only repo (no Scala backend) with the plugin on: the rule graph builds, the mount
     comes up, no request fails, compile writes class files beside the mount."""
@@ -269,6 +283,17 @@ def java_only(report: dict) -> list[str]:
     return broken
 
 
+def two_resolves(report: dict) -> list[str]:
+    """The repo's two groups in two resolves: everything `served` checks, for both resolves'
+    `lib/`."""
+    broken = served(report)
+    for r in report.get("rounds", []):
+        resolves = sorted(res for res, lib in r["libs"].items() if lib["files"])
+        if resolves != ["jvm-default", "jvm-other"]:
+            broken.append(f"round {r['round']}: lib/ of {resolves}, not of jvm-default and jvm-other")
+    return broken
+
+
 def race(report: dict) -> list[str]:
     t = report.get("totals") or {}
     if not report.get("rounds"):
@@ -278,7 +303,7 @@ def race(report: dict) -> list[str]:
     return []
 
 
-def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
+def store(store_dir: str, lockfile: str, shards: int, report: dict | None = None) -> list[str]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bsp_client import parse_lockfile
 
@@ -291,6 +316,9 @@ def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
     if not line.startswith("ok") or f"{shards} shards (found from its folders" not in line:
         broken.append(f"doctor does not find {shards} shards in {store_dir}: {line or doctor.stdout}")
     entries = parse_lockfile(Path(lockfile))
+    if report is not None:  # Only the jars the session served: a Java-only repo fetches no Scala.
+        served_names = {f[0] for r in report.get("rounds", []) for lib in r["libs"].values() for f in lib["files"]}
+        entries = {name: e for name, e in entries.items() if name in served_names}
     large = 0
     for name, e in sorted(entries.items()):
         digest = f"{e['sha256']}-{e['size']}"
@@ -316,7 +344,7 @@ def store(store_dir: str, lockfile: str, shards: int) -> list[str]:
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] not in (
         "served", "reused", "on-disk", "no-fuse", "disabled", "leftover", "race", "java-only", "daemon-killed",
-        "daemon-hung", "store"
+        "daemon-hung", "two-servers", "two-resolves", "store"
     ):
         print(__doc__, file=sys.stderr)
         return 2
@@ -328,7 +356,7 @@ def main(argv: list[str]) -> int:
     elif what == "on-disk":
         broken = on_disk(argv[1])
     elif what == "store":
-        broken = store(argv[1], argv[2], int(argv[3]))
+        broken = store(argv[1], argv[2], int(argv[3]), load(argv[4]) if len(argv) > 4 else None)
     elif what == "disabled":
         broken = pants_own(load(argv[1]))
     elif what == "leftover":
@@ -339,6 +367,10 @@ def main(argv: list[str]) -> int:
         broken = java_only(load(argv[1]))
     elif what == "daemon-killed":
         broken = daemon_killed(load(argv[1]), argv[2])
+    elif what == "two-resolves":
+        broken = two_resolves(load(argv[1]))
+    elif what == "two-servers":
+        broken = two_servers([load(argv[1]), load(argv[2])], argv[3])
     elif what == "daemon-hung":
         broken = daemon_hung(load(argv[1]), argv[2])
     else:

@@ -239,7 +239,9 @@ class BSPDigestfs:
                         self._settled.clear()
                         self._clear.clear()
                 if again:
-                    self._log(logging.INFO, f"digestfs: trying the mount at {self.mountpoint} again.")
+                    self._log(
+                        logging.INFO, f"digestfs: trying the mount at {self.mountpoint} again."
+                    )
                     threading.Thread(target=self._start, name="digestfs-start", daemon=True).start()
             yield self.wait_started()
         finally:
@@ -687,7 +689,9 @@ class BSPDigestfs:
         detached without asking the daemon (which may hang: `leftover.detach`), and succeeding
         is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front end), which
         asks the daemon. Never called with `_lock` held."""
-        if "--frontend=nfs" not in self.mount_args and detach(self.mountpoint, self.timeout) is None:
+        # `start_timeout`: fusermount3 does not ask the daemon, but may be slow to start.
+        fuse = "--frontend=nfs" not in self.mount_args
+        if fuse and detach(self.mountpoint, self.start_timeout) is None:
             return
         if self._attached() is False:
             return

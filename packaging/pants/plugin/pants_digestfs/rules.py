@@ -192,7 +192,9 @@ def _write_through(original, workspace, mount, clock, active, digest, path_prefi
         plan = seam.plan(path_prefix, root, ls)
     except Exception as e:  # Unsplittable, unstored or unreadable: Pants writes it all.
         if active:
-            clock.waiting(mount.fall_back, f"cannot bind the write of {root} under {path_prefix}: {e}")
+            clock.waiting(
+                mount.fall_back, f"cannot bind the write of {root} under {path_prefix}: {e}"
+            )
         write(digest, path_prefix)
         return "written by Pants (not splittable)"
     if plan is None:
