@@ -232,3 +232,43 @@ fn a_stopped_daemon_holds_up_no_other_reader_of_the_store() {
     let jansi = std::fs::read(out_dir.path().join("lib/lib/jansi.jar")).unwrap();
     assert_eq!(digest_of(&jansi), JANSI);
 }
+
+/// `digestfs unmount --abort` is the way out of a hung daemon: it reads only the mount table
+/// (a statfs would wait on the daemon), ends every request the mount holds, so readers get an
+/// error instead of waiting, and detaches it. Over /dev/fuse: a request already handed to an
+/// io_uring entry ends only once its daemon runs (transport.rs).
+#[test]
+fn unmount_abort_ends_the_reads_a_stopped_daemon_holds() {
+    let mut m = Mount::fixture(&[("lib", JAR_TREE)], &["--transport", "dev"]);
+    let pid = m.pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_until("every daemon thread stopped", T, || {
+        all_threads_stopped(pid).then_some(())
+    });
+    let jar = m.path("lib/lib/guava.jar");
+    let reader = std::thread::spawn(move || {
+        run_timeout(Command::new("cat").arg(&jar), Duration::from_secs(60))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "a read finished while the daemon was stopped"
+    );
+    let mnt = m.mnt.to_str().unwrap().to_owned();
+    let out = run_timeout(
+        Command::new(bin()).args(["unmount", "--abort", &mnt]),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let read = reader.join().unwrap();
+    let err = String::from_utf8_lossy(&read.stderr);
+    // Ended by the abort, with the connection's error, not killed at its limit.
+    assert!(
+        !read.status.success() && read.stdout.is_empty() && err.contains("connect"),
+        "{read:?}"
+    );
+    assert!(!crate::harness::is_mounted(&m.mnt));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // Its connection gone, the daemon ends once it runs again.
+    assert!(m.wait_exit(T).code().is_some());
+}

@@ -10,6 +10,8 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import unittest
 
@@ -311,15 +313,33 @@ class BindTest(MountTestCase):
             store_dir=self.store,
             timeout=1.0,
             start_timeout=5.0,
+            # Over io_uring a request already handed to the ring ends only once the daemon runs.
+            mount_args=("--transport", "dev"),
         )
         self.assertTrue(digestfs.wait_started())
         self.assertTrue(digestfs.bind_layer("modules.pants:a", {"r/lib": self.trees["lib1"]}))
+        # The IDE, another process, holds a jar open, and reads it once the daemon hangs. (Not
+        # this one: a process that holds a file of a hung FUSE mount blocks in every fork+exec,
+        # since closing the file in the child waits on the daemon.)
+        ide = subprocess.Popen(
+            [sys.executable, "-c", IDE, os.path.join(self.mnt, "r", "lib", "com.example_a_1.0.jar")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.addCleanup(ide.kill)
+        self.assertEqual(ide.stdout.readline().strip(), "open")
         os.kill(digestfs.pid, signal.SIGSTOP)
-        self.addCleanup(os.kill, digestfs.pid, signal.SIGCONT)
+        self.addCleanup(_resume, digestfs.pid)
+        ide.stdin.write("read\n")
+        ide.stdin.flush()
+        time.sleep(0.5)
+        self.assertIsNone(ide.poll(), "a read answered by a stopped daemon")
         began = time.monotonic()
         with self.assertLogs(LOGGER, logging.WARNING) as logs:
             self.assertFalse(digestfs.bind_layer("modules.pants:b", {"r/lib": self.trees["lib2"]}))
         took = time.monotonic() - began
+        # As root, the fallback ended what the hung daemon held: the read fails, it does not wait.
+        out, _ = ide.communicate(timeout=30)
+        self.assertTrue(out.startswith("error"), out)
         self.assertEqual(len(logs.records), 1, logs.output)
         self.assertIn("did not answer", logs.output[0])
         # Not a timing assertion on speed: the bound that the options set (1 s per call, then
@@ -533,7 +553,7 @@ class RetryDecisionTest(unittest.TestCase):
         # As if it had started; a fallback here has no mount to detach.
         d._state = bsp_digestfs._State.ACTIVE
         d._settled.set()
-        d._detach = lambda: None
+        d._detach = lambda abort=False: None
         return d, d.client
 
     def test_unavailable_falls_back_without_waiting(self):
@@ -634,3 +654,17 @@ def _resume(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         pass
+
+
+# The IDE of the hung-daemon test: opens a jar, and reads it when told; says how that went.
+IDE = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("open", flush=True)
+sys.stdin.readline()
+try:
+    os.pread(fd, 4096, 0)
+    print("read", flush=True)
+except OSError as e:
+    print("error", e.errno, flush=True)
+"""

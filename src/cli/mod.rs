@@ -174,6 +174,11 @@ enum Command {
         /// Detach the mount even if it is busy
         #[arg(long, short = 'z')]
         lazy: bool,
+        /// For a hung daemon: first end every request the mount holds, so that readers of
+        /// files it has open get an error instead of waiting; then detach it (FUSE on Linux,
+        /// root)
+        #[arg(long)]
+        abort: bool,
         mountpoint: PathBuf,
     },
 }
@@ -500,18 +505,44 @@ fn run(cli: Cli) -> CliResult {
                 ))
             }
         }
-        Command::Unmount { lazy, mountpoint } => {
-            if os::mount_state(&mountpoint)? == os::MountState::Free {
+        Command::Unmount {
+            lazy,
+            abort,
+            mountpoint,
+        } => {
+            // The mount table only: a stat or statfs would wait on a hung daemon.
+            let abs = os::absolute(&mountpoint)?;
+            if !os::mounts()?.iter().any(|m| m.mountpoint == abs) {
                 return Err(Failure::Msg(format!(
                     "{} is not mounted",
                     mountpoint.display()
                 )));
             }
-            os::unmount(&mountpoint, lazy)
+            if abort {
+                abort_connection(&abs)?;
+            }
+            os::unmount(&mountpoint, lazy || abort)
                 .map_err(|e| format!("unmounting {}: {e}", mountpoint.display()))?;
             Ok(())
         }
     }
+}
+
+#[cfg(target_os = "linux")]
+fn abort_connection(mountpoint: &Path) -> CliResult {
+    os::abort_fuse_connection(mountpoint).map_err(|e| {
+        Failure::Msg(format!(
+            "ending the requests of the FUSE mount at {}: {e} (--abort needs root)",
+            mountpoint.display()
+        ))
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn abort_connection(_mountpoint: &Path) -> CliResult {
+    Err(Failure::Msg(
+        "--abort is for FUSE mounts on Linux; unmount -f detaches an NFS mount".into(),
+    ))
 }
 
 #[cfg(all(feature = "fuse", target_os = "linux"))]

@@ -112,13 +112,18 @@ impl Shards {
     /// Opens every shard that exists now. LMDB holds an exclusive lock on `lock.mdb` while the
     /// first process opens an environment, so any other opener (Pants, `digestfs materialize`)
     /// waits on it; a long-lived reader opens up front, where a stop (SIGSTOP, a debugger)
-    /// cannot catch it mid-open while it serves. Returns how many were opened.
+    /// cannot catch it mid-open while it serves. Returns how many were opened; every shard is
+    /// tried, and the first that failed is the error.
     pub fn open_existing(&self) -> Result<usize, StoreError> {
         let mut opened = 0;
+        let mut failed = None;
         for shard in 0..self.shards.len() {
-            opened += usize::from(self.shard(shard, false)?.is_some());
+            match self.shard(shard, false) {
+                Ok(s) => opened += usize::from(s.is_some()),
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
-        Ok(opened)
+        failed.map_or(Ok(opened), Err)
     }
 
     /// Copies up to `out.len()` bytes at `offset` of the blob out of the map: how many, or

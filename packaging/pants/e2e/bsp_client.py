@@ -645,6 +645,9 @@ def run_session(a) -> dict:
 
         resolves_root = repo / RESOLVES_DIR
         session_before = snapshot(resolves_root)
+        if a.together:  # Two sessions at once: both start their rounds at the same time.
+            meet(Path(a.together[0]), int(a.together[1]), deadline)
+        report["started_at"] = time.time()  # Wall clock, so that two sessions can be compared.
         for n in range(1, a.rounds + 1):
             rnd = run_round(n, a, repo, server, reader, targets, lockfile, deadline, report)
             report["rounds"].append(rnd)
@@ -659,6 +662,7 @@ def run_session(a) -> dict:
                      "output": (done.stdout + done.stderr)[-2000:]}
                 )
                 log(f"after round {n}: `{command}` exited {done.returncode}")
+        report["ended_at"] = time.time()
         report["resolves_changed_in_session"] = diff_snapshots(session_before, snapshot(resolves_root))
 
         t0 = time.monotonic()
@@ -679,6 +683,16 @@ def run_session(a) -> dict:
         report["notifications"] = server.notifications
         report["last_log_messages"] = server.log_messages[-10:]
     return report
+
+
+def meet(prefix: Path, count: int, deadline) -> None:
+    """Waits until `count` sessions (this one included) have reached here: each leaves a file
+    `<prefix>.<pid>`."""
+    Path(f"{prefix}.{os.getpid()}").touch()
+    while len(list(prefix.parent.glob(f"{prefix.name}.*"))) < count:
+        if deadline.left(1) <= 0:
+            raise TimeoutError(f"the other sessions never reached {prefix}")
+        time.sleep(0.05)
 
 
 def run_round(n, a, repo, server, reader, targets, lockfile, deadline, report) -> dict:
@@ -912,6 +926,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--java", action="store_true", help="a Java-only repo: javacOptions, not scalacOptions")
     ap.add_argument("--after-round", nargs=2, metavar=("N", "CMD"), action="append",
                     help="run CMD (sh -c) after round N (repeatable)")
+    ap.add_argument("--together", nargs=2, metavar=("PREFIX", "N"),
+                    help="start the rounds only once N sessions given this PREFIX got there")
     ap.add_argument("--readers", type=int, default=2, help="jar reader threads")
     ap.add_argument("--request-timeout", type=float, default=480.0, help="seconds, per answer")
     ap.add_argument("--session-timeout", type=float, default=900.0, help="seconds, whole session")

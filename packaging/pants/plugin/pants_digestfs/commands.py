@@ -84,12 +84,14 @@ def make_writable(dest: str) -> str | None:
 def write_marker(mountpoint: str, session: str) -> None:
     """Marks `mountpoint` (the directory under it, once detached) as written to by this
     session, one file per session: no other server mounts over it while this process lives."""
+    path = os.path.join(mountpoint, f"{FALLBACK_MARKER}-{session}")
     try:
         os.makedirs(mountpoint, exist_ok=True)
-        with open(os.path.join(mountpoint, f"{FALLBACK_MARKER}-{session}"), "w") as f:
+        with open(f"{path}.tmp", "w") as f:  # Renamed: a reader never sees half of it.
             json.dump({"pid": os.getpid(), "session": session}, f)
+        os.replace(f"{path}.tmp", path)
     except OSError as e:
-        logger.debug(f"digestfs: could not write {FALLBACK_MARKER}-{session}: {e}")
+        logger.debug(f"digestfs: could not write {path}: {e}")
 
 
 def remove_marker(mountpoint: str, session: str) -> None:
@@ -103,7 +105,10 @@ def fallback_owner(mountpoint: str, session: str) -> int | None:
     """The pid of a live process with another session than `session` that fell back and writes
     under `mountpoint`, if any. The markers of processes gone are removed."""
     try:
-        names = [n for n in os.listdir(mountpoint) if n.startswith(f"{FALLBACK_MARKER}-")]
+        names = [
+            n for n in os.listdir(mountpoint)
+            if n.startswith(f"{FALLBACK_MARKER}-") and not n.endswith(".tmp")
+        ]
     except OSError:
         return None
     for name in sorted(names):
@@ -118,8 +123,11 @@ def fallback_owner(mountpoint: str, session: str) -> int | None:
             continue
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            remove_marker(mountpoint, str(marker.get("session")))
+        except ProcessLookupError:  # Its process is gone, and its claim with it.
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
             continue
         except PermissionError:
             pass

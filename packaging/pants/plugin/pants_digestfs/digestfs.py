@@ -20,8 +20,9 @@ Pants. `rules.py` splits the digests and calls it.
 Nothing here may stall the engine: rules call `bind_layer` and friends on the engine's threads,
 so every subprocess (doctor, mount, unmount, materialize) runs on a helper thread of this module,
 socket calls to the daemon have a short timeout (`timeout`), and nothing sleeps. A rule waits
-at most `start_timeout` once, for the mount to come up; after that, a daemon that stops
-answering costs a request one `timeout` and an unmount (see `fall_back`), never more.
+at most `start_timeout` for the mount to come up (at the start, and while a session comes back
+to it after a fallback); otherwise a daemon that stops answering costs a request one `timeout`
+and an unmount (see `fall_back`), never more.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -146,6 +148,7 @@ class BSPDigestfs:
         self._return_at: float | None = None
         self._requests = 0  # Wrapped writes under way; the mount comes back only between them.
         self._session = uuid.uuid4().hex  # Names this session's fallback marker.
+        self._start_thread: threading.Thread | None = None
 
     # --- starting -------------------------------------------------------------------------------
 
@@ -209,7 +212,11 @@ class BSPDigestfs:
             if self._state is not _State.IDLE:
                 return
             self._state = _State.STARTING
-        threading.Thread(target=self._start, name="digestfs-start", daemon=True).start()
+        self._begin_start()
+
+    def _begin_start(self) -> None:
+        self._start_thread = threading.Thread(target=self._start, name="digestfs-start", daemon=True)
+        self._start_thread.start()
 
     @contextlib.contextmanager
     def request(self):
@@ -226,6 +233,7 @@ class BSPDigestfs:
                 and self._return_at is not None
                 and time.monotonic() >= self._return_at
                 and self._requests == 0
+                and self._clear.is_set()  # No detach still under way.
             ):
                 self._return_at = time.monotonic() + self.return_after
                 probe = True
@@ -242,7 +250,7 @@ class BSPDigestfs:
                     self._log(
                         logging.INFO, f"digestfs: trying the mount at {self.mountpoint} again."
                     )
-                    threading.Thread(target=self._start, name="digestfs-start", daemon=True).start()
+                    self._begin_start()
             yield self.wait_started()
         finally:
             with self._lock:
@@ -285,12 +293,10 @@ class BSPDigestfs:
         return active
 
     def _start(self) -> None:
-        mounted = False
         try:
-            mounted = self._mount()
+            self._mount()
         except Exception as e:  # Whatever goes wrong here, waiters must not wait in vain.
-            if mounted:
-                self._detach()
+            self._detach()  # Whatever of ours may be mounted.
             self._settle_off(f"starting digestfs at {self.mountpoint} failed: {e}")
 
     def _mount(self) -> bool:
@@ -311,7 +317,8 @@ class BSPDigestfs:
             self._settle_off(
                 f"the BSP server with pid {owner} fell back from digestfs and wrote the jars of "
                 f"JVM resolves under {self.mountpoint}; this one writes there too rather than "
-                "mount over them. The next BSP server after it exits mounts again."
+                "mount over them, and mounts once that server has exited.",
+                retry=True,
             )
             return False
         remove_marker(self.mountpoint, self._session)  # Back on the mount, if it was off it.
@@ -320,6 +327,8 @@ class BSPDigestfs:
         try:
             pid = self._ensure_mounted()
         except DigestfsError as e:
+            if isinstance(e.__cause__, subprocess.TimeoutExpired):
+                self._detach()  # Its daemon may have mounted meanwhile.
             self._settle_off(
                 f"could not mount digestfs at {self.mountpoint}, so the BSP server writes the jars "
                 f"of JVM resolves to disk as without {self.option_name}: {e}"
@@ -361,8 +370,7 @@ class BSPDigestfs:
             logging.INFO,
             f"Serving the jars of JVM resolves from digestfs at {self.mountpoint} (pid {pid}).",
         )
-        if self._still(_State.ACTIVE):
-            self._settled.set()
+        self._settled.set()  # Even if it fell back meanwhile: waiters then see it is off.
         return True
 
     def _ensure_mounted(self) -> int:
@@ -381,15 +389,17 @@ class BSPDigestfs:
         with self._lock:
             return self._state is state
 
-    def _settle_off(self, message: str) -> None:
-        """Ends a start that never mounted (or unmounted what it mounted): callers write."""
+    def _settle_off(self, message: str, retry: bool = False) -> None:
+        """Ends a start that never mounted (or unmounted what it mounted): callers write, marked
+        as this session's (no other session mounts over them). `retry`: a request tries the
+        mount again `return_after` later (as after a fallback)."""
         with self._lock:
             if self._state is not _State.STARTING:
                 return
             self._state = _State.OFF
-            returning = self._return_at is not None
-        if returning:  # Still on disk after a fallback: marked again.
-            write_marker(self.mountpoint, self._session)
+            if retry:
+                self._return_at = time.monotonic() + self.return_after
+        write_marker(self.mountpoint, self._session)
         self._log(logging.WARNING, message)
         self._clear.set()
         self._settled.set()
@@ -399,32 +409,38 @@ class BSPDigestfs:
             if self._state is not _State.STARTING:
                 return
             self._state = _State.OFF
-            returning = self._return_at is not None
         logger.warning(
             f"{reason}; the BSP server writes the jars of JVM resolves to disk as without "
             f"{self.option_name}."
         )
         # Whatever is mounted there now (a mount that came up late, a reused one) must go for
         # writes to disk to succeed; `_start` detaches too if it mounts after this.
-        threading.Thread(
-            target=self._detach_and_clear, args=(returning,), name="digestfs-detach", daemon=True
-        ).start()
+        threading.Thread(target=self._give_up_detach, name="digestfs-detach", daemon=True).start()
         self._settled.set()
 
-    def _detach_and_clear(self, mark: bool) -> None:
-        """Detaches, and lets callers write; `mark`ed as this session's writes (the directory
-        under the mount is where the marker goes) before any caller writes."""
+    def _give_up_detach(self) -> None:
+        # The start still under way mounts, or detaches what it mounted, first: then nothing
+        # of it appears once callers write.
+        start = self._start_thread
+        if start is not None:
+            start.join(self.start_timeout)
+        self._detach_and_clear(mark=True)
+
+    def _detach_and_clear(self, mark: bool, abort: bool = False) -> None:
+        """Detaches (see `_detach`), and lets callers write; `mark`ed as this session's writes
+        (the directory under the mount is where the marker goes) before any caller writes."""
         try:
-            self._detach()
+            self._detach(abort)
             if mark:
                 write_marker(self.mountpoint, self._session)
         finally:
             self._clear.set()
 
     def _wait_clear(self) -> None:
-        """Waits until no mount of ours is left over the resolves. `_detach` runs its commands
-        with `timeout` each, so this ends; the bound is only a safety net."""
-        if not self._clear.wait(3 * self.timeout + 5):
+        """Waits until no mount of ours is left over the resolves. What it waits for is bounded
+        (a start under way, then `_detach`'s commands), so this ends; the bound is only a safety
+        net above theirs."""
+        if not self._clear.wait(3 * self.start_timeout + 3 * self.timeout + 5):
             logger.warning(
                 f"digestfs: unmounting {self.mountpoint} did not finish; writing to disk regardless."
             )
@@ -472,6 +488,7 @@ class BSPDigestfs:
         if falling_back:  # It began after `wait_started`: once unmounted, the caller writes.
             return self._caller_writes()
         failure: str | None = None
+        hung = False
         try:
             if persist_first is not None:
                 persist_first()
@@ -485,6 +502,7 @@ class BSPDigestfs:
                 raise DigestfsError(f"the mount at {self.mountpoint} was detached")
         except DigestfsError as e:
             failure = f"binding the layer `{layer}` failed: {e}"
+            hung = isinstance(e, DigestfsUnreachable) and e.timed_out
         except Exception as e:  # A failure to persist is the caller's; it must not fail the request.
             failure = f"storing the digests of the layer `{layer}` failed: {e}"
         finally:
@@ -492,7 +510,7 @@ class BSPDigestfs:
                 self._inflight -= 1
                 self._lock.notify_all()
         if failure is not None:
-            self.fall_back(failure)
+            self.fall_back(failure, hung=hung)
             return False
         self._flush()
         with self._lock:
@@ -598,17 +616,20 @@ class BSPDigestfs:
 
     # --- falling back ---------------------------------------------------------------------------
 
-    def fall_back(self, reason: str) -> None:
+    def fall_back(self, reason: str, hung: bool = False) -> None:
         """Stops using the mount for this session, once: detaches it, lets callers write, and
         writes the union of the layers bound so far to disk in the background. Returns once
         callers may write (no mount left over the resolves): the unmount, never the union, which
         a hung daemon does not slow (it is read from the store). Callers and the union write the
-        same names by rename (`digestfs materialize`), so neither tears nor refuses the other."""
+        same names by rename (`digestfs materialize`), so neither tears nor refuses the other.
+        A `hung` daemon's requests are ended as it is detached (`_detach`)."""
         with self._lock:
             if self._state is _State.ACTIVE:
                 self._state = _State.FALLING_BACK
                 self._clear.clear()
                 self._union_written.clear()
+                # From now on what callers write to disk is recorded (`written_to_disk`).
+                self._return_at = time.monotonic() + self.return_after
                 start = True
             else:
                 start = False
@@ -618,7 +639,9 @@ class BSPDigestfs:
                 "and detaching the mount: for the rest of this BSP session the jars of JVM "
                 f"resolves are written to disk as without {self.option_name}."
             )
-            threading.Thread(target=self._fall_back, name="digestfs-fallback", daemon=True).start()
+            threading.Thread(
+                target=self._fall_back, args=(hung,), name="digestfs-fallback", daemon=True
+            ).start()
         self._caller_writes()
 
     def _caller_writes(self) -> bool:
@@ -645,15 +668,15 @@ class BSPDigestfs:
         for level, message in deferred:
             logger.log(level, message)
 
-    def _fall_back(self) -> None:
-        with self._lock:
-            # Binds under way finish first (each has its timeouts); new ones see FALLING_BACK
-            # and wait. One that finishes later than this is not in the union: its caller is
-            # told so (`_wait_fallen_back`) and writes itself.
-            self._lock.wait_for(lambda: self._inflight == 0, timeout=self.start_timeout)
-            bound = dict(self._bound)
+    def _fall_back(self, hung: bool) -> None:
         try:
-            self._detach_and_clear(mark=True)
+            # Detached first: callers wait for nothing else. Binds under way then finish (each
+            # has its timeout) before the union is taken; their callers see the fallback and
+            # write their own views anyway.
+            self._detach_and_clear(mark=True, abort=hung)
+            with self._lock:
+                self._lock.wait_for(lambda: self._inflight == 0, timeout=self.start_timeout)
+                bound = dict(self._bound)
             for (view, layer), digest in sorted(bound.items()):
                 dest = os.path.join(self.mountpoint, view)
                 done = run_command(
@@ -684,13 +707,20 @@ class BSPDigestfs:
             return None
         return bool(status.get("attached", True))
 
-    def _detach(self) -> None:
+    def _detach(self, abort: bool = False) -> None:
         """Detaches the mount lazily: files the IDE has open keep working. A FUSE mount is
         detached without asking the daemon (which may hang: `leftover.detach`), and succeeding
         is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front end), which
-        asks the daemon. Never called with `_lock` held."""
-        # `start_timeout`: fusermount3 does not ask the daemon, but may be slow to start.
+        asks the daemon. With `abort` (the daemon does not answer), root first ends every
+        request the mount holds (`digestfs unmount --abort`), so that reads of the jars the IDE
+        has open fail at once rather than wait on the hung daemon. Never called with `_lock`
+        held."""
+        # `start_timeout`: neither asks the daemon, but a process may be slow to start.
         fuse = "--frontend=nfs" not in self.mount_args
+        if fuse and abort and os.geteuid() == 0:
+            cmd = [self.binary, "unmount", "--abort", self.mountpoint]
+            if run_command(cmd, self.start_timeout) is None:
+                return
         if fuse and detach(self.mountpoint, self.start_timeout) is None:
             return
         if self._attached() is False:
