@@ -26,17 +26,17 @@ from _support import (
 )
 
 from pants_digestfs import digestfs as bsp_digestfs  # noqa: E402 (after _support's sys.path)
-from pants_digestfs import commands, settings  # noqa: E402
+from pants_digestfs import commands, common, settings  # noqa: E402
 BSPDigestfs = bsp_digestfs.BSPDigestfs
-EMPTY = bsp_digestfs.EMPTY_DIGEST
+EMPTY = common.EMPTY_DIGEST
 ABSENT = "cd" * 32 + "-120"
 LOGGER = "pants_digestfs.digestfs"
 
 
 class SettingsTest(unittest.TestCase):
     def test_names(self):
-        self.assertEqual(bsp_digestfs.MOUNT_DIR, ".pants.d/bsp/jvm/resolves")
-        self.assertEqual(bsp_digestfs.digest_string("ab" * 32, 7), "ab" * 32 + "-7")
+        self.assertEqual(common.MOUNT_DIR, ".pants.d/bsp/jvm/resolves")
+        self.assertEqual(common.digest_string("ab" * 32, 7), "ab" * 32 + "-7")
 
     def test_remote_store_from_pants_options(self):
         remote = settings.remote_store_from_options
@@ -551,7 +551,7 @@ class RetryDecisionTest(unittest.TestCase):
         )
         d.client = ScriptedClient(list(script))
         # As if it had started; a fallback here has no mount to detach.
-        d._state = bsp_digestfs._State.ACTIVE
+        d._state = bsp_digestfs.State.ACTIVE
         d._settled.set()
         d._detach = lambda abort=False: None
         return d, d.client

@@ -14,8 +14,10 @@ written, so nothing races.
 - The plugin binds one layer per `write_digest` that reaches the mount, named by its content
   (`seam.layer_for`), so two BSP servers of one repo bind the same jars as the same layer.
 
-This module imports nothing from Pants, so that it can be tested against a real mount without
-Pants. `rules.py` splits the digests and calls it.
+`BSPDigestfs` is one session's mount: starting it and coming back to it here, binding in
+`binding.py`, falling back to disk in `fallback.py`. None of them imports anything from Pants,
+so that they can be tested against a real mount without Pants. `rules.py` splits the digests
+and calls them.
 
 Nothing here may stall the engine: rules call `bind_layer` and friends on the engine's threads,
 so every subprocess (doctor, mount, unmount, materialize) runs on a helper thread of this module,
@@ -35,58 +37,19 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from enum import Enum
+from collections.abc import Iterable
 
-from .digestfs_client import (
-    DigestfsBadRequest,
-    DigestfsClient,
-    DigestfsConflict,
-    DigestfsError,
-    DigestfsMissing,
-    DigestfsUnreachable,
-    ensure_mounted,
-)
-from .commands import (
-    doctor,
-    fallback_owner,
-    make_writable,
-    on_helper_thread,
-    remove_marker,
-    run_command,
-    write_marker,
-)
-from .leftover import detach
+from .binding import Binding
+from .commands import doctor, fallback_owner, remove_marker, write_marker
+from .common import MOUNT_DIR, State
+from .digestfs_client import DigestfsClient, DigestfsError, ensure_mounted
+from .fallback import Fallback
 from .settings import RemoteStore, binary_from_option, mount_kwargs
 
 logger = logging.getLogger(__name__)
 
-# Relative to the build root.
-BSP_DIR = ".pants.d/bsp"
-# Relative to `BSP_DIR`: the only part of it that holds nothing but resolve jars.
-RESOLVES_DIR = "jvm/resolves"
-MOUNT_DIR = f"{BSP_DIR}/{RESOLVES_DIR}"
 
-# The empty directory: a layer with nothing in a view is no layer there.
-EMPTY_DIGEST = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855-0"
-
-
-def digest_string(fingerprint: str, serialized_bytes_length: int) -> str:
-    """A `Digest` as digestfs writes it: `<fingerprint>-<size>`."""
-    return f"{fingerprint}-{serialized_bytes_length}"
-
-
-
-
-class _State(Enum):
-    IDLE = "idle"  # not started
-    STARTING = "starting"  # doctor and mount running on a helper thread
-    ACTIVE = "active"  # serving the resolves
-    FALLING_BACK = "falling back"  # detaching and writing the union of the bound layers
-    OFF = "off"  # never mounted, or fallen back: callers write as Pants does
-
-
-class BSPDigestfs:
+class BSPDigestfs(Binding, Fallback):
     """The BSP server's digestfs mount at `.pants.d/bsp/jvm/resolves`, and its fallback.
 
     `begin` starts it (doctor and mount) on a helper thread; `start` does the same and waits, for
@@ -131,7 +94,7 @@ class BSPDigestfs:
         self.pid: int | None = None
         self.client = DigestfsClient(mountpoint=mountpoint, timeout=timeout)
         self._lock = threading.Condition()
-        self._state = _State.IDLE
+        self._state = State.IDLE
         self._settled = threading.Event()  # Set once the state is past STARTING.
         # Set once callers may write to disk: nothing of ours is mounted over the resolves.
         self._clear = threading.Event()
@@ -209,9 +172,9 @@ class BSPDigestfs:
     def begin(self) -> None:
         """Starts doctor and the mount on a helper thread, once; returns at once."""
         with self._lock:
-            if self._state is not _State.IDLE:
+            if self._state is not State.IDLE:
                 return
-            self._state = _State.STARTING
+            self._state = State.STARTING
         self._begin_start()
 
     def _begin_start(self) -> None:
@@ -229,7 +192,7 @@ class BSPDigestfs:
         probe = False
         with self._lock:
             if (
-                self._state is _State.OFF
+                self._state is State.OFF
                 and self._return_at is not None
                 and time.monotonic() >= self._return_at
                 and self._requests == 0
@@ -241,9 +204,9 @@ class BSPDigestfs:
         try:
             if probe and self._answers_or_gone():
                 with self._lock:
-                    again = self._state is _State.OFF and self._requests == 1
+                    again = self._state is State.OFF and self._requests == 1
                     if again:
-                        self._state = _State.STARTING
+                        self._state = State.STARTING
                         self._settled.clear()
                         self._clear.clear()
                 if again:
@@ -255,26 +218,6 @@ class BSPDigestfs:
         finally:
             with self._lock:
                 self._requests -= 1
-
-    def _answers_or_gone(self) -> bool:
-        """Whether the daemon at the mountpoint answers, or is gone (so that another can start),
-        rather than hung: at most one `timeout`."""
-        try:
-            self.client.status()
-        except DigestfsUnreachable as e:
-            return not e.timed_out
-        except DigestfsError:
-            return True
-        return True
-
-    def written_to_disk(self, layer: str, views: Mapping[str, str]) -> None:
-        """Records a layer a caller wrote to disk after a fallback: the mount binds it when it
-        comes back."""
-        with self._lock:
-            if self._return_at is not None:
-                for view, digest in views.items():
-                    if digest != EMPTY_DIGEST:
-                        self._bound[(view.strip("/"), layer)] = digest
 
     def wait_started(self) -> bool:
         """Begins if need be, and waits (at most `start_timeout`) until the mount serves or has
@@ -322,7 +265,7 @@ class BSPDigestfs:
             )
             return False
         remove_marker(self.mountpoint, self._session)  # Back on the mount, if it was off it.
-        if not self._still(_State.STARTING):
+        if not self._still(State.STARTING):
             return False
         try:
             pid = self._ensure_mounted()
@@ -335,7 +278,7 @@ class BSPDigestfs:
             )
             return False
         # A waiter that gave up meanwhile writes to disk: do not stay mounted over its writes.
-        if not self._still(_State.STARTING):
+        if not self._still(State.STARTING):
             self._detach()
             return True
         try:
@@ -359,10 +302,10 @@ class BSPDigestfs:
             self._settle_off(f"binding the session's layers at {self.mountpoint} again failed: {e}")
             return True
         with self._lock:
-            gave_up = self._state is not _State.STARTING
+            gave_up = self._state is not State.STARTING
             if not gave_up:
                 self.pid = pid
-                self._state = _State.ACTIVE
+                self._state = State.ACTIVE
         if gave_up:
             self._detach()
             return True
@@ -385,7 +328,7 @@ class BSPDigestfs:
             **mount_kwargs(self.remote),
         )
 
-    def _still(self, state: _State) -> bool:
+    def _still(self, state: State) -> bool:
         with self._lock:
             return self._state is state
 
@@ -394,9 +337,9 @@ class BSPDigestfs:
         as this session's (no other session mounts over them). `retry`: a request tries the
         mount again `return_after` later (as after a fallback)."""
         with self._lock:
-            if self._state is not _State.STARTING:
+            if self._state is not State.STARTING:
                 return
-            self._state = _State.OFF
+            self._state = State.OFF
             if retry:
                 self._return_at = time.monotonic() + self.return_after
         write_marker(self.mountpoint, self._session)
@@ -406,9 +349,9 @@ class BSPDigestfs:
 
     def _give_up(self, reason: str) -> None:
         with self._lock:
-            if self._state is not _State.STARTING:
+            if self._state is not State.STARTING:
                 return
-            self._state = _State.OFF
+            self._state = State.OFF
         logger.warning(
             f"{reason}; the BSP server writes the jars of JVM resolves to disk as without "
             f"{self.option_name}."
@@ -418,243 +361,11 @@ class BSPDigestfs:
         threading.Thread(target=self._give_up_detach, name="digestfs-detach", daemon=True).start()
         self._settled.set()
 
-    def _give_up_detach(self) -> None:
-        # The start still under way mounts, or detaches what it mounted, first: then nothing
-        # of it appears once callers write.
-        start = self._start_thread
-        if start is not None:
-            start.join(self.start_timeout)
-        self._detach_and_clear(mark=True)
-
-    def _detach_and_clear(self, mark: bool, abort: bool = False) -> None:
-        """Detaches (see `_detach`), and lets callers write; `mark`ed as this session's writes
-        (the directory under the mount is where the marker goes) before any caller writes."""
-        try:
-            self._detach(abort)
-            if mark:
-                write_marker(self.mountpoint, self._session)
-        finally:
-            self._clear.set()
-
-    def _wait_clear(self) -> None:
-        """Waits until no mount of ours is left over the resolves. What it waits for is bounded
-        (a start under way, then `_detach`'s commands), so this ends; the bound is only a safety
-        net above theirs."""
-        if not self._clear.wait(3 * self.start_timeout + 3 * self.timeout + 5):
-            logger.warning(
-                f"digestfs: unmounting {self.mountpoint} did not finish; writing to disk regardless."
-            )
-
     @property
     def active(self) -> bool:
         """Whether the mount serves the resolves; False before it started, and once it fell back."""
         with self._lock:
-            return self._state is _State.ACTIVE
-
-    # --- binding --------------------------------------------------------------------------------
-
-    def bind_layer(
-        self,
-        layer: str,
-        views: Mapping[str, str],
-        persist_again: Callable[[], None] | None = None,
-        persist_first: Callable[[], None] | None = None,
-    ) -> bool:
-        """Makes `layer` hold exactly `views`: {view path: directory digest `<hex>-<size>`}.
-
-        `persist_first()`, if given, stores the digests first; its failure, like a refused bind,
-        makes the mount fall back rather than fail the request.
-
-        Binds the layer in each view (an empty digest means no layer there), and unbinds it from
-        views it is no longer part of. Returns True when the mount serves the views; False when
-        the caller must write them to disk itself (the mount is then detached): no mount, or it
-        fell back, before or during this bind.
-
-        Retries what a retry can fix, at once: `missing` after `persist_again()` (which should
-        store the digests again), a `conflict` with a layer of an earlier session after dropping
-        that layer, and an unreachable daemon after mounting again (it restores its views).
-        """
-        if not self.wait_started():
-            return False
-        wanted = {
-            view.strip("/"): digest for view, digest in views.items() if digest != EMPTY_DIGEST
-        }
-        with self._lock:
-            if self._state is not _State.ACTIVE:
-                falling_back = True
-            else:
-                falling_back = False
-                self._inflight += 1
-        if falling_back:  # It began after `wait_started`: once unmounted, the caller writes.
-            return self._caller_writes()
-        failure: str | None = None
-        hung = False
-        try:
-            if persist_first is not None:
-                persist_first()
-            with self._layer_lock(layer):
-                for view, digest in sorted(wanted.items()):
-                    self._bind(view, digest, layer, persist_again)
-                self._retrying(lambda: self._drop_stale(layer, wanted), None)
-            # Bound, but served only if the mount is still there: another BSP server of this
-            # repo that fell back detaches it (the daemon, shared, goes on answering).
-            if self._attached() is False:
-                raise DigestfsError(f"the mount at {self.mountpoint} was detached")
-        except DigestfsError as e:
-            failure = f"binding the layer `{layer}` failed: {e}"
-            hung = isinstance(e, DigestfsUnreachable) and e.timed_out
-        except Exception as e:  # A failure to persist is the caller's; it must not fail the request.
-            failure = f"storing the digests of the layer `{layer}` failed: {e}"
-        finally:
-            with self._lock:
-                self._inflight -= 1
-                self._lock.notify_all()
-        if failure is not None:
-            self.fall_back(failure, hung=hung)
-            return False
-        self._flush()
-        with self._lock:
-            if self._state is _State.ACTIVE:
-                return True
-        # A fallback began meanwhile, and may have taken its union before this bind was recorded.
-        return self._caller_writes()
-
-    def _bind(
-        self, view: str, digest: str, layer: str, persist_again: Callable[[], None] | None
-    ) -> None:
-        dropped = False
-
-        def bind() -> None:
-            nonlocal dropped
-            try:
-                self.client.bind(view, digest, layer=layer)
-            except DigestfsConflict:
-                if dropped or not self._drop_earlier(view):
-                    raise
-                dropped = True
-                self.client.bind(view, digest, layer=layer)
-
-        self._retrying(bind, persist_again)
-        with self._lock:
-            self._bound[(view, layer)] = digest
-            self._earlier.discard((view, layer))
-
-    def _drop_earlier(self, view: str) -> bool:
-        """Unbinds from `view` the layers of earlier sessions not yet bound again in this one."""
-        with self._lock:
-            stale = sorted(layer for v, layer in self._earlier if v == view)
-        for layer in stale:
-            try:
-                self.client.unbind(view, layer=layer)
-            except DigestfsBadRequest:
-                pass  # Already gone.
-            with self._lock:
-                self._earlier.discard((view, layer))
-        if stale:
-            logger.info(f"digestfs: dropped layers of an earlier BSP session from {view}: {stale}")
-        return bool(stale)
-
-    def _drop_stale(self, layer: str, wanted: Mapping[str, str]) -> None:
-        for view in self.client.views():
-            path = view["path"].strip("/")
-            if layer in view.get("layers", {}) and path not in wanted:
-                try:
-                    self.client.unbind(path, layer=layer)
-                except DigestfsBadRequest:
-                    pass  # Already gone.
-                with self._lock:
-                    self._bound.pop((path, layer), None)
-                    self._earlier.discard((path, layer))
-
-    def _layer_lock(self, layer: str) -> threading.Lock:
-        with self._lock:
-            return self._layer_locks.setdefault(layer, threading.Lock())
-
-    def _retrying(self, op: Callable[[], object], persist_again: Callable[[], None] | None) -> None:
-        persisted = remounted = False
-        while True:
-            try:
-                op()
-                return
-            except DigestfsMissing:
-                if persisted or persist_again is None:
-                    raise
-                persisted = True
-                persist_again()
-            except DigestfsUnreachable as e:
-                # A daemon that is there but does not answer is hung: starting another would
-                # only wait on it too. Only a dead one (no socket, or refused) is replaced.
-                if remounted or e.timed_out:
-                    raise
-                remounted = True
-                logger.warning(f"digestfs: {e}; mounting again at {self.mountpoint}.")
-                self._remount()
-
-    def _remount(self) -> None:
-        # `mount --reuse` starts a new daemon, which restores its views before it answers; it
-        # runs on a helper thread, so that the rule that got here only waits, and not for long.
-        # Never over what another server wrote after falling back, nor once this one has: if the
-        # session fell back while it ran, what it mounted is detached again.
-        owner = fallback_owner(self.mountpoint, self._session)
-        if owner is not None or not self._still(_State.ACTIVE):
-            raise DigestfsUnreachable(
-                f"not mounting again at {self.mountpoint}"
-                + (f": the BSP server with pid {owner} fell back and wrote there" if owner else "")
-            )
-
-        def mount() -> int:
-            pid = self._ensure_mounted()
-            if not self._still(_State.ACTIVE):
-                self._detach()
-            return pid
-
-        pid = on_helper_thread(
-            mount, self.start_timeout, f"mounting digestfs again at {self.mountpoint}"
-        )
-        with self._lock:
-            self.pid = pid
-
-    # --- falling back ---------------------------------------------------------------------------
-
-    def fall_back(self, reason: str, hung: bool = False) -> None:
-        """Stops using the mount for this session, once: detaches it, lets callers write, and
-        writes the union of the layers bound so far to disk in the background. Returns once
-        callers may write (no mount left over the resolves): the unmount, never the union, which
-        a hung daemon does not slow (it is read from the store). Callers and the union write the
-        same names by rename (`digestfs materialize`), so neither tears nor refuses the other.
-        A `hung` daemon's requests are ended as it is detached (`_detach`)."""
-        with self._lock:
-            if self._state is _State.ACTIVE:
-                self._state = _State.FALLING_BACK
-                self._clear.clear()
-                self._union_written.clear()
-                # From now on what callers write to disk is recorded (`written_to_disk`).
-                self._return_at = time.monotonic() + self.return_after
-                start = True
-            else:
-                start = False
-        if start:
-            logger.warning(
-                f"digestfs: {reason}. Writing the jars served so far under {self.mountpoint} "
-                "and detaching the mount: for the rest of this BSP session the jars of JVM "
-                f"resolves are written to disk as without {self.option_name}."
-            )
-            threading.Thread(
-                target=self._fall_back, args=(hung,), name="digestfs-fallback", daemon=True
-            ).start()
-        self._caller_writes()
-
-    def _caller_writes(self) -> bool:
-        """Waits until callers may write (no mount of ours over the resolves): False, so that a
-        caller writes its own views."""
-        self._wait_clear()
-        self._flush()
-        return False
-
-    def wait_union_written(self, timeout: float) -> bool:
-        """Whether a fallback's union is on disk (waiting at most `timeout`): for tests and for
-        a server that shuts down."""
-        return self._union_written.wait(timeout)
+            return self._state is State.ACTIVE
 
     def _log(self, level: int, message: str) -> None:
         """Logs from a helper thread: kept until a caller's thread flushes it. Pants drops what
@@ -668,67 +379,5 @@ class BSPDigestfs:
         for level, message in deferred:
             logger.log(level, message)
 
-    def _fall_back(self, hung: bool) -> None:
-        try:
-            # Detached first: callers wait for nothing else. Binds under way then finish (each
-            # has its timeout) before the union is taken; their callers see the fallback and
-            # write their own views anyway.
-            self._detach_and_clear(mark=True, abort=hung)
-            with self._lock:
-                self._lock.wait_for(lambda: self._inflight == 0, timeout=self.start_timeout)
-                bound = dict(self._bound)
-            for (view, layer), digest in sorted(bound.items()):
-                dest = os.path.join(self.mountpoint, view)
-                done = run_command(
-                    [self.binary, "--store", self.store_dir, *self.store_args, "materialize",
-                     digest, dest],
-                    self.start_timeout,
-                )
-                if done is None:
-                    done = make_writable(dest)
-                if done is not None:
-                    self._log(
-                        logging.WARNING,
-                        f"digestfs: could not write the layer `{layer}` ({digest}) to {dest}: "
-                        f"{done}",
-                    )
-        finally:
-            with self._lock:
-                self._state = _State.OFF
-                self._return_at = time.monotonic() + self.return_after
-            self._union_written.set()
 
-    def _attached(self) -> bool | None:
-        """Whether the daemon says its mount is attached; None if it does not answer (never a
-        `stat` of the mountpoint: a hung daemon would hang it)."""
-        try:
-            status = self.client.status()
-        except DigestfsError:
-            return None
-        return bool(status.get("attached", True))
 
-    def _detach(self, abort: bool = False) -> None:
-        """Detaches the mount lazily: files the IDE has open keep working. A FUSE mount is
-        detached without asking the daemon (which may hang: `leftover.detach`), and succeeding
-        is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front end), which
-        asks the daemon. With `abort` (the daemon does not answer), root first ends every
-        request the mount holds (`digestfs unmount --abort`), so that reads of the jars the IDE
-        has open fail at once rather than wait on the hung daemon. Never called with `_lock`
-        held."""
-        # `start_timeout`: neither asks the daemon, but a process may be slow to start.
-        fuse = "--frontend=nfs" not in self.mount_args
-        if fuse and abort and os.geteuid() == 0:
-            cmd = [self.binary, "unmount", "--abort", self.mountpoint]
-            if run_command(cmd, self.start_timeout) is None:
-                return
-        if fuse and detach(self.mountpoint, self.start_timeout) is None:
-            return
-        if self._attached() is False:
-            return
-        run_command([self.binary, "unmount", "--lazy", self.mountpoint], self.timeout)
-        if self._attached():
-            self._log(
-                logging.WARNING,
-                f"digestfs: could not unmount {self.mountpoint}; writing jars under it will fail "
-                f"until it is unmounted (`{self.binary} unmount --lazy {self.mountpoint}`).",
-            )

@@ -34,7 +34,8 @@ from pants.engine.unions import UnionRule
 from pants.option.global_options import GlobalOptions
 
 from . import leftover, seam, versions
-from .digestfs import MOUNT_DIR, BSPDigestfs, digest_string
+from .common import MOUNT_DIR, digest_string
+from .digestfs import BSPDigestfs
 from .settings import remote_store_from_options
 from .subsystem import DigestfsSubsystem
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .commands import make_writable, run_command
-from .digestfs import EMPTY_DIGEST, MOUNT_DIR
+from .common import EMPTY_DIGEST, MOUNT_DIR
 
 MOUNT_PARTS = tuple(MOUNT_DIR.split("/"))
 

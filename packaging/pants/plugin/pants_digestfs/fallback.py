@@ -1,0 +1,173 @@
+# Licensed under the Apache License, Version 2.0 (see LICENSE).
+"""Falling back to disk, and the detach it starts with: `BSPDigestfs`'s part that decides when
+callers may write under the mountpoint. A mixin: the state it reads and writes is set up by
+`BSPDigestfs.__init__`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+
+from .commands import make_writable, run_command, write_marker
+from .common import EMPTY_DIGEST, State
+from .digestfs_client import DigestfsError, DigestfsUnreachable
+from .leftover import detach
+
+logger = logging.getLogger("pants_digestfs.digestfs")
+
+
+class Fallback:
+    def _answers_or_gone(self) -> bool:
+        """Whether the daemon at the mountpoint answers, or is gone (so that another can start),
+        rather than hung: at most one `timeout`."""
+        try:
+            self.client.status()
+        except DigestfsUnreachable as e:
+            return not e.timed_out
+        except DigestfsError:
+            return True
+        return True
+
+    def written_to_disk(self, layer: str, views: Mapping[str, str]) -> None:
+        """Records a layer a caller wrote to disk after a fallback: the mount binds it when it
+        comes back."""
+        with self._lock:
+            if self._return_at is not None:
+                for view, digest in views.items():
+                    if digest != EMPTY_DIGEST:
+                        self._bound[(view.strip("/"), layer)] = digest
+
+    def _give_up_detach(self) -> None:
+        # The start still under way mounts, or detaches what it mounted, first: then nothing
+        # of it appears once callers write.
+        start = self._start_thread
+        if start is not None:
+            start.join(self.start_timeout)
+        self._detach_and_clear(mark=True)
+
+    def _detach_and_clear(self, mark: bool, abort: bool = False) -> None:
+        """Detaches (see `_detach`), and lets callers write; `mark`ed as this session's writes
+        (the directory under the mount is where the marker goes) before any caller writes."""
+        try:
+            self._detach(abort)
+            if mark:
+                write_marker(self.mountpoint, self._session)
+        finally:
+            self._clear.set()
+
+    def _wait_clear(self) -> None:
+        """Waits until no mount of ours is left over the resolves. What it waits for is bounded
+        (a start under way, then `_detach`'s commands), so this ends; the bound is only a safety
+        net above theirs."""
+        if not self._clear.wait(3 * self.start_timeout + 3 * self.timeout + 5):
+            logger.warning(
+                f"digestfs: unmounting {self.mountpoint} did not finish; writing to disk regardless."
+            )
+
+    def fall_back(self, reason: str, hung: bool = False) -> None:
+        """Stops using the mount for this session, once: detaches it, lets callers write, and
+        writes the union of the layers bound so far to disk in the background. Returns once
+        callers may write (no mount left over the resolves): the unmount, never the union, which
+        a hung daemon does not slow (it is read from the store). Callers and the union write the
+        same names by rename (`digestfs materialize`), so neither tears nor refuses the other.
+        A `hung` daemon's requests are ended as it is detached (`_detach`)."""
+        with self._lock:
+            if self._state is State.ACTIVE:
+                self._state = State.FALLING_BACK
+                self._clear.clear()
+                self._union_written.clear()
+                # From now on what callers write to disk is recorded (`written_to_disk`).
+                self._return_at = time.monotonic() + self.return_after
+                start = True
+            else:
+                start = False
+        if start:
+            logger.warning(
+                f"digestfs: {reason}. Writing the jars served so far under {self.mountpoint} "
+                "and detaching the mount: for the rest of this BSP session the jars of JVM "
+                f"resolves are written to disk as without {self.option_name}."
+            )
+            threading.Thread(
+                target=self._fall_back, args=(hung,), name="digestfs-fallback", daemon=True
+            ).start()
+        self._caller_writes()
+
+    def _caller_writes(self) -> bool:
+        """Waits until callers may write (no mount of ours over the resolves): False, so that a
+        caller writes its own views."""
+        self._wait_clear()
+        self._flush()
+        return False
+
+    def wait_union_written(self, timeout: float) -> bool:
+        """Whether a fallback's union is on disk (waiting at most `timeout`): for tests and for
+        a server that shuts down."""
+        return self._union_written.wait(timeout)
+
+    def _fall_back(self, hung: bool) -> None:
+        try:
+            # Detached first: callers wait for nothing else. Binds under way then finish (each
+            # has its timeout) before the union is taken; their callers see the fallback and
+            # write their own views anyway.
+            self._detach_and_clear(mark=True, abort=hung)
+            with self._lock:
+                self._lock.wait_for(lambda: self._inflight == 0, timeout=self.start_timeout)
+                bound = dict(self._bound)
+            for (view, layer), digest in sorted(bound.items()):
+                dest = os.path.join(self.mountpoint, view)
+                done = run_command(
+                    [self.binary, "--store", self.store_dir, *self.store_args, "materialize",
+                     digest, dest],
+                    self.start_timeout,
+                )
+                if done is None:
+                    done = make_writable(dest)
+                if done is not None:
+                    self._log(
+                        logging.WARNING,
+                        f"digestfs: could not write the layer `{layer}` ({digest}) to {dest}: "
+                        f"{done}",
+                    )
+        finally:
+            with self._lock:
+                self._state = State.OFF
+                self._return_at = time.monotonic() + self.return_after
+            self._union_written.set()
+
+    def _attached(self) -> bool | None:
+        """Whether the daemon says its mount is attached; None if it does not answer (never a
+        `stat` of the mountpoint: a hung daemon would hang it)."""
+        try:
+            status = self.client.status()
+        except DigestfsError:
+            return None
+        return bool(status.get("attached", True))
+
+    def _detach(self, abort: bool = False) -> None:
+        """Detaches the mount lazily: files the IDE has open keep working. A FUSE mount is
+        detached without asking the daemon (which may hang: `leftover.detach`), and succeeding
+        is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front end), which
+        asks the daemon. With `abort` (the daemon does not answer), root first ends every
+        request the mount holds (`digestfs unmount --abort`), so that reads of the jars the IDE
+        has open fail at once rather than wait on the hung daemon. Never called with `_lock`
+        held."""
+        # `start_timeout`: neither asks the daemon, but a process may be slow to start.
+        fuse = "--frontend=nfs" not in self.mount_args
+        if fuse and abort and os.geteuid() == 0:
+            cmd = [self.binary, "unmount", "--abort", self.mountpoint]
+            if run_command(cmd, self.start_timeout) is None:
+                return
+        if fuse and detach(self.mountpoint, self.start_timeout) is None:
+            return
+        if self._attached() is False:
+            return
+        run_command([self.binary, "unmount", "--lazy", self.mountpoint], self.timeout)
+        if self._attached():
+            self._log(
+                logging.WARNING,
+                f"digestfs: could not unmount {self.mountpoint}; writing jars under it will fail "
+                f"until it is unmounted (`{self.binary} unmount --lazy {self.mountpoint}`).",
+            )
