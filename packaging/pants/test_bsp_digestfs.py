@@ -6,12 +6,14 @@ digestfs binary that fails to mount."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import unittest
 
@@ -70,6 +72,27 @@ class SettingsTest(unittest.TestCase):
             self.assertIsNone(settings.binary_from_option(off), off)
         self.assertEqual(settings.binary_from_option("digestfs"), "digestfs")
         self.assertEqual(settings.binary_from_option("/opt/bin/digestfs"), "/opt/bin/digestfs")
+
+
+class MarkerTest(unittest.TestCase):
+    """The markers that keep a session that writes to disk from being mounted over."""
+
+    def test_only_live_sessions_of_others_hold_the_mountpoint(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        commands.write_marker(d, "a")
+        self.assertEqual(commands.fallback_owner(d, "b"), os.getpid())
+        self.assertIsNone(commands.fallback_owner(d, "a"), "its own marker holds no session back")
+        commands.remove_marker(d, "a")
+        self.assertIsNone(commands.fallback_owner(d, "b"))
+        # Left by a session of this process that is no longer off, and by a process gone.
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        for session, pid in (("z", os.getpid()), ("y", gone.pid)):
+            with open(os.path.join(d, f"{commands.FALLBACK_MARKER}-{session}"), "w") as f:
+                json.dump({"pid": pid, "session": session}, f)
+        self.assertIsNone(commands.fallback_owner(d, "b"))
+        self.assertEqual(os.listdir(d), [], "claims of sessions gone are removed")
 
 
 def stub_binary(directory: str, script: str) -> str:

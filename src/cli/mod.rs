@@ -512,18 +512,30 @@ fn run(cli: Cli) -> CliResult {
         } => {
             // The mount table only: a stat or statfs would wait on a hung daemon.
             let abs = os::absolute(&mountpoint)?;
-            if !os::mounts()?.iter().any(|m| m.mountpoint == abs) {
+            let mounted = || -> Result<_, Failure> {
+                Ok(os::mounts()?.into_iter().rfind(|m| m.mountpoint == abs))
+            };
+            let Some(top) = mounted()? else {
                 return Err(Failure::Msg(format!(
                     "{} is not mounted",
                     mountpoint.display()
                 )));
-            }
+            };
             if abort {
+                if !top.fstype.starts_with("fuse") {
+                    return Err(Failure::Msg(format!(
+                        "{} is a {} mount, not FUSE: --abort ends the requests of a FUSE mount",
+                        mountpoint.display(),
+                        top.fstype
+                    )));
+                }
                 abort_connection(&abs)?;
             }
-            os::unmount(&mountpoint, lazy || abort)
-                .map_err(|e| format!("unmounting {}: {e}", mountpoint.display()))?;
-            Ok(())
+            match os::unmount(&mountpoint, lazy || abort) {
+                // Its watcher may have detached it as the connection ended.
+                Err(_) if abort && mounted()?.is_none() => Ok(()),
+                r => r.map_err(|e| format!("unmounting {}: {e}", mountpoint.display()).into()),
+            }
         }
     }
 }
@@ -531,8 +543,13 @@ fn run(cli: Cli) -> CliResult {
 #[cfg(target_os = "linux")]
 fn abort_connection(mountpoint: &Path) -> CliResult {
     os::abort_fuse_connection(mountpoint).map_err(|e| {
+        let root = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (--abort needs root)"
+        } else {
+            ""
+        };
         Failure::Msg(format!(
-            "ending the requests of the FUSE mount at {}: {e} (--abort needs root)",
+            "ending the requests of the FUSE mount at {}: {e}{root}",
             mountpoint.display()
         ))
     })

@@ -18,6 +18,7 @@ from .digestfs_client import (
     DigestfsMissing,
     DigestfsUnreachable,
 )
+from .leftover import fuse_connection_at
 
 logger = logging.getLogger("pants_digestfs.digestfs")
 
@@ -174,6 +175,7 @@ class Binding:
 
         def mount() -> int:
             pid = self._ensure_mounted()
+            self._connection = fuse_connection_at(self.mountpoint)
             if not self._still(State.ACTIVE):
                 self._detach()
             return pid

@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 # Written beside the views (on the disk under the mountpoint) by a fallback, naming the session
 # whose BSP server now owns the written jars: no other server mounts over them while it lives.
 FALLBACK_MARKER = ".digestfs-fallback"
+# The sessions of this process that are off the mount: a marker with this pid and another
+# session is left over (a session object gone, or the pid of an earlier process reused).
+_OFF_SESSIONS: set[str] = set()
 
 
 def on_helper_thread(fn: Callable[[], object], timeout: float, what: str):
@@ -85,6 +88,7 @@ def write_marker(mountpoint: str, session: str) -> None:
     """Marks `mountpoint` (the directory under it, once detached) as written to by this
     session, one file per session: no other server mounts over it while this process lives."""
     path = os.path.join(mountpoint, f"{FALLBACK_MARKER}-{session}")
+    _OFF_SESSIONS.add(session)
     try:
         os.makedirs(mountpoint, exist_ok=True)
         with open(f"{path}.tmp", "w") as f:  # Renamed: a reader never sees half of it.
@@ -95,6 +99,7 @@ def write_marker(mountpoint: str, session: str) -> None:
 
 
 def remove_marker(mountpoint: str, session: str) -> None:
+    _OFF_SESSIONS.discard(session)
     try:
         os.unlink(os.path.join(mountpoint, f"{FALLBACK_MARKER}-{session}"))
     except OSError:
@@ -122,8 +127,10 @@ def fallback_owner(mountpoint: str, session: str) -> int | None:
         if marker.get("session") == session:
             continue
         try:
+            if pid == os.getpid() and marker.get("session") not in _OFF_SESSIONS:
+                raise ProcessLookupError
             os.kill(pid, 0)
-        except ProcessLookupError:  # Its process is gone, and its claim with it.
+        except ProcessLookupError:  # Its process (or session) is gone, and its claim with it.
             try:
                 os.unlink(path)
             except OSError:

@@ -44,6 +44,7 @@ from .commands import doctor, fallback_owner, remove_marker, write_marker
 from .common import MOUNT_DIR, State
 from .digestfs_client import DigestfsClient, DigestfsError, ensure_mounted
 from .fallback import Fallback
+from .leftover import fuse_connection_at
 from .settings import RemoteStore, binary_from_option, mount_kwargs
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class BSPDigestfs(Binding, Fallback):
         self._requests = 0  # Wrapped writes under way; the mount comes back only between them.
         self._session = uuid.uuid4().hex  # Names this session's fallback marker.
         self._start_thread: threading.Thread | None = None
+        # The FUSE connection of the mount, from when it came up (`_end_what_it_holds`).
+        self._connection: int | None = None
 
     # --- starting -------------------------------------------------------------------------------
 
@@ -266,6 +269,7 @@ class BSPDigestfs(Binding, Fallback):
             return False
         remove_marker(self.mountpoint, self._session)  # Back on the mount, if it was off it.
         if not self._still(State.STARTING):
+            write_marker(self.mountpoint, self._session)  # Given up meanwhile: off after all.
             return False
         try:
             pid = self._ensure_mounted()
@@ -277,6 +281,7 @@ class BSPDigestfs(Binding, Fallback):
                 f"of JVM resolves to disk as without {self.option_name}: {e}"
             )
             return False
+        self._connection = fuse_connection_at(self.mountpoint)
         # A waiter that gave up meanwhile writes to disk: do not stay mounted over its writes.
         if not self._still(State.STARTING):
             self._detach()

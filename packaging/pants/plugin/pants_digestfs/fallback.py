@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from .commands import make_writable, run_command, write_marker
 from .common import EMPTY_DIGEST, State
 from .digestfs_client import DigestfsError, DigestfsUnreachable
-from .leftover import detach
+from .leftover import abort_connection, detach
 
 logger = logging.getLogger("pants_digestfs.digestfs")
 
@@ -48,11 +48,25 @@ class Fallback:
             start.join(self.start_timeout)
         self._detach_and_clear(mark=True)
 
-    def _detach_and_clear(self, mark: bool, abort: bool = False) -> None:
+    def _end_what_it_holds(self) -> None:
+        """A daemon that still does not answer, once its mount is detached: root ends every
+        request its connection holds (found by the connection the mount had, never by path), so
+        that reads of the jars the IDE has open fail at once rather than wait on it."""
+        if self._connection is None or os.geteuid() != 0 or self._attached() is not None:
+            return
+        error = abort_connection(self._connection)
+        self._log(
+            logging.INFO if error is None else logging.WARNING,
+            f"digestfs: the daemon at {self.mountpoint} still does not answer: "
+            + ("ended what it held, so that open jars fail rather than wait." if error is None
+               else f"could not end what it holds ({error}); open jars wait on it."),
+        )
+
+    def _detach_and_clear(self, mark: bool) -> None:
         """Detaches (see `_detach`), and lets callers write; `mark`ed as this session's writes
         (the directory under the mount is where the marker goes) before any caller writes."""
         try:
-            self._detach(abort)
+            self._detach()
             if mark:
                 write_marker(self.mountpoint, self._session)
         finally:
@@ -112,7 +126,9 @@ class Fallback:
             # Detached first: callers wait for nothing else. Binds under way then finish (each
             # has its timeout) before the union is taken; their callers see the fallback and
             # write their own views anyway.
-            self._detach_and_clear(mark=True, abort=hung)
+            self._detach_and_clear(mark=True)
+            if hung:
+                self._end_what_it_holds()
             with self._lock:
                 self._lock.wait_for(lambda: self._inflight == 0, timeout=self.start_timeout)
                 bound = dict(self._bound)
@@ -146,21 +162,18 @@ class Fallback:
             return None
         return bool(status.get("attached", True))
 
-    def _detach(self, abort: bool = False) -> None:
-        """Detaches the mount lazily: files the IDE has open keep working. A FUSE mount is
-        detached without asking the daemon (which may hang: `leftover.detach`), and succeeding
-        is proof enough. `digestfs unmount --lazy` otherwise (macOS, the NFS front end), which
-        asks the daemon. With `abort` (the daemon does not answer), root first ends every
-        request the mount holds (`digestfs unmount --abort`), so that reads of the jars the IDE
-        has open fail at once rather than wait on the hung daemon. Never called with `_lock`
-        held."""
-        # `start_timeout`: neither asks the daemon, but a process may be slow to start.
-        fuse = "--frontend=nfs" not in self.mount_args
-        if fuse and abort and os.geteuid() == 0:
-            cmd = [self.binary, "unmount", "--abort", self.mountpoint]
-            if run_command(cmd, self.start_timeout) is None:
-                return
-        if fuse and detach(self.mountpoint, self.start_timeout) is None:
+    def _detach(self) -> None:
+        """Detaches the mount lazily: files the IDE has open keep working (or, once the daemon
+        hangs, see `_end_what_it_holds`). A FUSE mount is detached without asking the daemon
+        (which may hang: `leftover.detach`), and succeeding is proof enough. `digestfs unmount
+        --lazy` otherwise (macOS, the NFS front end), which asks the daemon. Never called with
+        `_lock` held."""
+        # `start_timeout`: fusermount3 does not ask the daemon, but may be slow to start.
+        nfs = any(
+            a == "--frontend=nfs" or (a == "nfs" and i and self.mount_args[i - 1] == "--frontend")
+            for i, a in enumerate(self.mount_args)
+        )
+        if not nfs and detach(self.mountpoint, self.start_timeout) is None:
             return
         if self._attached() is False:
             return

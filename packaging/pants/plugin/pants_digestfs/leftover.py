@@ -24,30 +24,82 @@ def _unescape(field: str) -> str:
     return field
 
 
+def _mounts() -> list[tuple[str, str, str, str]] | None:
+    """(mount point, `major:minor`, fs type, source) of every mount, in /proc/self/mountinfo's
+    order (a later one at a path is on top); None where there is no mountinfo (macOS)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    out = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 10:
+            continue
+        sep = fields.index("-", 6) if "-" in fields[6:] else None
+        if sep is None or sep + 2 >= len(fields):
+            continue
+        out.append((_unescape(fields[4]), fields[2], fields[sep + 1], fields[sep + 2]))
+    return out
+
+
+def _resolved(path: str) -> str:
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(parent), name)
+
+
 def digestfs_mount_at(path: str) -> str | None:
     """The file system type of the topmost mount at `path` if it is digestfs's, else None.
 
     Linux: `/proc/self/mountinfo` (a FUSE mount named digestfs). Elsewhere (macOS): `mount`
     output, an NFS mount of a loopback server, which is how digestfs serves macOS. Never a
     `stat` of `path` itself, not even to resolve it: a hung daemon would hang it."""
-    parent, name = os.path.split(os.path.abspath(path))
-    path = os.path.join(os.path.realpath(parent), name)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    path = _resolved(path)
+    mounts = _mounts()
+    if mounts is None:
         return _from_mount_command(path)
     found = None
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) < 10 or _unescape(fields[4]) != path:
-            continue
-        sep = fields.index("-", 6) if "-" in fields[6:] else None
-        if sep is None or sep + 2 >= len(fields):
-            continue
-        fstype, source = fields[sep + 1], fields[sep + 2]
-        found = fstype if fstype == "fuse.digestfs" or source == "digestfs" else None
+    for point, _dev, fstype, source in mounts:
+        if point == path:
+            found = fstype if fstype == "fuse.digestfs" or source == "digestfs" else None
     return found
+
+
+def fuse_connection_at(path: str) -> int | None:
+    """The FUSE connection of the topmost mount at `path` if it is digestfs's (its number under
+    /sys/fs/fuse/connections), else None."""
+    path = _resolved(path)
+    found = None
+    for point, dev, fstype, source in _mounts() or []:
+        if point == path:
+            found = dev if fstype.startswith("fuse") and source == "digestfs" else None
+    return None if found is None else _connection(found)
+
+
+def _connection(dev: str) -> int:
+    """The kernel's number for the FUSE connection of device `major:minor`."""
+    major, _, minor = dev.partition(":")
+    return (int(major) << 20) | int(minor)
+
+
+def abort_connection(connection: int) -> str | None:
+    """Ends every request of FUSE connection `connection`, unless a mount still uses it (that
+    would be another mount's, the number being free again once ours went): readers of its
+    files get an error instead of waiting on a hung daemon. Root. None once done, else why not."""
+    devices = {_connection(dev) for _, dev, _, _ in _mounts() or []}
+    if connection in devices:
+        return f"connection {connection} belongs to a mount again"
+    abort = f"/sys/fs/fuse/connections/{connection}/abort"
+    if not os.path.exists(abort):  # fusectl is not always mounted (systemd mounts it).
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount(b"fusectl", b"/sys/fs/fuse/connections", b"fusectl", 0, None)
+    try:
+        with open(abort, "w") as f:
+            f.write("1")
+    except OSError as e:
+        return f"aborting FUSE connection {connection}: {e}"
+    return None
 
 
 def _from_mount_command(path: str) -> str | None:
