@@ -51,6 +51,8 @@ fn reuse_starts_once_reuses_and_refuses_another_store() {
     let s = status(&mnt);
     assert_eq!(s["store"], store.to_str().unwrap(), "{s}");
     assert_eq!(s["pid"], pids[0]);
+    // The daemon says which digestfs it is (`--reuse` warns when it is another).
+    assert_eq!(s["version"], env!("CARGO_PKG_VERSION"), "{s}");
     // Again, later, from elsewhere: reused.
     assert_eq!(
         start_or_reuse(Path::new("/"), store.to_str().unwrap(), &mnt),

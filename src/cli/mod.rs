@@ -580,6 +580,9 @@ fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
         outln!("shards         {n}");
     }
     outln!("pid            {}", s.pid);
+    if let Some(v) = &s.version {
+        outln!("version        {v}");
+    }
     outln!("uptime         {} s", s.uptime_secs);
     if !s.frontend.is_empty() {
         outln!("frontend       {}", s.frontend);

@@ -198,7 +198,10 @@ fn reusable(mountpoint: &Path, socket: &Path, want: &Wanted) -> Result<Option<u3
     };
     if let Some(s) = status {
         match s.mount_state.as_str() {
-            protocol::MOUNT_ATTACHED => return Ok(Some(s.pid)),
+            protocol::MOUNT_ATTACHED => {
+                warn_other_version(mountpoint, &s);
+                return Ok(Some(s.pid));
+            }
             protocol::MOUNT_NONE if want.no_mount => return Ok(Some(s.pid)),
             protocol::MOUNT_NONE => {
                 return Err(Failure::Msg(format!(
@@ -239,6 +242,22 @@ fn reusable(mountpoint: &Path, socket: &Path, want: &Wanted) -> Result<Option<u3
             socket.display()
         ))),
         MountState::Free | MountState::Stale => Ok(None),
+    }
+}
+
+/// A daemon of another digestfs version is reused (replacing it would unmount what the IDE has
+/// open), and the user is told how to move to this one.
+fn warn_other_version(mountpoint: &Path, s: &protocol::StatusInfo) {
+    let ours = env!("CARGO_PKG_VERSION");
+    if s.version.as_deref() != Some(ours) {
+        let theirs = s.version.as_deref().unwrap_or("an earlier version");
+        log::warn!(
+            "reusing the daemon (pid {}) of digestfs {theirs} at {}, not this digestfs {ours}: \
+             to serve with {ours}, unmount it (digestfs unmount {}) and mount again",
+            s.pid,
+            mountpoint.display(),
+            mountpoint.display()
+        );
     }
 }
 

@@ -408,6 +408,7 @@ pub fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
     let (mount_state, attached) = info.attachment.state();
     StatusInfo {
         pid: std::process::id(),
+        version: Some(env!("CARGO_PKG_VERSION").to_string()),
         attached: Some(attached),
         mount_state: mount_state.to_string(),
         mountpoint: info.mountpoint.display().to_string(),

@@ -92,6 +92,9 @@ pub struct RingInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub pid: u32,
+    /// The daemon's digestfs version; absent from daemons that predate it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub version: Option<String>,
     pub mountpoint: String,
     /// The store's absolute path.
     pub store: String,
