@@ -142,6 +142,18 @@ def fallback_owner(mountpoint: str, session: str) -> int | None:
     return None
 
 
+def materialize(
+    binary: str, store_dir: str, store_args: Iterable[str], digest: str, dest: str, timeout: float
+) -> str | None:
+    """Writes the tree `digest` to `dest` with `digestfs materialize`, which writes each file
+    aside and renames it into place: a reader never sees a torn jar, and concurrent writers of
+    the same names never fail on each other (Pants' own copy truncates in place, then chmods).
+    The files then get the modes Pants leaves, so that a later write by Pants itself can open
+    them. None if done, else what went wrong."""
+    cmd = [binary, "--store", store_dir, *store_args, "materialize", digest, dest]
+    return run_command(cmd, timeout) or make_writable(dest)
+
+
 def doctor(
     binary: str, store_dir: str, store_args: Iterable[str], timeout: float
 ) -> str | None:

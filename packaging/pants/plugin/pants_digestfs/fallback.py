@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from .commands import make_writable, run_command, write_marker
+from .commands import materialize, run_command, write_marker
 from .common import EMPTY_DIGEST, State
 from .digestfs_client import DigestfsError, DigestfsUnreachable
 from .leftover import abort_connection, detach
@@ -87,7 +87,7 @@ class Fallback:
         callers may write (no mount left over the resolves): the unmount, never the union, which
         a hung daemon does not slow (it is read from the store). Callers and the union write the
         same names by rename (`digestfs materialize`), so neither tears nor refuses the other.
-        A `hung` daemon's requests are ended as it is detached (`_detach`)."""
+        A `hung` daemon's requests are ended once it is detached (`_end_what_it_holds`)."""
         with self._lock:
             if self._state is State.ACTIVE:
                 self._state = State.FALLING_BACK
@@ -101,8 +101,9 @@ class Fallback:
         if start:
             logger.warning(
                 f"digestfs: {reason}. Writing the jars served so far under {self.mountpoint} "
-                "and detaching the mount: for the rest of this BSP session the jars of JVM "
-                f"resolves are written to disk as without {self.option_name}."
+                "and detaching the mount: until the mount serves again (tried every "
+                f"{self.return_after:g}s), the jars of JVM resolves are written to disk as without "
+                f"{self.option_name}."
             )
             threading.Thread(
                 target=self._fall_back, args=(hung,), name="digestfs-fallback", daemon=True
@@ -117,8 +118,7 @@ class Fallback:
         return False
 
     def wait_union_written(self, timeout: float) -> bool:
-        """Whether a fallback's union is on disk (waiting at most `timeout`): for tests and for
-        a server that shuts down."""
+        """Whether a fallback's union is on disk (waiting at most `timeout`): for tests."""
         return self._union_written.wait(timeout)
 
     def _fall_back(self, hung: bool) -> None:
@@ -134,13 +134,9 @@ class Fallback:
                 bound = dict(self._bound)
             for (view, layer), digest in sorted(bound.items()):
                 dest = os.path.join(self.mountpoint, view)
-                done = run_command(
-                    [self.binary, "--store", self.store_dir, *self.store_args, "materialize",
-                     digest, dest],
-                    self.start_timeout,
+                done = materialize(
+                    self.binary, self.store_dir, self.store_args, digest, dest, self.start_timeout
                 )
-                if done is None:
-                    done = make_writable(dest)
                 if done is not None:
                     self._log(
                         logging.WARNING,

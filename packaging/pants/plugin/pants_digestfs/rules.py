@@ -33,7 +33,7 @@ from pants.engine.rules import collect_rules, rule
 from pants.engine.unions import UnionRule
 from pants.option.global_options import GlobalOptions
 
-from . import leftover, seam, versions
+from . import commands, leftover, seam, versions
 from .common import MOUNT_DIR, digest_string
 from .digestfs import BSPDigestfs
 from .settings import remote_store_from_options
@@ -213,7 +213,7 @@ def _write_through(original, workspace, mount, clock, active, digest, path_prefi
     mount.written_to_disk(layer, plan.views)
     for view, d in sorted(plan.views.items()):
         dest = str(Path(mount.mountpoint) / view)
-        error = seam.materialize(
+        error = commands.materialize(
             mount.binary, mount.store_dir, mount.store_args, d, dest, mount.start_timeout
         )
         if error is not None:

@@ -18,7 +18,6 @@ import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .commands import make_writable, run_command
 from .common import EMPTY_DIGEST, MOUNT_DIR
 
 MOUNT_PARTS = tuple(MOUNT_DIR.split("/"))
@@ -148,15 +147,3 @@ def store_lister(binary: str, store_dir: str, store_args: Sequence[str], timeout
         return entries
 
     return ls
-
-
-def materialize(
-    binary: str, store_dir: str, store_args: Sequence[str], digest: str, dest: str, timeout: float
-) -> str | None:
-    """Writes the tree `digest` to `dest` with `digestfs materialize`, which writes each file
-    aside and renames it into place: a reader never sees a torn jar, and concurrent writers of
-    the same names never fail on each other (Pants' own copy truncates in place, then chmods).
-    The files then get the modes Pants leaves, so that a later write by Pants itself can open
-    them. None if done, else what went wrong."""
-    cmd = [binary, "--store", store_dir, *store_args, "materialize", digest, dest]
-    return run_command(cmd, timeout) or make_writable(dest)
