@@ -204,6 +204,43 @@ fn the_copy_race_is_gone() {
     assert!(views.contains(&format!("{VIEW}\t71 entries")), "{views}");
 }
 
+/// The names in `dir`, as `ls` lists them (the kernel's cached listing, if it has one).
+fn listing(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect()
+}
+
+/// A name bound into a directory whose listing the kernel cached while the name was absent, and
+/// never looked up meanwhile (so the kernel has no dentry of it, not even a negative one), shows
+/// in the next listing. It did not: the entry's invalidation found nothing to drop, and the
+/// cached listing stayed, for up to the TTL (a BSP refresh found its lib/ missing).
+#[test]
+fn a_bind_shows_in_a_listing_the_kernel_cached_before() {
+    let m = Mount::fixture(&[], &["--ttl", "3600"]);
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    let a = m.tmp.path().join("a");
+    write_files(&a, &[("x.jar", b"one")]);
+    let da = import(&m.store, &a);
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    let before = listing(&m.mnt);
+    dfs_ok(&["bind", &mnt, "r/lib", &da]);
+    assert_eq!(listing(&m.path("r")), names(&["lib"]));
+    // Unbound: the listing of the root goes back to what it was, and is cached so.
+    dfs_ok(&["unbind", &mnt, "r/lib"]);
+    assert_eq!(listing(&m.mnt), before);
+    dfs_ok(&["bind", &mnt, "r/lib", &da]);
+    let mut want = before.clone();
+    want.insert("r".into());
+    assert_eq!(listing(&m.mnt), want);
+    assert_eq!(listing(&m.path("r/lib")), names(&["x.jar"]));
+    // The same one level down: a second view beside a listed one.
+    assert_eq!(listing(&m.path("r")), names(&["lib"]));
+    dfs_ok(&["bind", &mnt, "r/plugins", &da]);
+    assert_eq!(listing(&m.path("r")), names(&["lib", "plugins"]));
+}
+
 #[test]
 fn a_rebind_shows_at_once_and_open_handles_keep_old_bytes() {
     let m = Mount::fixture(&[], &["--ttl", "3600"]);

@@ -25,6 +25,12 @@ impl Invalidator for KernelInvalidator {
         {
             log::debug!("invalidating {name:?} in {parent:#x}: {e}");
         }
+        // The entry is only dropped if the kernel has a dentry for it (a name that was absent
+        // and never looked up has none), but a listing of `parent` may be cached all the same
+        // (opendir is never asked, so the kernel caches listings): drop it, and the attributes.
+        if let Err(e) = self.0.inval_inode(fuser::INodeNo(parent), 0, 0) {
+            log::debug!("invalidating the listing of {parent:#x}: {e}");
+        }
     }
 }
 
