@@ -29,6 +29,7 @@ from _support import (
 
 from pants_digestfs import digestfs as bsp_digestfs  # noqa: E402 (after _support's sys.path)
 from pants_digestfs import commands, common, settings  # noqa: E402
+from pants_digestfs.digestfs_client import DigestfsConflict  # noqa: E402
 BSPDigestfs = bsp_digestfs.BSPDigestfs
 EMPTY = common.EMPTY_DIGEST
 ABSENT = "cd" * 32 + "-120"
@@ -200,6 +201,10 @@ class BindTest(MountTestCase):
 
     def layers(self, digestfs) -> dict:
         return {v["path"]: v["layers"] for v in digestfs.client.views()}
+
+    def owners(self, digestfs, view: str = "r/lib") -> dict:
+        """{layer: [owner]} of `view`."""
+        return next(v.get("owners", {}) for v in digestfs.client.views() if v["path"] == view)
 
     def test_layers_bind_unbind_and_serve(self):
         digestfs = self.start()
@@ -436,6 +441,12 @@ class BindTest(MountTestCase):
         self.assertEqual(a.pid, b.pid, "the second server reuses the daemon")
         self.assertTrue(a.bind_layer("modules.pants:a", {"r/lib": self.trees["lib1"]}))
         self.assertTrue(b.bind_layer("modules.pants:b", {"r/lib": self.trees["lib2"]}))
+        # The same write from both is one layer that both hold: neither's unbind takes it away.
+        shared = {"r/lib": self.trees["lib1"]}
+        self.assertTrue(b.bind_layer("modules.pants:a", shared))
+        self.assertEqual(self.owners(a)["modules.pants:a"], sorted([a.owner, b.owner]))
+        b.client.unbind("r/lib", layer="modules.pants:a", owner=b.owner)
+        self.assertEqual(self.owners(a)["modules.pants:a"], [a.owner])
         # A falls back (a digest missing however often it is stored): the shared mount goes.
         with self.assertLogs(LOGGER, logging.WARNING):
             self.assertFalse(a.bind_layer("modules.pants:x", {"r/lib": ABSENT}, lambda: None))
@@ -481,6 +492,17 @@ class BindTest(MountTestCase):
         os.makedirs(src)
         fresh = make_jar(os.path.join(src, "com.example_a_1.0.jar"), "a", seed=9)
         snapshot = import_dir(self.store, src)
+        # While the first session lives, its layers are its own: a later one does not drop them.
+        later = self.start()
+        self.assertNotEqual(first.owner, later.owner)
+        self.assertEqual(
+            {o for v in later.client.views() for h in v["owners"].values() for o in h},
+            {first.owner},
+        )
+        self.assertEqual(later._earlier, set())
+        with self.assertRaises(DigestfsConflict):
+            later.client.bind("r/lib", snapshot, layer="modules.pants:b", owner=later.owner)
+        first.end()
         second = self.start()
         # Both earlier layers hold the old bytes: they give way to this session's bind.
         with self.assertNoLogs(LOGGER, logging.WARNING):
@@ -537,10 +559,10 @@ class ScriptedClient:
             raise answer
         return answer
 
-    def bind(self, path, digest, layer="default", verify=True):
+    def bind(self, path, digest, layer="default", verify=True, owner=None):
         return self._next(("bind", path, digest, layer))
 
-    def unbind(self, path, layer=None):
+    def unbind(self, path, layer=None, owner=None):
         return self._next(("unbind", path, layer))
 
     def views(self):

@@ -116,6 +116,10 @@ enum Command {
         /// Skip checking that every Directory of the tree is in the store
         #[arg(long)]
         no_verify: bool,
+        /// Hold the layer as OWNER (e.g. one BSP session): clients that bind the same tree as
+        /// the same layer each hold it, and it stays until the last of them unbinds it
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// Remove a layer (or, without --layer, the whole view) at PATH
     Unbind {
@@ -124,6 +128,11 @@ enum Command {
         path: String,
         #[arg(long)]
         layer: Option<String>,
+        /// Let go of the layer as OWNER only: it goes once no one else holds it (without
+        /// --layer, every layer of the view OWNER holds). Without it, the layer goes whoever
+        /// holds it
+        #[arg(long)]
+        owner: Option<String>,
     },
     /// List the views of a mount: path, layers and their digests, entry count
     Views {
@@ -420,6 +429,7 @@ fn run(cli: Cli) -> CliResult {
             digest,
             layer,
             no_verify,
+            owner,
         } => {
             parse_digest(&digest)?;
             let socket = target.socket()?;
@@ -437,6 +447,7 @@ fn run(cli: Cli) -> CliResult {
                 digest,
                 layer,
                 verify: !no_verify,
+                owner,
             };
             let resp = if no_verify {
                 target.call(request)
@@ -452,8 +463,9 @@ fn run(cli: Cli) -> CliResult {
             target,
             path,
             layer,
+            owner,
         } => {
-            target.call(Request::Unbind { path, layer })?;
+            target.call(Request::Unbind { path, layer, owner })?;
             Ok(())
         }
         Command::Views { target, json } => {
@@ -466,7 +478,10 @@ fn run(cli: Cli) -> CliResult {
                 let entries = v.entries.map_or("?".to_string(), |n| n.to_string());
                 outln!("{}\t{entries} entries", v.path);
                 for (layer, digest) in v.layers {
-                    outln!("  {layer}\t{digest}");
+                    match v.owners.get(&layer) {
+                        Some(o) => outln!("  {layer}\t{digest}\theld by {}", o.join(", ")),
+                        None => outln!("  {layer}\t{digest}"),
+                    }
                 }
             }
             Ok(())

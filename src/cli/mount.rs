@@ -248,17 +248,24 @@ fn reusable(mountpoint: &Path, socket: &Path, want: &Wanted) -> Result<Option<u3
 /// A daemon of another digestfs version is reused (replacing it would unmount what the IDE has
 /// open), and the user is told how to move to this one.
 fn warn_other_version(mountpoint: &Path, s: &protocol::StatusInfo) {
-    let ours = env!("CARGO_PKG_VERSION");
-    if s.version.as_deref() != Some(ours) {
-        let theirs = s.version.as_deref().unwrap_or("an earlier version");
-        log::warn!(
-            "reusing the daemon (pid {}) of digestfs {theirs} at {}, not this digestfs {ours}: \
-             to serve with {ours}, unmount it (digestfs unmount {}) and mount again",
-            s.pid,
-            mountpoint.display(),
-            mountpoint.display()
-        );
+    if let Some(warning) = other_version(mountpoint, s.pid, s.version.as_deref()) {
+        log::warn!("{warning}");
     }
+}
+
+fn other_version(mountpoint: &Path, pid: u32, version: Option<&str>) -> Option<String> {
+    let ours = env!("CARGO_PKG_VERSION");
+    if version == Some(ours) {
+        return None;
+    }
+    let theirs = version.unwrap_or("an earlier version");
+    Some(format!(
+        "reusing the daemon (pid {}) of digestfs {theirs} at {}, not this digestfs {ours}: \
+         to serve with {ours}, unmount it (digestfs unmount {}) and mount again",
+        pid,
+        mountpoint.display(),
+        mountpoint.display()
+    ))
 }
 
 /// Refuses to reuse a daemon that serves another store, reads it with another shard count, or
@@ -630,5 +637,25 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reusing_a_daemon_of_another_version_says_which_and_how_to_move() {
+        let mp = Path::new("/repo/.pants.d/bsp/jvm/resolves");
+        assert_eq!(other_version(mp, 7, Some(env!("CARGO_PKG_VERSION"))), None);
+        let w = other_version(mp, 7, Some("0.0.1")).unwrap();
+        assert!(w.contains("pid 7") && w.contains("digestfs 0.0.1"), "{w}");
+        assert!(w.contains(env!("CARGO_PKG_VERSION")), "{w}");
+        assert!(
+            w.contains(&format!("digestfs unmount {}", mp.display())),
+            "{w}"
+        );
+        let w = other_version(mp, 7, None).unwrap();
+        assert!(w.contains("digestfs an earlier version"), "{w}");
     }
 }

@@ -299,6 +299,7 @@ fn read_error_kind(e: &ReadError) -> ErrorKind {
 pub fn bind_refusal(e: &BindError) -> Response {
     let kind = match e {
         BindError::Path(_) | BindError::NoLayer { .. } => ErrorKind::BadRequest,
+        BindError::Held { .. } => ErrorKind::Conflict,
         BindError::Namespace(NamespaceError::NotBound { .. }) => ErrorKind::BadRequest,
         BindError::Namespace(_) | BindError::Conflict(_) => ErrorKind::Conflict,
         BindError::Tree(r) => read_error_kind(r),
@@ -324,9 +325,10 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
             digest,
             layer,
             verify,
+            owner,
         } => match digest.parse::<Digest>() {
             Ok(d) => {
-                let res = core.bind(&path, &layer, d, verify);
+                let res = core.bind_as(&path, &layer, d, verify, owner.as_deref());
                 match &res {
                     Ok(c) if !c.entries.is_empty() => {
                         log::info!("bound {d} at {path} (layer {layer})")
@@ -338,8 +340,8 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
             }
             Err(e) => Response::bad_request(e.to_string()).about_digest(Some(digest)),
         },
-        Request::Unbind { path, layer } => {
-            let res = core.unbind(&path, layer.as_deref());
+        Request::Unbind { path, layer, owner } => {
+            let res = core.unbind_as(&path, layer.as_deref(), owner.as_deref());
             if res.is_ok() {
                 log::info!(
                     "unbound {path}{}",
@@ -362,6 +364,11 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
                             .layers
                             .iter()
                             .map(|(l, d)| (l.clone(), d.to_string()))
+                            .collect(),
+                        owners: view
+                            .owners
+                            .iter()
+                            .map(|(l, o)| (l.clone(), o.iter().cloned().collect()))
                             .collect(),
                         path,
                     })

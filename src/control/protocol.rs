@@ -19,11 +19,16 @@ pub enum Request {
         layer: String,
         #[serde(default = "yes")]
         verify: bool,
+        /// Who holds the layer (see `DigestFs::bind_as`); absent: no one in particular.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     Unbind {
         path: String,
         #[serde(default)]
         layer: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
     },
     Views,
     Status,
@@ -69,6 +74,9 @@ pub enum ErrorKind {
 pub struct ViewInfo {
     pub path: String,
     pub layers: BTreeMap<String, String>,
+    /// Who holds each layer that has owners.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub owners: BTreeMap<String, Vec<String>>,
     /// Entries at the top of the view (after merging layers); absent if it could not be read.
     pub entries: Option<u64>,
 }
@@ -290,7 +298,8 @@ mod tests {
                 path: "a/b".into(),
                 digest: "x".into(),
                 layer: "default".into(),
-                verify: true
+                verify: true,
+                owner: None,
             }
         );
         assert_eq!(parse_request(encode_request(&req).as_bytes()).unwrap(), req);
@@ -327,6 +336,7 @@ mod tests {
                 digest: "ab-1".into(),
                 layer: "g".into(),
                 verify: false,
+                owner: Some("pants-bsp/1/s".into()),
             }).into_bytes();
             let i = pos % line.len();
             line[i] = byte;

@@ -26,6 +26,8 @@ struct StateFile {
 struct SavedView {
     path: String,
     layers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    owners: BTreeMap<String, Vec<String>>,
 }
 
 /// Where the views of the daemon behind `socket` are kept.
@@ -76,6 +78,11 @@ impl StateKeeper {
                         .iter()
                         .map(|(l, d)| (l.clone(), d.to_string()))
                         .collect(),
+                    owners: view
+                        .owners
+                        .iter()
+                        .map(|(l, o)| (l.clone(), o.iter().cloned().collect()))
+                        .collect(),
                 })
                 .collect(),
         };
@@ -123,10 +130,21 @@ impl StateKeeper {
         }
         for view in state.views {
             let bound = view.layers.iter().try_for_each(|(layer, digest)| {
-                let d: Digest = digest.parse().map_err(|e| format!("{e}"))?;
-                core.bind(&view.path, layer, d, true)
-                    .map(drop)
-                    .map_err(|e| format!("layer {layer}: {e}"))
+                let d: Digest = digest.parse().map_err(|e| format!("layer {layer}: {e}"))?;
+                let owners = view
+                    .owners
+                    .get(layer)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                let bind = |owner: Option<&str>| {
+                    core.bind_as(&view.path, layer, d, true, owner)
+                        .map(drop)
+                        .map_err(|e| format!("layer {layer}: {e}"))
+                };
+                match owners {
+                    [] => bind(None),
+                    _ => owners.iter().try_for_each(|o| bind(Some(o))),
+                }
             });
             match bound {
                 Ok(()) => done.views += 1,
@@ -185,6 +203,11 @@ mod tests {
         let first = core(&store);
         first.bind("r/lib", "modules.a", tree, true).unwrap();
         first.bind("r/lib", "sources.a", tree, true).unwrap();
+        for owner in ["bsp-1", "bsp-2"] {
+            first
+                .bind_as("r/lib", "write.x", tree, true, Some(owner))
+                .unwrap();
+        }
         let gone = Digest::of_bytes(b"a tree nobody stored");
         first.bind("r/plugins", "scalac.a", gone, false).unwrap();
         keeper.save(&first.namespace()).unwrap();
@@ -201,7 +224,11 @@ mod tests {
         let views = views.views();
         assert_eq!(views.len(), 1);
         assert_eq!(views[0].0, "r/lib");
-        assert_eq!(views[0].1.layers.len(), 2);
+        assert_eq!(views[0].1.layers.len(), 3);
+        assert_eq!(
+            views[0].1.owners["write.x"],
+            ["bsp-1".to_string(), "bsp-2".to_string()].into()
+        );
 
         // Another store's views are not restored.
         let other = StateKeeper::new(

@@ -2,11 +2,11 @@
 //! one lock, after checking the trees (every `Directory` present) and the layers (no two give a
 //! name different content); a refused change leaves everything as it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::namespace::{check_layer, NamespaceError};
+use super::namespace::{check_layer, check_owner, NamespaceError, View};
 use super::{lock, parse_path, DigestFs, Namespace, Node, PathError, ROOT_INO};
 use crate::cas::ReadError;
 use crate::store::{Digest, EntryKind};
@@ -20,6 +20,14 @@ pub enum BindError {
     Namespace(#[from] NamespaceError),
     #[error("{path} has no layer {layer:?}")]
     NoLayer { path: String, layer: String },
+    /// The layer is held by others: an owner may change or unbind only what it holds itself.
+    #[error("the layer {layer:?} at {path} is held by {holders}, not by {owner:?}")]
+    Held {
+        path: String,
+        layer: String,
+        owner: String,
+        holders: String,
+    },
     /// A `Directory` of the tree is missing, corrupt or could not be fetched.
     #[error(transparent)]
     Tree(#[from] ReadError),
@@ -44,7 +52,7 @@ impl BindError {
         match self {
             BindError::Path(e) if e.what == "bind path" => Some(&e.path),
             BindError::Namespace(e) => Some(e.path()),
-            BindError::NoLayer { path, .. } => Some(path),
+            BindError::NoLayer { path, .. } | BindError::Held { path, .. } => Some(path),
             BindError::Conflict(c) => Some(&c.path),
             _ => None,
         }
@@ -87,16 +95,49 @@ impl DigestFs {
         digest: Digest,
         verify: bool,
     ) -> Result<Change, BindError> {
+        self.bind_as(path, layer, digest, verify, None)
+    }
+
+    /// [`bind`](Self::bind) on behalf of `owner`, who then holds the layer beside anyone who
+    /// holds it already with the same tree. Another tree for a layer that others hold is
+    /// refused: only an unbind by each of them (or one without an owner) frees it.
+    pub fn bind_as(
+        &self,
+        path: &str,
+        layer: &str,
+        digest: Digest,
+        verify: bool,
+        owner: Option<&str>,
+    ) -> Result<Change, BindError> {
         let parts = parse_path(path)?;
         check_layer(layer)?;
+        if let Some(o) = owner {
+            check_owner(o)?;
+        }
         if verify {
             self.verify_tree(&digest)?;
         }
         let _guard = lock(&self.bind_lock);
         let current = self.namespace();
         let mut view = current.view(&parts).cloned().unwrap_or_default();
+        let held = view.owners.get(layer).cloned().unwrap_or_default();
         if view.layers.get(layer) == Some(&digest) {
-            return Ok(Change::default());
+            return Ok(match owner {
+                Some(o) if !held.contains(o) => {
+                    view.owners
+                        .entry(layer.into())
+                        .or_default()
+                        .insert(o.into());
+                    self.keep_owners(&current, &parts, view)?
+                }
+                _ => Change::default(),
+            });
+        }
+        if let Some(o) = owner {
+            if view.layers.contains_key(layer) && held.iter().any(|h| h != o) {
+                return Err(held_by(&parts, layer, o, &held));
+            }
+            view.owners.insert(layer.into(), [o.to_string()].into());
         }
         view.layers.insert(layer.to_string(), digest);
         if let Node::Merged(distinct) = view.node() {
@@ -112,6 +153,18 @@ impl DigestFs {
 
     /// Removes one layer (or, with `None`, the whole view) at `path`.
     pub fn unbind(&self, path: &str, layer: Option<&str>) -> Result<Change, BindError> {
+        self.unbind_as(path, layer, None)
+    }
+
+    /// [`unbind`](Self::unbind) on behalf of `owner`: it lets go of the layer (with `None`, of
+    /// every layer of the view it holds), which goes once no one holds it. A layer without
+    /// owners is anyone's to unbind; one only others hold is refused.
+    pub fn unbind_as(
+        &self,
+        path: &str,
+        layer: Option<&str>,
+        owner: Option<&str>,
+    ) -> Result<Change, BindError> {
         let parts = parse_path(path)?;
         let _guard = lock(&self.bind_lock);
         let current = self.namespace();
@@ -122,19 +175,58 @@ impl DigestFs {
             .ok_or_else(|| NamespaceError::NotBound {
                 path: joined.clone(),
             })?;
-        match layer {
-            Some(l) => {
-                if view.layers.remove(l).is_none() {
-                    return Err(BindError::NoLayer {
-                        path: joined,
-                        layer: l.to_string(),
-                    });
-                }
+        let layers: Vec<String> = match layer {
+            Some(l) if !view.layers.contains_key(l) => {
+                return Err(BindError::NoLayer {
+                    path: joined,
+                    layer: l.to_string(),
+                })
             }
-            None => view.layers.clear(),
+            Some(l) => vec![l.to_string()],
+            None => view.layers.keys().cloned().collect(),
+        };
+        let before = view.layers.len();
+        for l in layers {
+            let holders = view.owners.remove(&l).unwrap_or_default();
+            let rest = match owner {
+                Some(o) if holders.contains(o) => holders.into_iter().filter(|h| h != o).collect(),
+                // The whole view, as an owner: only what it holds.
+                Some(_) if layer.is_none() => {
+                    if !holders.is_empty() {
+                        view.owners.insert(l, holders);
+                    }
+                    continue;
+                }
+                Some(o) if !holders.is_empty() => return Err(held_by(&parts, &l, o, &holders)),
+                _ => BTreeSet::new(),
+            };
+            if rest.is_empty() {
+                view.layers.remove(&l);
+            } else {
+                view.owners.insert(l, rest);
+            }
+        }
+        if view.layers.len() == before {
+            return self.keep_owners(&current, &parts, view);
         }
         let next = current.with_view(&parts, (!view.layers.is_empty()).then_some(view))?;
         Ok(self.swap(&current, next, &parts))
+    }
+
+    /// Installs a view whose owners alone changed: nothing the kernel caches changes, so nothing
+    /// is invalidated; the state keeper still learns of it.
+    fn keep_owners(
+        &self,
+        current: &Namespace,
+        parts: &[String],
+        view: View,
+    ) -> Result<Change, BindError> {
+        let next = Arc::new(current.with_view(parts, Some(view))?);
+        *self.namespace.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        if let Some(on_change) = self.on_change.get() {
+            on_change(&next);
+        }
+        Ok(Change::default())
     }
 
     /// Installs `next`, tells the kernel to forget the highest component of `parts` whose
@@ -242,6 +334,19 @@ impl DigestFs {
             }
         }
         Ok(())
+    }
+}
+
+fn held_by(parts: &[String], layer: &str, owner: &str, holders: &BTreeSet<String>) -> BindError {
+    BindError::Held {
+        path: parts.join("/"),
+        layer: layer.to_string(),
+        owner: owner.to_string(),
+        holders: holders
+            .iter()
+            .map(|h| format!("{h:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 

@@ -3,7 +3,7 @@
 //! `Namespace` value is immutable once built; a bind builds a new one and swaps it in whole, so a
 //! reader sees the old namespace or the new one, never a mix.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::inode::Node;
@@ -48,6 +48,10 @@ impl NamespaceError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct View {
     pub layers: BTreeMap<String, Digest>,
+    /// Who holds each layer (absent: no one in particular). Several clients that bind the same
+    /// content as the same layer each hold it; it goes when the last lets go, so that none of
+    /// them unbinds what another still serves.
+    pub owners: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl View {
@@ -97,18 +101,27 @@ pub fn parse_path(path: &str) -> Result<Vec<String>, PathError> {
 
 /// Checks a layer name: any non-empty text up to [`LAYER_MAX`] bytes without NUL.
 pub fn check_layer(layer: &str) -> Result<(), PathError> {
-    let reason = if layer.is_empty() {
+    check_label("layer name", layer)
+}
+
+/// Checks the name of a layer's owner: the same rules as a layer name.
+pub fn check_owner(owner: &str) -> Result<(), PathError> {
+    check_label("owner", owner)
+}
+
+fn check_label(what: &'static str, text: &str) -> Result<(), PathError> {
+    let reason = if text.is_empty() {
         "it is empty".to_string()
-    } else if layer.len() > LAYER_MAX {
+    } else if text.len() > LAYER_MAX {
         format!("it is longer than {LAYER_MAX} bytes")
-    } else if layer.contains('\0') {
+    } else if text.contains('\0') {
         "it contains NUL".to_string()
     } else {
         return Ok(());
     };
     Err(PathError {
-        what: "layer name",
-        path: layer.to_string(),
+        what,
+        path: text.to_string(),
         reason,
     })
 }
@@ -253,6 +266,7 @@ mod tests {
     fn view(layers: &[(&str, Digest)]) -> View {
         View {
             layers: layers.iter().map(|(n, d)| (n.to_string(), *d)).collect(),
+            ..View::default()
         }
     }
 

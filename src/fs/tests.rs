@@ -282,6 +282,63 @@ fn layers_merge_and_conflicts_change_nothing() {
 }
 
 #[test]
+fn a_layer_held_by_several_owners_stays_until_the_last_lets_go() {
+    let f = fixture(false);
+    let held = |fs: &DigestFs| {
+        let ns = fs.namespace();
+        let views = ns.views();
+        views
+            .first()
+            .map(|(_, v)| (v.layers.clone(), v.owners.clone()))
+    };
+    f.fs.bind_as("lib", "w", f.a, true, Some("one")).unwrap();
+    let served = f.fs.namespace();
+    // The second owner of the same tree changes nothing the kernel sees.
+    assert_eq!(
+        f.fs.bind_as("lib", "w", f.a, true, Some("two")).unwrap(),
+        Change::default()
+    );
+    let (layers, owners) = held(&f.fs).unwrap();
+    assert_eq!(layers, [("w".to_string(), f.a)].into());
+    assert_eq!(owners["w"], ["one".to_string(), "two".to_string()].into());
+
+    // Another tree for a layer others hold is refused, naming them; nothing changes.
+    let err =
+        f.fs.bind_as("lib", "w", f.b, true, Some("one"))
+            .unwrap_err();
+    assert!(matches!(err, BindError::Held { .. }), "{err}");
+    assert!(err.to_string().contains("\"two\""), "{err}");
+    // Nor may an owner unbind what only others hold.
+    f.fs.bind_as("lib", "x", f.b, true, Some("two")).unwrap();
+    let err = f.fs.unbind_as("lib", Some("x"), Some("one")).unwrap_err();
+    assert!(matches!(err, BindError::Held { .. }), "{err}");
+    f.fs.unbind_as("lib", Some("x"), Some("two")).unwrap();
+
+    // One owner letting go leaves the layer served for the other.
+    assert_eq!(
+        f.fs.unbind_as("lib", Some("w"), Some("one")).unwrap(),
+        Change::default()
+    );
+    assert_eq!(held(&f.fs).unwrap().1["w"], ["two".to_string()].into());
+    assert_eq!(
+        names(&f.fs, lookup_path(&f.fs, "lib/lib").unwrap().ino, false),
+        vec![".", "..", "big.jar", "guava.jar", "shared.jar"]
+    );
+    // The whole view, as an owner: only what that owner holds goes, here the last of it.
+    f.fs.bind("lib", "anyone", f.b, true).unwrap();
+    f.fs.unbind_as("lib", None, Some("two")).unwrap();
+    let (layers, owners) = held(&f.fs).unwrap();
+    assert_eq!(layers, [("anyone".to_string(), f.b)].into());
+    assert!(owners.is_empty());
+    // Without an owner, a layer goes whoever holds it.
+    f.fs.bind_as("lib", "w", f.a, true, Some("one")).unwrap();
+    f.fs.unbind("lib", Some("w")).unwrap();
+    f.fs.unbind("lib", None).unwrap();
+    assert_eq!(held(&f.fs), None);
+    assert_ne!(f.fs.namespace(), served);
+}
+
+#[test]
 fn bind_reports_exactly_the_changed_entry() {
     let f = fixture(false);
     let ch = f.fs.bind("a/b/c", DEFAULT_LAYER, f.a, true).unwrap();

@@ -5,8 +5,10 @@ It starts the server as IntelliJ does (the argv of `.bsp/pants.json`, which `pan
 experimental-bsp` writes, in the build root), then `build/initialize`, `build/initialized`,
 `workspace/buildTargets`, and N rounds of an IDE refresh. Each round:
 
-1. only without the plugin (`--delete-lib`): removes `.pants.d/bsp/jvm/resolves/*/lib`, as the
-   report of pantsbuild/pants#21532 does between refreshes, so that every refresh writes again;
+1. with `--delete-lib`: removes `.pants.d/bsp/jvm/resolves/*/lib`, as the report of
+   pantsbuild/pants#21532 does between refreshes, so that every refresh writes again. With the
+   plugin, whose mount is read-only, the same is done by unbinding each `<resolve>/lib` view
+   (every layer, whoever holds it), so that every refresh binds again from nothing;
 2. sends at once, as IntelliJ does: `buildTarget/dependencyModules` for all targets,
    `buildTarget/scalacOptions` for all targets, and `buildTarget/scalacOptions` for each target;
 3. as each answer arrives, an IDE-like reader opens every jar it names (modules' artifacts, and
@@ -506,6 +508,30 @@ def diff_snapshots(before: dict, after: dict) -> dict:
     return {"added": added, "removed": removed, "changed": changed}
 
 
+def unbind_libs(resolves_root: Path) -> tuple[list[str], str | None]:
+    """The mount's `rm -r */lib`: unbinds each `<resolve>/lib` view through the daemon's control
+    socket (the plugin's stdlib client). The views unbound (as paths relative to the repo), and
+    what failed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugin" / "pants_digestfs"))
+    try:
+        from digestfs_client import DigestfsClient, DigestfsError
+    finally:
+        del sys.path[0]
+    gone: list[str] = []
+    if mount_of(resolves_root) is None:
+        return gone, None  # Not mounted yet (the first refresh): no lib/ to remove.
+    try:
+        client = DigestfsClient(mountpoint=str(resolves_root), timeout=10)
+        for view in client.views():
+            path = view["path"].strip("/")
+            if path.count("/") == 1 and path.endswith("/lib"):
+                client.unbind(path)
+                gone.append(f"{RESOLVES_DIR}/{path}")
+    except DigestfsError as e:
+        return gone, str(e)
+    return gone, None
+
+
 def lib_dirs(repo: Path) -> list[Path]:
     root = repo / RESOLVES_DIR
     if not root.is_dir():
@@ -520,7 +546,8 @@ def lib_state(lib: Path, lockfile: dict[str, dict]) -> dict:
         p = lib / n
         try:
             st = os.lstat(p)
-        except OSError:
+        except OSError as e:  # Listed, yet not there: as wrong as a torn jar.
+            bad.append(f"{n} (lstat: {e.strerror})")
             continue
         files.append([n, st.st_dev, oct(stat.S_IMODE(st.st_mode)), st.st_ino])
         exp = lockfile.get(n)
@@ -588,7 +615,10 @@ def run_session(a) -> dict:
     lockfile = {}
     for path in a.lockfile or [DEFAULT_LOCKFILE]:  # One per resolve; the same jar, the same bytes.
         lockfile.update(parse_lockfile(repo / path))
-    report: dict = {"repo": str(repo), "mode": a.mode, "rounds": [], "phases": {}, "samples": {}}
+    report: dict = {
+        "repo": str(repo), "mode": a.mode, "delete_lib": a.delete_lib, "rounds": [], "phases": {},
+        "samples": {},
+    }
     env = dict(os.environ)
     env["PATH"] = f"{Path(a.pants).parent}{os.pathsep}{env.get('PATH', '')}"
     deadline = Deadline(a.session_timeout)
@@ -699,7 +729,11 @@ def run_round(n, a, repo, server, reader, targets, lockfile, deadline, report) -
     t_round = time.monotonic()
     resolves_root = repo / RESOLVES_DIR
     rnd: dict = {"round": n, "deleted_libs": [], "failures": []}
-    if a.delete_lib:
+    if a.delete_lib and a.mode == "with":
+        rnd["deleted_libs"], failure = unbind_libs(resolves_root)
+        if failure:
+            rnd["failures"].append({"method": "digestfs unbind lib", "message": failure})
+    elif a.delete_lib:
         for lib in lib_dirs(repo):
             try:
                 shutil.rmtree(lib)
@@ -920,7 +954,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--delete-lib",
         action="store_true",
-        help="remove jvm/resolves/*/lib before each round (only without the plugin)",
+        help="remove jvm/resolves/*/lib before each round (with the plugin: unbind those views)",
     )
     ap.add_argument("--lockfile", action="append", help=f"relative to the repo, repeatable (default {DEFAULT_LOCKFILE})")
     ap.add_argument("--java", action="store_true", help="a Java-only repo: javacOptions, not scalacOptions")
@@ -936,8 +970,6 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     if os.sep in a.pants:
         a.pants = os.path.abspath(a.pants)  # not resolved: a symlink named `pants` must stay one
-    if a.mode == "with" and a.delete_lib:
-        ap.error("--delete-lib is for the mode without the plugin: the mount is read-only")
 
     # A TERM or INT (e.g. from `timeout`) still runs the finally blocks that kill the server.
     def stop(signum, _frame):

@@ -83,6 +83,8 @@ def served(report: dict) -> list[str]:
                     f"round {n}: {resolve}/lib is not exactly the jars named: missing "
                     f"{lib['missing']}, extra {lib['extra']}"
                 )
+            if lib.get("not_lockfile_bytes"):
+                broken.append(f"round {n}: {resolve}/lib: {lib['not_lockfile_bytes'][:3]}")
             devs = {f[1] for f in lib["files"]}
             if devs != {r["mount_st_dev"]}:
                 broken.append(f"round {n}: {resolve}/lib files on st_devs {devs}, not the mount's")
@@ -91,6 +93,10 @@ def served(report: dict) -> list[str]:
                 f"round {n}: compile status {r['compile_status']}, {r['class_files']} class files "
                 "under jvm/classes (beside the mount, which must stay writable)"
             )
+        # Matched with the session without the plugin: each refresh after the first starts with
+        # no lib/ (unbound), so that it binds everything again.
+        if report.get("delete_lib") and n > 1 and not r.get("deleted_libs"):
+            broken.append(f"round {n}: no lib/ view was unbound before it (--delete-lib)")
     if report.get("server_exit_status") != 0:
         broken.append(f"the BSP server exited with {report.get('server_exit_status')}")
     return broken

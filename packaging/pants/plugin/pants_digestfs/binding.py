@@ -98,12 +98,12 @@ class Binding:
         def bind() -> None:
             nonlocal dropped
             try:
-                self.client.bind(view, digest, layer=layer)
+                self.client.bind(view, digest, layer=layer, owner=self.owner)
             except DigestfsConflict:
                 if dropped or not self._drop_earlier(view):
                     raise
                 dropped = True
-                self.client.bind(view, digest, layer=layer)
+                self.client.bind(view, digest, layer=layer, owner=self.owner)
 
         self._retrying(bind, persist_again)
         with self._lock:
@@ -111,7 +111,8 @@ class Binding:
             self._earlier.discard((view, layer))
 
     def _drop_earlier(self, view: str) -> bool:
-        """Unbinds from `view` the layers of earlier sessions not yet bound again in this one."""
+        """Unbinds from `view` the layers of earlier sessions not yet bound again in this one:
+        only those no live session holds (see `_mount`)."""
         with self._lock:
             stale = sorted(layer for v, layer in self._earlier if v == view)
         for layer in stale:
@@ -129,10 +130,10 @@ class Binding:
         for view in self.client.views():
             path = view["path"].strip("/")
             if layer in view.get("layers", {}) and path not in wanted:
-                try:
-                    self.client.unbind(path, layer=layer)
-                except DigestfsBadRequest:
-                    pass  # Already gone.
+                try:  # As this session: a layer another still holds stays.
+                    self.client.unbind(path, layer=layer, owner=self.owner)
+                except (DigestfsBadRequest, DigestfsConflict):
+                    pass  # Already gone, or not this session's.
                 with self._lock:
                     self._bound.pop((path, layer), None)
                     self._earlier.discard((path, layer))

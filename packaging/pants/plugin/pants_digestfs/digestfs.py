@@ -41,7 +41,7 @@ from collections.abc import Iterable
 
 from .binding import Binding
 from .commands import doctor, fallback_owner, remove_marker, write_marker
-from .common import MOUNT_DIR, State
+from .common import ENDED_SESSIONS, MOUNT_DIR, State, owner_lives, owner_name
 from .digestfs_client import DigestfsClient, DigestfsError, ensure_mounted
 from .fallback import Fallback
 from .leftover import fuse_connection_at
@@ -61,9 +61,10 @@ class BSPDigestfs(Binding, Fallback):
     the background (`digestfs materialize`, which is safe against concurrent writers). Once
     `return_after` has passed, a `request` tries the mount again (see there).
 
-    Layers bound by an earlier session (another BSP server process) are taken over: an earlier
-    layer that conflicts with a new bind is dropped from that view, since this session binds
-    what it needs again.
+    Each layer is held by the sessions that bound it (`owner`): a layer two live BSP servers of
+    the repo bind is shared, and neither unbinds it. Layers no live session holds (of earlier
+    BSP server processes) are taken over: one that conflicts with a new bind is dropped from
+    that view, since this session binds what it needs again.
 
     Thread-safe: the BSP server handles requests on several threads.
     """
@@ -112,6 +113,7 @@ class BSPDigestfs(Binding, Fallback):
         self._return_at: float | None = None
         self._requests = 0  # Wrapped writes under way; the mount comes back only between them.
         self._session = uuid.uuid4().hex  # Names this session's fallback marker.
+        self.owner = owner_name(self._session)  # Holds the layers this session binds.
         self._start_thread: threading.Thread | None = None
         # The FUSE connection of the mount, from when it came up (`_end_what_it_holds`).
         self._connection: int | None = None
@@ -287,10 +289,13 @@ class BSPDigestfs(Binding, Fallback):
             self._detach()
             return True
         try:
+            # Layers no live session holds: a layer of this session's content-named kind that
+            # another live BSP server holds is shared, never dropped.
             earlier = {
                 (view["path"].strip("/"), layer)
                 for view in self.client.views()
                 for layer in view.get("layers", {})
+                if not any(owner_lives(o) for o in view.get("owners", {}).get(layer, ()))
             }
         except DigestfsError as e:
             self._detach()
@@ -365,6 +370,12 @@ class BSPDigestfs(Binding, Fallback):
         # writes to disk to succeed; `_start` detaches too if it mounts after this.
         threading.Thread(target=self._give_up_detach, name="digestfs-detach", daemon=True).start()
         self._settled.set()
+
+    def end(self) -> None:
+        """Ends this session without unbinding anything: a later session of this process (as a
+        later BSP server process would) may then take over its layers. A process that exits
+        ends its sessions by itself."""
+        ENDED_SESSIONS.add(self._session)
 
     @property
     def active(self) -> bool:

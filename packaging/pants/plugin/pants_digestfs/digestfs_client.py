@@ -212,17 +212,29 @@ class DigestfsClient:
             raise error_from_answer(answer)
         return answer
 
-    def bind(self, path: str, digest: str, layer: str = "default", verify: bool = True) -> bool:
-        """Sets one layer of the view at `path`; returns whether the view changed."""
-        answer = self.call("bind", path=path, digest=digest, layer=layer, verify=verify)
+    def bind(
+        self,
+        path: str,
+        digest: str,
+        layer: str = "default",
+        verify: bool = True,
+        owner: str | None = None,
+    ) -> bool:
+        """Sets one layer of the view at `path`, held by `owner` if given (beside whoever holds
+        the same tree there already); returns whether the view changed."""
+        fields = {"owner": owner} if owner is not None else {}
+        answer = self.call("bind", path=path, digest=digest, layer=layer, verify=verify, **fields)
         return bool(answer["changed"])
 
-    def unbind(self, path: str, layer: str | None = None) -> bool:
-        """Removes one layer, or the whole view when `layer` is None."""
-        return bool(self.call("unbind", path=path, layer=layer)["changed"])
+    def unbind(self, path: str, layer: str | None = None, owner: str | None = None) -> bool:
+        """Removes one layer, or the whole view when `layer` is None; as `owner`, lets go of
+        what it holds only (the layer goes once no one holds it)."""
+        fields = {"owner": owner} if owner is not None else {}
+        return bool(self.call("unbind", path=path, layer=layer, **fields)["changed"])
 
     def views(self) -> list:
-        """Every view: {"path", "layers": {layer: digest}, "entries"}."""
+        """Every view: {"path", "layers": {layer: digest}, "owners": {layer: [owner]},
+        "entries"}."""
         return self.call("views")["views"]
 
     def status(self) -> dict:
