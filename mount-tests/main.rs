@@ -156,6 +156,7 @@ fn passthrough_serves_large_blobs() {
         .count() as u64;
     assert!(large > 0);
     assert_eq!(status.passthrough_opens, Some(large), "{status:?}");
+    assert_eq!(status.backing_ids, Some(large), "{status:?}");
     // And the kernel read them itself: the daemon served the small blobs' bytes at most.
     let small_bytes: u64 = manifest()[JAR_TREE]
         .values()
@@ -166,6 +167,52 @@ fn passthrough_serves_large_blobs() {
         .sum();
     assert!(status.read_bytes <= small_bytes, "{status:?}");
     assert!(status.opens >= large, "{status:?}");
+
+    // Opened again, with the first handles closed: each blob's id is reused, none made anew,
+    // and the bytes are still exact.
+    for (path, kind) in &manifest()[JAR_TREE] {
+        if let Kind::File { digest, .. } = kind {
+            let bytes = std::fs::read(m.path("jvm").join(path)).unwrap();
+            assert_eq!(format!("{}-{}", sha256_hex(&bytes), bytes.len()), *digest);
+        }
+    }
+    let again = digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(again.passthrough_opens, Some(2 * large), "{again:?}");
+    assert_eq!(again.backing_ids, Some(large), "{again:?}");
+    assert!(again.read_bytes <= 2 * small_bytes, "{again:?}");
+    // A blob with an id is opened again with no visit to the core: only the small ones were.
+    let small = manifest()[JAR_TREE]
+        .values()
+        .filter(|k| matches!(k, Kind::File { size, .. } if *size < 524_288))
+        .count() as u64;
+    assert_eq!(again.opens - status.opens, small, "{status:?} {again:?}");
+
+    // Files open are counted as handles while they are, and until the kernel releases them.
+    let status = || {
+        digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
+            .unwrap()
+            .status
+            .unwrap()
+    };
+    let manifest = manifest();
+    let jar = manifest[JAR_TREE]
+        .iter()
+        .find_map(|(p, k)| matches!(k, Kind::File { size, .. } if *size >= 524_288).then_some(p))
+        .unwrap();
+    let held = std::fs::File::open(m.path("jvm").join(jar)).unwrap();
+    assert_eq!(status().open_handles, 1);
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while status().open_handles != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the handle was never released"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

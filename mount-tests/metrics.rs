@@ -86,8 +86,11 @@ impl Drop for Prometheus {
 fn prometheus_scrapes_the_daemon_on_loopback() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let (m, socket) =
-        Mount::fixture_with_control(&[("lib", JAR_TREE)], &["--metrics-listen", &addr]);
+    // Every byte through the daemon, none read by the kernel itself (passthrough).
+    let (m, socket) = Mount::fixture_with_control(
+        &[("lib", JAR_TREE)],
+        &["--metrics-listen", &addr, "--passthrough", "off"],
+    );
     let status: serde_json::Value = serde_json::from_str(&dfs_ok(&[
         "status",
         "--json",

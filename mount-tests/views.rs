@@ -242,6 +242,52 @@ fn a_bind_shows_in_a_listing_the_kernel_cached_before() {
 }
 
 #[test]
+fn a_listing_gives_every_entry_its_attributes() {
+    // `find -exec stat` over a large directory: readdirplus for every chunk of the listing,
+    // not the first one only, so that the stats that follow need no lookup each.
+    let (m, socket) = Mount::fixture_with_control(&[], &["--ttl", "3600"]);
+    let dir = m.tmp.path().join("many");
+    std::fs::create_dir(&dir).unwrap();
+    let n = 2000;
+    for i in 0..n {
+        std::fs::write(dir.join(format!("f{i:05}.txt")), i.to_string()).unwrap();
+    }
+    let digest = import(&m.store, &dir);
+    let control = socket.to_str().unwrap();
+    dfs_ok(&[
+        "bind",
+        "--control",
+        control,
+        m.mnt.to_str().unwrap(),
+        "many",
+        &digest,
+    ]);
+    let lookups = || {
+        digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
+            .unwrap()
+            .status
+            .unwrap()
+            .lookups
+    };
+    let before = lookups();
+    // The whole listing first, then a stat of each, as `find -exec stat {} +` does.
+    let listed: Vec<PathBuf> = std::fs::read_dir(m.path("many"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let sizes: u64 = listed
+        .iter()
+        .map(|p| std::fs::symlink_metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(
+        sizes,
+        (0..n).map(|i| i.to_string().len() as u64).sum::<u64>()
+    );
+    let made = lookups() - before;
+    assert!(made < 10, "{made} lookups for {n} listed entries");
+}
+
+#[test]
 fn a_rebind_shows_at_once_and_open_handles_keep_old_bytes() {
     let m = Mount::fixture(&[], &["--ttl", "3600"]);
     let mnt = m.mnt.to_str().unwrap().to_string();

@@ -154,6 +154,12 @@ impl Collector for Sources {
         )?;
         counter(
             e,
+            "backing_ids",
+            "Backing ids made for passthrough: one per blob, reused by its later opens",
+            s.backing_ids.unwrap_or(0),
+        )?;
+        counter(
+            e,
             "ring_requests",
             "Requests answered over the io_uring queues",
             s.ring_requests.unwrap_or(0),

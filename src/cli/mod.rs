@@ -639,6 +639,11 @@ fn print_status(s: &control::protocol::StatusInfo) -> CliResult {
         };
         outln!("transport      {how}");
     }
+    if let (Some(opens), Some(ids)) = (s.passthrough_opens, s.backing_ids) {
+        if opens > 0 {
+            outln!("passthrough    {opens} opens served by the kernel from {ids} backing ids");
+        }
+    }
     outln!("views          {}", s.views);
     outln!(
         "requests       {} lookups, {} opens, {} reads ({} bytes)",

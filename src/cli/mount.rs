@@ -93,9 +93,10 @@ pub(super) struct MountArgs {
     /// Answer user.pants.digest and user.checksum.sha256 (costs round trips on ls -l)
     #[arg(long)]
     xattrs: bool,
-    /// FUSE: serve large blobs by passthrough (Linux 6.9+, root). Off by default: it needs a
-    /// daemon round trip per open, while without it opens cost none; see the README's benchmarks
-    #[arg(long, value_enum, default_value_t = Passthrough::Off)]
+    /// FUSE: the kernel reads large blobs straight from their store file (Linux 6.9+, root;
+    /// auto: where allowed). Cold reads run at native speed; every open then costs a daemon
+    /// round trip, which off saves (see the README's benchmarks)
+    #[arg(long, value_enum, default_value_t = Passthrough::Auto)]
     passthrough: Passthrough,
     /// FUSE: how requests travel. io-uring (Linux 6.14+, root sets
     /// /sys/module/fuse/parameters/enable_uring) serves each CPU's requests on its own queue;

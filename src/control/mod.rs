@@ -441,6 +441,11 @@ pub fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
             .name
             .get()
             .map(|_| load(&info.transport.passthrough_opens)),
+        backing_ids: info
+            .transport
+            .name
+            .get()
+            .map(|_| load(&info.transport.backing_ids)),
         dev_requests: info
             .transport
             .name
@@ -455,7 +460,7 @@ pub fn status(core: &DigestFs, info: &MountInfo) -> StatusInfo {
         reads: load(&s.reads),
         read_bytes: load(&s.read_bytes),
         errors: load(&s.errors),
-        open_handles: core.open_handles() as u64,
+        open_handles: core.open_handles() as u64 + load(&info.transport.open_files),
         inodes: core.inode_count() as u64,
         cached_dir_entries: core.cached_entries() as u64,
         views: core.namespace().views().len() as u64,

@@ -124,6 +124,9 @@ pub struct StatusInfo {
     /// FUSE: opens answered with a backing id (passthrough), on either transport.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub passthrough_opens: Option<u64>,
+    /// FUSE: backing ids made (one per blob, reused by every later open of it).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub backing_ids: Option<u64>,
     /// FUSE: how many requests were answered over /dev/fuse (forgets and interrupts aside).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dev_requests: Option<u64>,

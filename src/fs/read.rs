@@ -55,6 +55,13 @@ impl DigestFs {
         self.readable_file(&self.node(ino)?, flags).map(|_| ())
     }
 
+    /// The open blob of file `ino`, checked when first opened, from the cache of open blobs
+    /// that reads without a handle use: for an open that keeps no handle of its own.
+    pub fn open_blob(&self, ino: u64) -> FsResult<Blob> {
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        self.blob_of(Some(ino), &self.node(ino)?)
+    }
+
     /// The digest of `node` if it is a file that `flags` open for reading only; anything that
     /// could write is EROFS.
     fn readable_file(&self, node: &Node, flags: i32) -> FsResult<Digest> {

@@ -67,6 +67,11 @@ pub struct TransportInfo {
     pub latency: std::sync::OnceLock<crate::metrics::Latency>,
     /// Opens answered with a backing id (FUSE passthrough), on either transport.
     pub passthrough_opens: std::sync::atomic::AtomicU64,
+    /// Backing ids made: one per blob opened with passthrough, reused by its later opens.
+    pub backing_ids: std::sync::atomic::AtomicU64,
+    /// Files open with a handle of ours: with passthrough agreed, every open file (without it,
+    /// opens send no message and none is seen).
+    pub open_files: std::sync::atomic::AtomicU64,
     /// Requests answered over /dev/fuse, but for forgets and interrupts (which the kernel sends
     /// there on either transport).
     pub dev_requests: std::sync::atomic::AtomicU64,

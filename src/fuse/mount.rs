@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
+use super::backing::Backings;
 use super::uring::Ring;
 use super::{FuseAdapter, Passthrough, Transport};
 use crate::fs::{DigestFs, Invalidator};
@@ -189,7 +190,8 @@ fn start_session(
             }
         },
     };
-    let session = mount_session(&core, cfg, Transport::Dev, None, Default::default())?;
+    let backings = Arc::new(Backings::new(cfg.transport_used.clone()));
+    let session = mount_session(&core, cfg, Transport::Dev, None, backings)?;
     log::info!("FUSE transport: /dev/fuse ({why_dev})");
     let _ = cfg.transport_used.name.set("dev");
     Ok((session, None))
@@ -266,13 +268,13 @@ fn try_session(
         ))
     })?;
     let granted = Arc::new(AtomicBool::new(false));
-    let passthrough = Arc::new(AtomicBool::new(false));
+    let backings = Arc::new(Backings::new(cfg.transport_used.clone()));
     let session = mount_session(
         core,
         cfg,
         transport,
         Some(granted.clone()),
-        passthrough.clone(),
+        backings.clone(),
     )?;
     if !granted.load(Ordering::SeqCst) {
         // `auto` only (`io-uring` fails INIT instead); the queues end with `prepared`.
@@ -282,19 +284,8 @@ fn try_session(
     if let Ok(dev) = os::fuse_device_at(mp) {
         let _ = device.set(dev);
     }
-    // The opens come over the ring: it makes the backing ids, with the connection's fd.
-    let opens = match cfg.passthrough {
-        Passthrough::Off => None,
-        _ => {
-            let fd = session.as_fd().try_clone_to_owned().map_err(failed)?;
-            let stats = cfg.transport_used.clone();
-            Some(Arc::new(super::uring::RingOpens::new(
-                passthrough,
-                fd,
-                stats,
-            )))
-        }
-    };
+    // The opens come over the ring, with the ids shared with /dev/fuse (where forgets come).
+    let opens = (cfg.passthrough != Passthrough::Off).then_some(backings);
     let ring = match prepared.start(session.as_fd(), opens) {
         Ok(ring) => ring,
         Err(e) => {
@@ -331,7 +322,7 @@ fn mount_session(
     cfg: &MountConfig,
     transport: Transport,
     granted: Option<Arc<AtomicBool>>,
-    passthrough: Arc<AtomicBool>,
+    backings: Arc<Backings>,
 ) -> Result<fuser::Session<FuseAdapter>, String> {
     let mp = &cfg.mountpoint;
     let mut config = Config::default();
@@ -367,13 +358,21 @@ fn mount_session(
         core.clone(),
         cfg.ttl,
         cfg.passthrough,
-        passthrough,
+        backings.clone(),
         transport,
         granted,
         stats,
     );
     let session = fuser::Session::new(adapter, mp, &config)
         .map_err(|e| format!("mounting {} failed: {e}", mp.display()))?;
+    if backings.agreed() {
+        // Backing ids are made on the connection's fd, for opens over either transport.
+        let fd = session
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("duplicating the FUSE connection's fd: {e}"))?;
+        backings.set_connection(fd);
+    }
     core.set_invalidator(Box::new(KernelInvalidator(session.notifier())));
     Ok(session)
 }

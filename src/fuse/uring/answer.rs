@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use super::wire::{self, InHeader, Writer};
-use crate::fs::{DigestFs, DirEntryOut, FileKind, FsError};
+use crate::fs::{DigestFs, DirEntryOut, FileKind, FsError, NO_HANDLE};
 
 /// A reply's payload length, or the errno to answer.
 pub type Answer = Result<usize, i32>;
@@ -53,31 +53,35 @@ pub fn answer(
         }
         wire::FUSE_OPEN => {
             let flags = wire::u32_at(op_in, 0).ok_or(libc::EINVAL)? as i32;
-            let Some(opens) = opens.filter(|o| o.enabled()) else {
+            let Some(opens) = opens.filter(|o| o.agreed()) else {
                 core.check_open(h.nodeid, flags).map_err(errno)?;
                 return Err(libc::ENOSYS);
             };
-            // With passthrough, as the adapter: a handle per open, large blobs backed by their
-            // file, LMDB blobs kept in the page cache across opens.
-            let (fh, blob) = core.open(h.nodeid, flags).map_err(errno)?;
-            let backing = blob.file().and_then(|f| opens.backing_for(h.nodeid, fh, f));
+            // With passthrough, as the adapter: large blobs backed by their file, LMDB blobs
+            // kept in the page cache across opens, no handle in the core.
+            core.check_open(h.nodeid, flags).map_err(errno)?;
+            let (fh, backing) = opens
+                .open(h.nodeid, || {
+                    core.open_blob(h.nodeid).map(|b| b.file().cloned())
+                })
+                .map_err(errno)?;
             let mut w = Writer::new(payload);
             w.open_out(fh, backing);
             Ok(w.len())
         }
         wire::FUSE_READ => {
-            let fh = wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?;
             let offset = wire::u64_at(op_in, 8).ok_or(libc::EINVAL)?;
             let size = wire::u32_at(op_in, 16).ok_or(libc::EINVAL)? as usize;
             // Straight into the entry's payload: no reply buffer to zero, no copy.
             let buf = payload.get_mut(..size).ok_or(libc::EINVAL)?;
-            core.read_into(h.nodeid, fh, offset, buf).map_err(errno)
+            // Opens keep no handle in the core (zero-message, or `opens`' own): reads by inode.
+            core.read_into(h.nodeid, NO_HANDLE, offset, buf)
+                .map_err(errno)
         }
         wire::FUSE_RELEASE => {
             let fh = wire::u64_at(op_in, 0).ok_or(libc::EINVAL)?;
-            core.release(fh);
             if let Some(opens) = opens {
-                opens.release(fh);
+                opens.release(h.nodeid, fh);
             }
             Ok(0)
         }

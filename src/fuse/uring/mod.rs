@@ -20,8 +20,9 @@
 //!   mount is left behind; the daemon then exits 1. A daemon killed outright (`kill -9`) is
 //!   detached by its watcher process (`digestfs watch-mount`), on either transport.
 //! - Passthrough opens (`--passthrough`): a backing id is made by an ioctl on the connection's
-//!   fd, once per inode and kept while any handle of it is open ([`RingOpens`]); the OPEN reply
-//!   that carries it is committed over the ring like any other.
+//!   fd, once per inode and kept until the kernel forgets it ([`RingOpens`], shared with the
+//!   /dev/fuse adapter); the OPEN reply that carries it is committed over the ring like any
+//!   other.
 //!
 //! What it does not do:
 //! - Leave `/dev/fuse` unread: one fuser thread reads it, for the forgets and interrupts the
@@ -57,58 +58,9 @@ const RETRIES: u32 = 3;
 
 pub use answer::answer;
 
-/// Opens over the ring with passthrough: whether INIT agreed to it (shared with the /dev/fuse
-/// adapter, which set it), the connection's fd for the backing ids, and the ids by inode.
-pub struct RingOpens {
-    on: Arc<std::sync::atomic::AtomicBool>,
-    fuse: Arc<OwnedFd>,
-    backing: super::backing::BackingCache<sys::Backing>,
-    stats: Arc<super::TransportInfo>,
-}
-
-impl RingOpens {
-    pub fn new(
-        on: Arc<std::sync::atomic::AtomicBool>,
-        fuse: OwnedFd,
-        stats: Arc<super::TransportInfo>,
-    ) -> RingOpens {
-        RingOpens {
-            on,
-            fuse: Arc::new(fuse),
-            backing: Default::default(),
-            stats,
-        }
-    }
-
-    /// Whether opens are answered one by one, with passthrough for files (else zero-message).
-    pub fn enabled(&self) -> bool {
-        self.on.load(Ordering::Relaxed)
-    }
-
-    /// The backing id of `file` for handle `fh` of `ino`: the inode's, or a new one. A refusal
-    /// turns passthrough off for the rest of the mount, as over /dev/fuse.
-    fn backing_for(&self, ino: u64, fh: u64, file: &std::fs::File) -> Option<u32> {
-        match self
-            .backing
-            .acquire(ino, fh, || sys::Backing::open(&self.fuse, file))
-        {
-            Ok(b) => {
-                self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                Some(b.id())
-            }
-            Err(e) => {
-                if self.on.swap(false, Ordering::Relaxed) {
-                    log::warn!("FUSE passthrough refused ({e}); serving reads through the daemon");
-                }
-                None
-            }
-        }
-    }
-
-    fn release(&self, fh: u64) {
-        self.backing.release(fh);
-    }
-}
+/// Opens over the ring with passthrough: the connection's backing ids, shared with the
+/// /dev/fuse adapter (which learns at INIT whether passthrough is on, and hears the forgets).
+pub type RingOpens = super::backing::Backings;
 
 /// What a queue calls when it cannot go on: ends the connection, so that no reader waits on a
 /// CPU whose queue is gone.

@@ -275,52 +275,6 @@ impl Drop for Queue {
     }
 }
 
-/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`.
-const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
-
-/// A backing id of the connection `fuse`: the kernel reads a passthrough file straight from the
-/// file it was made for. Closed on drop, once no open file of the kernel's needs it (the kernel
-/// keeps its own reference to the file for files already open).
-pub struct Backing {
-    fuse: std::sync::Arc<OwnedFd>,
-    id: u32,
-}
-
-impl Backing {
-    pub fn open(fuse: &std::sync::Arc<OwnedFd>, file: &std::fs::File) -> io::Result<Backing> {
-        let id = fuser::BackingId::create_raw(fuse.as_ref(), file)?;
-        Ok(Backing {
-            fuse: fuse.clone(),
-            id,
-        })
-    }
-
-    pub fn id(&self) -> u32 {
-        self.id
-    }
-}
-
-impl Drop for Backing {
-    fn drop(&mut self) {
-        // SAFETY: the ioctl reads one u32 that outlives the call; a closed or foreign id is
-        // refused by the kernel with an error, which changes nothing.
-        let rc = unsafe {
-            libc::ioctl(
-                self.fuse.as_raw_fd(),
-                FUSE_DEV_IOC_BACKING_CLOSE as _,
-                &self.id as *const u32,
-            )
-        };
-        if rc != 0 {
-            log::debug!(
-                "closing backing id {}: {}",
-                self.id,
-                io::Error::last_os_error()
-            );
-        }
-    }
-}
-
 /// Pins the calling thread to `cpu`, so a queue serves the CPU its requests come from.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it for
