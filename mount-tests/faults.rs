@@ -272,3 +272,38 @@ fn unmount_abort_ends_the_reads_a_stopped_daemon_holds() {
     // Its connection gone, the daemon ends once it runs again.
     assert!(m.wait_exit(T).code().is_some());
 }
+
+/// A stopped (or hung) daemon is named, not waited on: `status` gives up after its limit, and
+/// `mount --reuse` refuses it at once rather than stat a mount that would hold it too.
+#[test]
+fn a_stopped_daemon_is_named_not_waited_on() {
+    let m = Mount::fixture(&[("lib", JAR_TREE)], &[]);
+    let pid = m.pid() as i32;
+    let mnt = m.mnt.to_str().unwrap().to_owned();
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_until("every daemon thread stopped", T, || {
+        all_threads_stopped(pid).then_some(())
+    });
+    let status = run_timeout(
+        Command::new(bin()).args(["status", &mnt]),
+        Duration::from_secs(60),
+    );
+    let reuse = run_timeout(
+        Command::new(bin())
+            .arg("--store")
+            .arg(&m.store)
+            .args(["mount", "--daemon", "--reuse", &mnt]),
+        Duration::from_secs(60),
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for out in [&status, &reuse] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("did not answer within 10 s"),
+            "{out:?}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&reuse.stderr).contains("cannot be reused"));
+    // Running again, it answers as before.
+    dfs_ok(&["status", &mnt]);
+}

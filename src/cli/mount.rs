@@ -183,10 +183,17 @@ const REUSE_WAIT: Duration = Duration::from_secs(30);
 fn reusable(mountpoint: &Path, socket: &Path, want: &Wanted) -> Result<Option<u32>, Failure> {
     let deadline = std::time::Instant::now() + REUSE_WAIT;
     let status = loop {
-        let Some(s) = control::call(socket, &Request::Status)
-            .ok()
-            .and_then(|r| r.status)
-        else {
+        let answer = match control::call(socket, &Request::Status) {
+            // Its mount would hold every reader, this one's checks of it included.
+            Err(e @ control::CallError::NoAnswer { .. }) => {
+                return Err(Failure::Msg(format!(
+                    "{} has a digestfs daemon that cannot be reused: {e}",
+                    mountpoint.display()
+                )))
+            }
+            answer => answer,
+        };
+        let Some(s) = answer.ok().and_then(|r| r.status) else {
             break None;
         };
         check_same(mountpoint, &s, want)?;

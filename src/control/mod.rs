@@ -495,12 +495,28 @@ pub enum CallError {
     },
     #[error("the daemon at {} closed the connection without answering", socket.display())]
     Closed { socket: PathBuf },
+    #[error(
+        "the daemon at {} did not answer within {secs} s: it is stopped or hung (`digestfs \
+         unmount --abort MOUNTPOINT` ends its mount)",
+        socket.display()
+    )]
+    NoAnswer { socket: PathBuf, secs: u64 },
     #[error("unreadable answer from the daemon at {}: {source}", socket.display())]
     Unreadable {
         socket: PathBuf,
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// How long a request may take to be answered: a bind verifies a whole tree, which may take
+/// minutes; anything else answers from memory at once, so a daemon that does not answer in
+/// seconds is stopped or hung, and the caller is told so rather than held.
+fn answer_limit(req: &Request) -> Duration {
+    match req {
+        Request::Bind { .. } | Request::Unbind { .. } => Duration::from_secs(600),
+        _ => Duration::from_secs(10),
+    }
 }
 
 /// Sends one request to the daemon behind `socket` and returns its answer. The socket must be
@@ -521,9 +537,10 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, CallError> {
             uid,
         });
     }
-    stream
-        .set_read_timeout(Some(Duration::from_secs(600)))
-        .map_err(io_err)?;
+    let limit = answer_limit(req);
+    for set in [UnixStream::set_read_timeout, UnixStream::set_write_timeout] {
+        set(&stream, Some(limit)).map_err(io_err)?;
+    }
     let mut line = encode_request(req);
     line.push('\n');
     // A daemon that refuses a peer answers at once and hangs up, so a failed write may still
@@ -533,6 +550,17 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, CallError> {
     let read = BufReader::new(&stream).read_line(&mut answer);
     if answer.is_empty() {
         return Err(match (written, read) {
+            (Err(e), _) | (_, Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                CallError::NoAnswer {
+                    socket: socket.to_path_buf(),
+                    secs: limit.as_secs(),
+                }
+            }
             (Err(e), _) | (_, Err(e)) => io_err(e),
             _ => CallError::Closed {
                 socket: socket.to_path_buf(),
