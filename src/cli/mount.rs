@@ -94,9 +94,10 @@ pub(super) struct MountArgs {
     #[arg(long)]
     xattrs: bool,
     /// FUSE: the kernel reads large blobs straight from their store file (Linux 6.9+, root;
-    /// auto: where allowed). Cold reads run at native speed; every open then costs a daemon
-    /// round trip, which off saves (see the README's benchmarks)
-    #[arg(long, value_enum, default_value_t = Passthrough::Auto)]
+    /// auto: where allowed). Whole-jar cold reads run at native speed, but every open costs a
+    /// daemon round trip, which off saves: IDE-like access is slower with it, warm and cold
+    /// (see the README's benchmarks)
+    #[arg(long, value_enum, default_value_t = Passthrough::Off)]
     passthrough: Passthrough,
     /// FUSE: how requests travel. io-uring (Linux 6.14+, root sets
     /// /sys/module/fuse/parameters/enable_uring) serves each CPU's requests on its own queue;
