@@ -185,7 +185,11 @@ fn reusable(mountpoint: &Path, socket: &Path, want: &Wanted) -> Result<Option<u3
     let deadline = std::time::Instant::now() + REUSE_WAIT;
     let status = loop {
         let answer = match control::call(socket, &Request::Status) {
-            // Its mount would hold every reader, this one's checks of it included.
+            // Still restoring its views, perhaps: asked again until the wait is over. Never
+            // past it, as a stopped daemon's mount would hold every reader, this one included.
+            Err(control::CallError::NoAnswer { .. }) if std::time::Instant::now() < deadline => {
+                continue;
+            }
             Err(e @ control::CallError::NoAnswer { .. }) => {
                 return Err(Failure::Msg(format!(
                     "{} has a digestfs daemon that cannot be reused: {e}",

@@ -496,8 +496,9 @@ pub enum CallError {
     #[error("the daemon at {} closed the connection without answering", socket.display())]
     Closed { socket: PathBuf },
     #[error(
-        "the daemon at {} did not answer within {secs} s: it is stopped or hung (`digestfs \
-         unmount --abort MOUNTPOINT` ends its mount)",
+        "the daemon at {} did not answer within {secs} s: it is stopped (state T in ps), hung, \
+         or still restoring its views; `digestfs unmount --abort` on its mountpoint ends a \
+         mount whose daemon will not run again",
         socket.display()
     )]
     NoAnswer { socket: PathBuf, secs: u64 },
@@ -509,13 +510,14 @@ pub enum CallError {
     },
 }
 
-/// How long a request may take to be answered: a bind verifies a whole tree, which may take
-/// minutes; anything else answers from memory at once, so a daemon that does not answer in
-/// seconds is stopped or hung, and the caller is told so rather than held.
+/// How long a request may take to be answered. `status` answers from memory at once (it takes
+/// no lock a bind holds), so a daemon that does not answer it in seconds is stopped, hung or
+/// still restoring its views, and the caller is told so rather than held. Anything else may
+/// verify a tree or fetch listings from a remote CAS, which may take minutes.
 fn answer_limit(req: &Request) -> Duration {
     match req {
-        Request::Bind { .. } | Request::Unbind { .. } => Duration::from_secs(600),
-        _ => Duration::from_secs(10),
+        Request::Status => Duration::from_secs(10),
+        _ => Duration::from_secs(600),
     }
 }
 

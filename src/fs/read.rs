@@ -59,7 +59,19 @@ impl DigestFs {
     /// that reads without a handle use: for an open that keeps no handle of its own.
     pub fn open_blob(&self, ino: u64) -> FsResult<Blob> {
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
-        self.blob_of(Some(ino), &self.node(ino)?)
+        let node = self.node(ino)?;
+        let blob = self.blob_of(Some(ino), &node)?;
+        if !matches!(blob, Blob::Fetching(_)) {
+            return Ok(blob);
+        }
+        // Cached while it was being fetched: it may have its store file by now, which is what
+        // an open with passthrough needs.
+        let digest = self.readable_file(&node, libc::O_RDONLY)?;
+        let fresh = self
+            .open_checked(&digest)
+            .map_err(|e| self.store_failure(Some(ino), e))?;
+        lock(&self.read.by_digest).put(digest, fresh.clone());
+        Ok(fresh)
     }
 
     /// The digest of `node` if it is a file that `flags` open for reading only; anything that

@@ -418,8 +418,10 @@ fn a_missing_blob_is_eio_and_the_rest_still_reads() {
     // Gone from the store: its own error, which FUSE answers EIO (NFS answers STALE).
     let err = f.fs.open(big.ino, libc::O_RDONLY).unwrap_err();
     assert_eq!((&err, err.errno()), (&FsError::Gone, libc::EIO));
+    // The same for an open without a handle of its own (FUSE with passthrough).
+    assert_eq!(f.fs.open_blob(big.ino).unwrap_err(), FsError::Gone);
     assert_eq!(read_all(&f.fs, guava.ino), b"guava");
-    assert_eq!(f.fs.stats.errors.load(Ordering::Relaxed), 1);
+    assert_eq!(f.fs.stats.errors.load(Ordering::Relaxed), 2);
 }
 
 #[test]

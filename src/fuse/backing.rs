@@ -126,6 +126,8 @@ impl<Id> BackingCache<Id> {
     }
 
     /// The kernel forgot `ino`: its id goes (closed once dropped) unless handles still use it.
+    /// (An open whose reply never reached the kernel, on an aborted connection, is never
+    /// released: its inode keeps its id until the connection, and this cache, end.)
     pub fn forget(&self, ino: u64) {
         let mut shard = self.shard(ino);
         if shard.by_ino.get(&ino).is_some_and(|s| s.handles == 0) {
@@ -335,7 +337,8 @@ mod tests {
         }
         cache.release(8, 102);
         cache.release(8, 999); // never opened: ignored
-                               // Closed, then opened again: the same id, no new one.
+
+        // Closed, then opened again: the same id, no new one.
         assert!(cache.open(7, 103, make(), || {}).0.is_some());
         assert_eq!(opened.get(), 2);
         // Forgotten while a handle is open: kept; once released and forgotten, gone.

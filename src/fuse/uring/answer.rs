@@ -127,6 +127,9 @@ pub fn answer(
         // the ring too; a FORGET taken here as well would not leak its lookups.
         wire::FUSE_FORGET => {
             core.forget(h.nodeid, wire::u64_at(op_in, 0).unwrap_or(0));
+            if let Some(opens) = opens {
+                opens.forget(h.nodeid);
+            }
             Ok(0)
         }
         wire::FUSE_SETATTR
