@@ -192,12 +192,7 @@ impl Filesystem for FuseAdapter {
         }
         // One reply per open, with no handle in the core (reads of blobs without an id come by
         // inode): an inode that has a backing id is answered with it and nothing else.
-        if let Err(e) = self.core.check_open(ino.0, flags.0) {
-            return reply.error(errno(e));
-        }
-        let opened = self.backings.open(ino.0, || {
-            self.core.open_blob(ino.0).map(|b| b.file().cloned())
-        });
+        let opened = self.backings.open(&self.core, ino.0, flags.0);
         match opened {
             Ok((fh, Some(id))) => {
                 // SAFETY: `id` is a live backing id of this connection, owned by `backings`:

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::TransportInfo;
+use crate::fs::{DigestFs, FsResult};
 
 const SHARDS: usize = 64;
 
@@ -251,25 +252,22 @@ impl Backings {
         let _ = self.fuse.set(Arc::new(fuse));
     }
 
-    /// Opens `ino` for the kernel: our handle for it, and the backing id to answer with, if
-    /// any. An inode that has an id is answered with it, nothing else asked; else `file()`
-    /// gives the blob's store file (None for LMDB blobs and blobs still being fetched, which
-    /// open with the page cache kept instead). Reads of opens without an id come by inode, so
-    /// the handle is only this cache's count of the inode's opens.
-    pub fn open<E>(
-        &self,
-        ino: u64,
-        file: impl FnOnce() -> Result<Option<Arc<std::fs::File>>, E>,
-    ) -> Result<(u64, Option<u32>), E> {
+    /// Opens `ino` with `flags` for the kernel, on either transport: our handle for it, and the
+    /// backing id to answer with, if any. An inode that has an id is answered with it, the core
+    /// asked only whether the open is allowed; else the core opens the blob (no handle there:
+    /// reads of opens without an id come by inode), whose store file gets an id (LMDB blobs and
+    /// blobs still being fetched have none, and open with the page cache kept instead). The
+    /// handle is only this cache's count of the inode's opens.
+    pub fn open(&self, core: &DigestFs, ino: u64, flags: i32) -> FsResult<(u64, Option<u32>)> {
+        core.check_open(ino, flags)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.stats.open_files.fetch_add(1, Ordering::Relaxed);
         if let Some(id) = self.cache.open_held(ino, fh) {
+            self.stats.open_files.fetch_add(1, Ordering::Relaxed);
             self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
             return Ok((fh, Some(id.id())));
         }
-        let file = file().inspect_err(|_| {
-            self.stats.open_files.fetch_sub(1, Ordering::Relaxed);
-        })?;
+        let file = core.open_blob(ino)?.file().cloned();
+        self.stats.open_files.fetch_add(1, Ordering::Relaxed);
         let fuse = self.fuse.get();
         let make = match (&file, fuse) {
             (Some(file), Some(fuse)) if self.making.load(Ordering::Relaxed) => {

@@ -59,12 +59,7 @@ pub fn answer(
             };
             // With passthrough, as the adapter: large blobs backed by their file, LMDB blobs
             // kept in the page cache across opens, no handle in the core.
-            core.check_open(h.nodeid, flags).map_err(errno)?;
-            let (fh, backing) = opens
-                .open(h.nodeid, || {
-                    core.open_blob(h.nodeid).map(|b| b.file().cloned())
-                })
-                .map_err(errno)?;
+            let (fh, backing) = opens.open(core, h.nodeid, flags).map_err(errno)?;
             let mut w = Writer::new(payload);
             w.open_out(fh, backing);
             Ok(w.len())
