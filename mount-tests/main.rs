@@ -145,10 +145,7 @@ fn passthrough_serves_large_blobs() {
         "{}",
         m.log_text()
     );
-    let status = digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
-        .unwrap()
-        .status
-        .unwrap();
+    let status = harness::status(&socket);
     // One backing id per large jar opened (the tree's blobs of 512 KiB and more).
     let large = manifest()[JAR_TREE]
         .values()
@@ -176,10 +173,7 @@ fn passthrough_serves_large_blobs() {
             assert_eq!(format!("{}-{}", sha256_hex(&bytes), bytes.len()), *digest);
         }
     }
-    let again = digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
-        .unwrap()
-        .status
-        .unwrap();
+    let again = harness::status(&socket);
     assert_eq!(again.passthrough_opens, Some(2 * large), "{again:?}");
     assert_eq!(again.backing_ids, Some(large), "{again:?}");
     assert!(again.read_bytes <= 2 * small_bytes, "{again:?}");
@@ -191,12 +185,7 @@ fn passthrough_serves_large_blobs() {
     assert_eq!(again.opens - status.opens, small, "{status:?} {again:?}");
 
     // Files open are counted as handles while they are, and until the kernel releases them.
-    let status = || {
-        digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
-            .unwrap()
-            .status
-            .unwrap()
-    };
+    let status = || harness::status(&socket);
     let manifest = manifest();
     let jar = manifest[JAR_TREE]
         .iter()

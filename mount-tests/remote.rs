@@ -7,7 +7,6 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use digestfs::control::protocol::Request;
 use digestfs::remote::RemoteStatus;
 use digestfs::store::{Digest, EntryKind, Store};
 
@@ -69,10 +68,7 @@ fn mount_store(
 }
 
 fn remote_status(socket: &Path) -> RemoteStatus {
-    digestfs::control::call(socket, &Request::Status)
-        .unwrap()
-        .status
-        .unwrap()
+    crate::harness::status(socket)
         .remote
         .expect("status has a remote part")
 }
@@ -666,12 +662,7 @@ fn a_read_held_by_the_remote_holds_up_no_other_request_from_its_cpu() {
             socket.to_str().unwrap(),
         ],
     );
-    let status = || {
-        digestfs::control::call(&socket, &Request::Status)
-            .unwrap()
-            .status
-            .unwrap()
-    };
+    let status = || crate::harness::status(&socket);
     let path = m.path("lib/big.jar");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), big.len() as u64);
     let before = status().remote.unwrap().bytestream_reads;

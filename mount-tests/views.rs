@@ -262,13 +262,7 @@ fn a_listing_gives_every_entry_its_attributes() {
         "many",
         &digest,
     ]);
-    let lookups = || {
-        digestfs::control::call(&socket, &digestfs::control::protocol::Request::Status)
-            .unwrap()
-            .status
-            .unwrap()
-            .lookups
-    };
+    let lookups = || crate::harness::status(&socket).lookups;
     let before = lookups();
     // The whole listing first, then a stat of each, as `find -exec stat {} +` does.
     let listed: Vec<PathBuf> = std::fs::read_dir(m.path("many"))

@@ -220,6 +220,14 @@ pub fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// The daemon's `status` over its control socket.
+pub fn status(socket: &Path) -> digestfs::control::protocol::StatusInfo {
+    digestfs::control::call(socket, &digestfs::control::protocol::Request::Status)
+        .unwrap()
+        .status
+        .unwrap()
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let want = mnt.to_str().unwrap().replace(' ', "\\040");
