@@ -96,7 +96,7 @@ fn inode_table_churn(c: &mut Criterion) {
         b.iter_batched(
             InodeTable::new,
             |mut t| {
-                let inos: Vec<u64> = nodes.iter().map(|n| t.acquire(n, ROOT_INO, "x")).collect();
+                let inos: Vec<u64> = nodes.iter().map(|n| t.acquire(n, ROOT_INO).0).collect();
                 for ino in inos {
                     t.forget(ino, 1);
                 }

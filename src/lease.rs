@@ -113,12 +113,13 @@ pub fn spawn(
                 if Instant::now() >= next {
                     renew_once(&core, &theirs);
                     next = Instant::now() + interval;
-                    release_freed_memory();
-                    // A round reads every bound Directory and lease: hand those pages back.
-                    crate::store::release_mapped_pages();
+                    release_memory();
                 }
                 match bound.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                    Ok(tree) => renew(&core, &theirs, &[tree], false),
+                    Ok(tree) => {
+                        renew(&core, &theirs, &[tree], false);
+                        release_memory();
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
@@ -127,13 +128,13 @@ pub fn spawn(
     Ok(stats)
 }
 
-/// A round over a large tree allocates its digest sets and frees them at once; hand that memory
-/// back to the system rather than keep it for a round an interval away.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::malloc_trim(0);
-    }
+/// A renewal reads every Directory and lease of its trees, and allocates its digest sets and
+/// frees them at once: hand both back rather than keep them until the next one. A tree renewed
+/// as it is bound counts too: 100,000 entries held 30 MiB of mapped pages and 11 MiB of freed
+/// heap until the next round, minutes away.
+fn release_memory() {
+    crate::os::release_freed_heap();
+    crate::store::release_mapped_pages();
 }
 
 #[cfg(test)]

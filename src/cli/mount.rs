@@ -441,6 +441,7 @@ fn lock_mount(socket: &Path) -> Result<std::fs::File, Failure> {
 fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path) -> CliResult {
     // Before any thread starts, so that only the mount's signal thread ever takes SIGTERM.
     let signals = os::block_termination_signals();
+    os::limit_heap_retention();
     let store_dir = choice.dir();
     let res = (|| -> CliResult {
         // The last read of a path the caller may have given relative (--remote-ca-certs); the

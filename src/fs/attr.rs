@@ -1,12 +1,11 @@
 //! Attributes, derived from what a node is and nothing else: the same content has the same
 //! attributes in every view, across remounts, and on every machine that has the digest.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 
-use super::{DigestFs, FsResult, Node};
+use super::{Children, DigestFs, FsResult, Node};
 
 pub const BLKSIZE: u32 = 4096;
 
@@ -125,9 +124,9 @@ impl DigestFs {
 }
 
 /// 64 bits that change whenever a namespace directory lists other names or other content.
-fn listing_fingerprint(children: &[(Arc<str>, Node)]) -> u64 {
+fn listing_fingerprint(children: &Children) -> u64 {
     let mut h = Sha256::new();
-    for (name, node) in children {
+    for (name, node) in children.iter() {
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
         h.update(node.fingerprint().to_le_bytes());

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::num::NonZeroUsize;
-use std::ops::Deref;
 use std::sync::Arc;
 
 use foldhash::fast::RandomState;
@@ -21,11 +20,14 @@ const INDEX_FROM: usize = 16;
 /// A directory's entries in name order (byte order, names distinct), and for a large one a hash
 /// index of the names, built once when the directory is decoded: a LOOKUP in a directory of
 /// 1,420 jars hashes the name and compares it once instead of a dozen times (docs/profile.md).
-/// The names are shared (`Arc<str>`) with the inodes the kernel finds under them, so a lookup
-/// allocates nothing.
+/// The names sit back to back in one allocation: a name of its own (an `Arc<str>`) cost 48
+/// bytes an entry, a third of a walked tree's memory (README, the RSS benchmark).
 #[derive(Default)]
 pub struct Children {
-    entries: Vec<(Arc<str>, Node)>,
+    names: Box<str>,
+    /// Where each entry's name ends in `names`.
+    ends: Box<[usize]>,
+    nodes: Box<[Node]>,
     /// Open addressing with linear probing: each slot holds an entry's index plus one, 0 is
     /// empty; a power of two at least twice the entries, or nothing below [`INDEX_FROM`].
     index: Box<[u32]>,
@@ -34,41 +36,80 @@ pub struct Children {
 
 impl Children {
     /// `entries` must be sorted by name (byte order), names distinct.
-    pub fn new(entries: Vec<(Arc<str>, Node)>) -> Children {
-        let hasher = RandomState::default();
-        let mut index = Vec::new().into_boxed_slice();
-        if entries.len() >= INDEX_FROM && entries.len() < (u32::MAX / 4) as usize {
-            let mut table = vec![0u32; (entries.len() * 2).next_power_of_two()];
+    pub fn new<S: AsRef<str>>(entries: Vec<(S, Node)>) -> Children {
+        let mut names = String::with_capacity(entries.iter().map(|(n, _)| n.as_ref().len()).sum());
+        let mut ends = Vec::with_capacity(entries.len());
+        let mut nodes = Vec::with_capacity(entries.len());
+        for (name, node) in entries {
+            names.push_str(name.as_ref());
+            ends.push(names.len());
+            nodes.push(node);
+        }
+        let mut c = Children {
+            names: names.into_boxed_str(),
+            ends: ends.into_boxed_slice(),
+            nodes: nodes.into_boxed_slice(),
+            index: Box::default(),
+            hasher: RandomState::default(),
+        };
+        let n = c.len();
+        if n >= INDEX_FROM && n < (u32::MAX / 4) as usize {
+            let mut table = vec![0u32; (n * 2).next_power_of_two()];
             let mask = table.len() - 1;
-            for (i, (name, _)) in entries.iter().enumerate() {
-                let mut at = hash_name(&hasher, name.as_bytes()) as usize & mask;
+            for i in 0..n {
+                let mut at = hash_name(&c.hasher, c.name(i).as_bytes()) as usize & mask;
                 while table[at] != 0 {
                     at = (at + 1) & mask;
                 }
                 table[at] = i as u32 + 1;
             }
-            index = table.into_boxed_slice();
+            c.index = table.into_boxed_slice();
         }
-        Children {
-            entries,
-            index,
-            hasher,
-        }
+        c
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The name of entry `i` (which must exist).
+    fn name(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.names[start..self.ends[i]]
+    }
+
+    /// Entry `i`, if there is one.
+    pub fn get(&self, i: usize) -> Option<(&str, &Node)> {
+        (i < self.len()).then(|| (self.name(i), &self.nodes[i]))
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Node)> + '_ {
+        (0..self.len()).map(|i| (self.name(i), &self.nodes[i]))
     }
 
     /// The index of the entry named `name` (as bytes: a name that is not UTF-8 matches none).
     pub fn find(&self, name: &[u8]) -> Option<usize> {
         if self.index.is_empty() {
-            return self
-                .entries
-                .binary_search_by(|(n, _)| n.as_bytes().cmp(name))
-                .ok();
+            let (mut lo, mut hi) = (0, self.len());
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                match self.name(mid).as_bytes().cmp(name) {
+                    std::cmp::Ordering::Less => lo = mid + 1,
+                    std::cmp::Ordering::Greater => hi = mid,
+                    std::cmp::Ordering::Equal => return Some(mid),
+                }
+            }
+            return None;
         }
         let mask = self.index.len() - 1;
         let mut at = hash_name(&self.hasher, name) as usize & mask;
         loop {
             let i = self.index[at].checked_sub(1)? as usize;
-            if self.entries[i].0.as_bytes() == name {
+            if self.name(i).as_bytes() == name {
                 return Some(i);
             }
             at = (at + 1) & mask;
@@ -76,16 +117,8 @@ impl Children {
     }
 
     /// The entry named `name`.
-    pub fn named(&self, name: &[u8]) -> Option<&(Arc<str>, Node)> {
-        self.find(name).map(|i| &self.entries[i])
-    }
-}
-
-impl Deref for Children {
-    type Target = [(Arc<str>, Node)];
-
-    fn deref(&self) -> &[(Arc<str>, Node)] {
-        &self.entries
+    pub fn named(&self, name: &[u8]) -> Option<(&str, &Node)> {
+        self.find(name).and_then(|i| self.get(i))
     }
 }
 
@@ -93,16 +126,6 @@ fn hash_name(hasher: &RandomState, name: &[u8]) -> u64 {
     let mut h = hasher.build_hasher();
     h.write(name);
     h.finish()
-}
-
-/// Namespace listings (small, built per request) in the shape of decoded directories.
-fn shared(entries: Vec<(String, Node)>) -> Children {
-    Children::new(
-        entries
-            .into_iter()
-            .map(|(name, node)| (Arc::from(name), node))
-            .collect(),
-    )
 }
 
 /// Decoded directories, bounded by their total number of entries.
@@ -147,17 +170,17 @@ impl DigestFs {
     /// The entries of `node` (`ino` names it in logs, when the front end has one).
     pub(super) fn children(&self, ino: Option<u64>, node: &Node) -> FsResult<Arc<Children>> {
         match node {
-            Node::Root => Ok(Arc::new(shared(
+            Node::Root => Ok(Arc::new(Children::new(
                 self.namespace().children("").unwrap_or_default(),
             ))),
             Node::Namespace(path) => self
                 .namespace()
                 .children(path)
-                .map(|c| Arc::new(shared(c)))
+                .map(|c| Arc::new(Children::new(c)))
                 .ok_or(FsError::NotFound),
             Node::Content => Ok(Arc::new(Children::new(vec![
-                (Arc::from("blobs"), Node::Blobs),
-                (Arc::from("trees"), Node::Trees),
+                ("blobs", Node::Blobs),
+                ("trees", Node::Trees),
             ]))),
             Node::Blobs | Node::Trees => Ok(Arc::new(Children::default())),
             Node::Tree(_) | Node::Merged(_) => {
@@ -176,8 +199,33 @@ impl DigestFs {
         }
     }
 
+    /// The name under which `parent` lists `child`, for messages: by content, so of two names
+    /// with the same content, the first. From the cache, else decoded without filling it.
+    pub(super) fn name_in(&self, parent: &Node, child: &Node) -> Option<String> {
+        let first = |c: &Children| {
+            c.iter()
+                .find(|(_, n)| *n == child)
+                .map(|(n, _)| n.to_string())
+        };
+        match parent {
+            Node::Root if *child == Node::Content => Some(CONTENT_DIR.to_string()),
+            Node::Blobs | Node::Trees => match child {
+                Node::File { digest, .. } | Node::Tree(digest) => Some(digest.to_string()),
+                _ => None,
+            },
+            Node::Tree(_) | Node::Merged(_) => {
+                let cached = lock(&self.cache).get(parent);
+                match cached {
+                    Some(c) => first(&c),
+                    None => first(&Children::new(self.build_children(parent).ok()?)),
+                }
+            }
+            _ => first(&*self.children(None, parent).ok()?),
+        }
+    }
+
     /// The entries of a store or merged directory, in name order.
-    fn build_children(&self, node: &Node) -> Result<Vec<(Arc<str>, Node)>, ReadError> {
+    fn build_children(&self, node: &Node) -> Result<Vec<(String, Node)>, ReadError> {
         match node {
             Node::Tree(d) => Ok(self
                 .cas
@@ -190,11 +238,11 @@ impl DigestFs {
                         EntryKind::Dir(d) => Node::Tree(d),
                         EntryKind::Symlink(t) => Node::Symlink(t.into()),
                     };
-                    (Arc::from(e.name), node)
+                    (e.name, node)
                 })
                 .collect()),
             Node::Merged(ds) => {
-                let mut merged: BTreeMap<Arc<str>, Vec<Node>> = BTreeMap::new();
+                let mut merged: BTreeMap<String, Vec<Node>> = BTreeMap::new();
                 for d in ds.iter() {
                     for (name, node) in self.build_children(&Node::Tree(*d))? {
                         let slot = merged.entry(name).or_default();
@@ -284,7 +332,7 @@ mod tests {
         Children::new(
             names
                 .into_iter()
-                .map(|name| (Arc::from(name), Node::Tree(Digest::EMPTY)))
+                .map(|name| (name, Node::Tree(Digest::EMPTY)))
                 .collect(),
         )
     }

@@ -149,14 +149,15 @@ impl Node {
     }
 }
 
+/// 64 bytes a node: a tree walked by a reader holds one for every entry (readdirplus counts each
+/// as a lookup), so its name and fingerprint are not kept but found again when needed: the name
+/// in the parent's listing ([`super::DigestFs::path_of`], for messages only), the fingerprint
+/// from the node.
 struct Slot {
     node: Node,
-    /// The node's fingerprint, so that GETATTR of a file need not derive it again.
-    fingerprint: u64,
     lookups: u64,
     /// Where the kernel last found it: for `..` and for naming the path in logs.
     parent: u64,
-    name: Arc<str>,
 }
 
 /// Both maps hash with foldhash rather than std's SipHash: every LOOKUP and GETATTR hashes an
@@ -178,11 +179,9 @@ impl InodeTable {
             t.slots.insert(
                 ino,
                 Slot {
-                    fingerprint: node.fingerprint(),
                     node,
                     lookups: u64::MAX,
                     parent: ROOT_INO,
-                    name: Arc::from(""),
                 },
             );
         }
@@ -198,26 +197,9 @@ impl InodeTable {
         }
     }
 
-    /// Records one kernel lookup of `node`, found as `name` in `parent`.
-    pub fn acquire(&mut self, node: &Node, parent: u64, name: &str) -> u64 {
-        self.acquire_named(node, parent, name, || Arc::from(name)).0
-    }
-
-    /// [`InodeTable::acquire`] with a name shared with the directory's decoded entries (no
-    /// allocation); also returns the node's fingerprint.
-    pub fn acquire_shared(&mut self, node: &Node, parent: u64, name: &Arc<str>) -> (u64, u64) {
-        self.acquire_named(node, parent, name, || name.clone())
-    }
-
-    /// [`InodeTable::acquire`], where `owned` makes the name to keep if the node is new or
-    /// was found under another name; also returns the node's fingerprint.
-    pub fn acquire_named(
-        &mut self,
-        node: &Node,
-        parent: u64,
-        name: &str,
-        owned: impl FnOnce() -> Arc<str>,
-    ) -> (u64, u64) {
+    /// Records one kernel lookup of `node`, found in `parent`; returns its number and its
+    /// fingerprint.
+    pub fn acquire(&mut self, node: &Node, parent: u64) -> (u64, u64) {
         let fingerprint = node.fingerprint();
         let derived = node.derived_ino_from(fingerprint);
         let mut ino = derived;
@@ -230,9 +212,6 @@ impl InodeTable {
                     let slot = e.get_mut();
                     slot.lookups = slot.lookups.saturating_add(1);
                     slot.parent = parent;
-                    if &*slot.name != name {
-                        slot.name = owned();
-                    }
                     return (ino, fingerprint);
                 }
                 Entry::Occupied(_) => {
@@ -242,10 +221,8 @@ impl InodeTable {
                 Entry::Vacant(e) => {
                     e.insert(Slot {
                         node: node.clone(),
-                        fingerprint,
                         lookups: 1,
                         parent,
-                        name: owned(),
                     });
                     if ino != derived {
                         self.relocated.insert(node.clone(), ino);
@@ -279,7 +256,9 @@ impl InodeTable {
 
     /// The node numbered `ino` and its fingerprint.
     pub fn node_and_fingerprint(&self, ino: u64) -> Option<(&Node, u64)> {
-        self.slots.get(&ino).map(|s| (&s.node, s.fingerprint))
+        self.slots
+            .get(&ino)
+            .map(|s| (&s.node, s.node.fingerprint()))
     }
 
     pub fn parent(&self, ino: u64) -> u64 {
@@ -299,22 +278,22 @@ impl InodeTable {
         self.slots.is_empty()
     }
 
-    /// The path where the kernel last found `ino`, for messages.
-    pub fn path_of(&self, mut ino: u64) -> String {
-        let mut parts = Vec::new();
+    /// The nodes from `ino` up to the root, where the kernel last found each (at most 256):
+    /// the root last, or `None` last if a node on the way is no longer held.
+    pub fn lineage(&self, mut ino: u64) -> Vec<Option<Node>> {
+        let mut nodes = Vec::new();
         for _ in 0..256 {
+            let Some(slot) = self.slots.get(&ino) else {
+                nodes.push(None);
+                break;
+            };
+            nodes.push(Some(slot.node.clone()));
             if ino == ROOT_INO {
                 break;
             }
-            let Some(slot) = self.slots.get(&ino) else {
-                parts.push("?");
-                break;
-            };
-            parts.push(&slot.name);
             ino = slot.parent;
         }
-        parts.reverse();
-        format!("/{}", parts.join("/"))
+        nodes
     }
 }
 
@@ -332,9 +311,9 @@ mod tests {
     #[test]
     fn same_content_same_number_executable_differs() {
         let mut t = InodeTable::new();
-        let a = t.acquire(&file(b"jar", false), ROOT_INO, "a.jar");
-        let b = t.acquire(&file(b"jar", false), 99, "b.jar");
-        let x = t.acquire(&file(b"jar", true), ROOT_INO, "x");
+        let a = t.acquire(&file(b"jar", false), ROOT_INO).0;
+        let b = t.acquire(&file(b"jar", false), 99).0;
+        let x = t.acquire(&file(b"jar", true), ROOT_INO).0;
         assert_eq!(a, b);
         assert_ne!(a, x);
         assert_eq!(t.lookups(a), 2);
@@ -350,14 +329,14 @@ mod tests {
         let mut t = InodeTable::new();
         let before = t.len();
         let n = file(b"x", false);
-        let ino = t.acquire(&n, ROOT_INO, "x");
-        t.acquire(&n, ROOT_INO, "x");
+        let ino = t.acquire(&n, ROOT_INO).0;
+        t.acquire(&n, ROOT_INO);
         t.forget(ino, 1);
         assert_eq!(t.node(ino), Some(&n));
         t.forget(ino, 1);
         assert_eq!(t.node(ino), None);
         assert_eq!(t.len(), before);
-        assert_eq!(t.acquire(&n, ROOT_INO, "x"), ino);
+        assert_eq!(t.acquire(&n, ROOT_INO).0, ino);
         // The fixed nodes are never forgotten.
         t.forget(ROOT_INO, 1000);
         assert_eq!(t.node(ROOT_INO), Some(&Node::Root));
@@ -368,20 +347,18 @@ mod tests {
         let mut t = InodeTable::new();
         let a = file(b"a", false);
         let b = file(b"b", false);
-        let ino = t.acquire(&a, ROOT_INO, "a");
+        let ino = t.acquire(&a, ROOT_INO).0;
         // Force b's derived slot to be occupied by planting a at b's number.
         let b_ino = b.derived_ino();
         t.slots.insert(
             b_ino,
             Slot {
                 node: a.clone(),
-                fingerprint: a.fingerprint(),
                 lookups: 1,
                 parent: ROOT_INO,
-                name: Arc::from("planted"),
             },
         );
-        let got = t.acquire(&b, ROOT_INO, "b");
+        let got = t.acquire(&b, ROOT_INO).0;
         assert_ne!(got, b_ino);
         assert_ne!(got, ino);
         assert_eq!(t.ino_of(&b), got);
@@ -391,10 +368,14 @@ mod tests {
     }
 
     #[test]
-    fn path_of_follows_last_parents() {
+    fn lineage_follows_last_parents() {
         let mut t = InodeTable::new();
-        let dir = t.acquire(&Node::Namespace("lib".into()), ROOT_INO, "lib");
-        let f = t.acquire(&file(b"j", false), dir, "guava.jar");
-        assert_eq!(t.path_of(f), "/lib/guava.jar");
+        let lib = Node::Namespace("lib".into());
+        let jar = file(b"j", false);
+        let dir = t.acquire(&lib, ROOT_INO).0;
+        let f = t.acquire(&jar, dir).0;
+        assert_eq!(t.lineage(f), [Some(jar), Some(lib), Some(Node::Root)]);
+        t.forget(dir, 1);
+        assert_eq!(t.lineage(f), [Some(file(b"j", false)), None]);
     }
 }

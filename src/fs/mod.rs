@@ -228,11 +228,34 @@ impl DigestFs {
         };
         if first {
             match ino {
-                Some(ino) => log::error!("{}: {err}", lock(&self.inodes).path_of(ino)),
+                Some(ino) => log::error!("{}: {err}", self.path_of(ino)),
                 None => log::error!("{err}"),
             }
         }
         kind
+    }
+
+    /// The path where the kernel last found `ino`, for messages. Inodes keep no names, so each
+    /// is found again in its parent's listing ([`DigestFs::name_in`]).
+    fn path_of(&self, ino: u64) -> String {
+        let lineage = lock(&self.inodes).lineage(ino);
+        let mut parts = Vec::new();
+        if lineage.first().is_some_and(|n| n.is_none()) {
+            parts.push("?".to_string());
+        }
+        for pair in lineage.windows(2) {
+            let (Some(child), Some(parent)) = (&pair[0], &pair[1]) else {
+                parts.push("?".to_string());
+                break;
+            };
+            if let Node::Namespace(path) = child {
+                parts.push(path.to_string());
+                break;
+            }
+            parts.push(self.name_in(parent, child).unwrap_or_else(|| "?".into()));
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
     }
 
     fn node(&self, ino: u64) -> FsResult<Node> {
@@ -256,8 +279,8 @@ impl DigestFs {
         if matches!(parent_node, Node::Tree(_) | Node::Merged(_)) && bytes != b"." && bytes != b".."
         {
             let children = self.children(Some(parent), &parent_node)?;
-            let (name, node) = children.named(bytes).ok_or(FsError::NotFound)?;
-            return self.acquire_found(parent, node, name, || name.clone());
+            let (_, node) = children.named(bytes).ok_or(FsError::NotFound)?;
+            return self.acquire_found(parent, node);
         }
         let name = name.to_str().ok_or(FsError::NotFound)?;
         let node = match name {
@@ -268,23 +291,16 @@ impl DigestFs {
             }
             _ => self.child(Some(parent), &parent_node, name)?,
         };
-        self.acquire_found(parent, &node, name, || Arc::from(name))
+        self.acquire_found(parent, &node)
     }
 
-    /// The attributes of `node`, found as `name` in `parent`, after counting one kernel
-    /// reference to it (none if its attributes cannot be had). `owned` makes the name the
-    /// inode keeps, if it is new or was found under another name.
-    fn acquire_found(
-        &self,
-        parent: u64,
-        node: &Node,
-        name: &str,
-        owned: impl Fn() -> Arc<str>,
-    ) -> FsResult<Attr> {
+    /// The attributes of `node`, found in `parent`, after counting one kernel reference to it
+    /// (none if its attributes cannot be had).
+    fn acquire_found(&self, parent: u64, node: &Node) -> FsResult<Attr> {
         if !node.is_dir() {
             // A file's or symlink's attributes cannot fail and need no lock: the reference is
             // counted first, which derives the fingerprint the attributes need too.
-            let (ino, fingerprint) = lock(&self.inodes).acquire_named(node, parent, name, &owned);
+            let (ino, fingerprint) = lock(&self.inodes).acquire(node, parent);
             if let Some(attr) = self.leaf_attr(ino, node, fingerprint) {
                 return Ok(attr);
             }
@@ -292,7 +308,7 @@ impl DigestFs {
         // A directory's number names it in the log if its listing cannot be read.
         let ino = lock(&self.inodes).ino_of(node);
         let attr = self.attr(Some(ino), node)?;
-        let (acquired, _) = lock(&self.inodes).acquire_named(node, parent, name, owned);
+        let (acquired, _) = lock(&self.inodes).acquire(node, parent);
         Ok(Attr {
             ino: acquired,
             ..attr
@@ -348,7 +364,7 @@ impl DigestFs {
                 0 => (None, &node, ino),
                 1 => (None, &node, parent_ino),
                 _ => {
-                    let (name, n) = &children[(i - 2) as usize];
+                    let (name, n) = children.get((i - 2) as usize).ok_or(FsError::NotFound)?;
                     (Some(name), n, lock(&self.inodes).ino_of(n))
                 }
             };
@@ -358,7 +374,7 @@ impl DigestFs {
                 (true, false) => Some(self.attr(Some(entry_ino), entry_node)?),
             };
             let entry_ino = match name {
-                Some(name) if plus => lock(&self.inodes).acquire_shared(entry_node, ino, name).0,
+                Some(_) if plus => lock(&self.inodes).acquire(entry_node, ino).0,
                 _ => entry_ino,
             };
             let out = DirEntryOut {

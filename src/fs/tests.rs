@@ -625,3 +625,24 @@ fn conflicts_deep_in_merged_trees_are_found_without_recursion() {
     assert!(err.path().unwrap().ends_with("/d/leaf.jar"));
     assert_eq!(err.path().unwrap().matches("/d").count(), 5_000);
 }
+
+#[test]
+fn messages_name_the_path_where_the_kernel_found_a_node() {
+    let f = fixture(false);
+    f.fs.bind("jvm/v", "g1", f.a, true).unwrap();
+    f.fs.bind("jvm/v", "g2", f.b, true).unwrap();
+    let jar = lookup_path(&f.fs, "jvm/v/lib/shared.jar").unwrap().ino;
+    assert_eq!(f.fs.path_of(jar), "/jvm/v/lib/shared.jar");
+    let deep = lookup_path(&f.fs, "jvm/v/sub/y/deep.txt").unwrap().ino;
+    assert_eq!(f.fs.path_of(deep), "/jvm/v/sub/y/deep.txt");
+    let guava = Digest::of_bytes(b"guava");
+    let by_digest = lookup_path(&f.fs, &format!(".digestfs/blobs/{guava}"))
+        .unwrap()
+        .ino;
+    assert_eq!(f.fs.path_of(by_digest), format!("/.digestfs/blobs/{guava}"));
+    assert_eq!(f.fs.path_of(ROOT_INO), "/");
+    // A parent the kernel has forgotten leaves the path unknown.
+    let y = lookup_path(&f.fs, "jvm/v/sub/y").unwrap().ino;
+    f.fs.forget(y, 2);
+    assert_eq!(f.fs.path_of(deep), "/?");
+}

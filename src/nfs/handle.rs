@@ -517,8 +517,7 @@ fn content_child(
                     .iter()
                     .find(|d| {
                         core.children_of(&Node::Tree(**d)).is_ok_and(|c| {
-                            c.binary_search_by(|(n, _)| n.as_bytes().cmp(name.as_bytes()))
-                                .is_ok_and(|i| c[i].1 == node)
+                            c.named(name.as_bytes()).is_some_and(|(_, n)| *n == node)
                         })
                     })
                     .ok_or(nfsstat3::NFS3ERR_IO)?,
@@ -638,7 +637,7 @@ impl Listing {
     pub fn peek(&self, i: usize) -> Option<(&str, &Node)> {
         match self {
             Listing::Namespace(v) => v.get(i).map(|(n, o)| (n.as_str(), &o.node)),
-            Listing::Content(v) => v.get(i).map(|(n, node)| (&**n, node)),
+            Listing::Content(v) => v.get(i),
         }
     }
 

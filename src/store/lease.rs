@@ -52,6 +52,12 @@ impl Store {
         for d in dirs.iter().filter(|d| **d != Digest::EMPTY) {
             dir_shards[self.shard_of(d)].push(*d);
         }
+        // In key order, a batch's keys share their B-tree pages: 100,000 renewals in random order
+        // dirtied a page per key, each copied, written back, and then kept by LMDB for reuse
+        // (7.5 MiB of the daemon's memory for the environment's life, the bench's RSS figure).
+        for v in small.iter_mut().chain(dir_shards.iter_mut()) {
+            v.sort_unstable();
+        }
         for (shard, (fs, ds)) in small.iter().zip(&dir_shards).enumerate() {
             for (shards, digests) in [(&self.files, fs), (&self.directories, ds)] {
                 let r = shards.renew_leases(shard, digests, until)?;
