@@ -45,6 +45,7 @@ impl Frontend {
 Examples:
   digestfs mount --daemon --reuse .pants.d/bsp/jvm/resolves
   digestfs mount --bind jvm-default/lib=<digest> --daemon .pants.d/bsp/jvm/resolves
+  digestfs mount --takeover --daemon .pants.d/bsp/jvm/resolves   (after an upgrade)
 
 The daemon keeps its views in a state file beside its control socket (<socket>.views.json),
 rewritten on every bind and unbind; a daemon started again for the same mountpoint and store
@@ -61,6 +62,13 @@ pub(super) struct MountArgs {
     /// 0 instead of failing; from another store, exit 1 naming both
     #[arg(long)]
     reuse: bool,
+    /// Take MOUNTPOINT over from the daemon serving it, without unmounting: its FUSE
+    /// connection, the inodes the kernel holds and its views, so open files and working
+    /// directories inside carry on (an upgrade or a restart). That daemon exits once this one
+    /// serves, or refuses and goes on serving. Only mounts over /dev/fuse without passthrough
+    /// are handed over, and they stay so (--transport and --passthrough do not apply)
+    #[arg(long, conflicts_with_all = ["reuse", "binds"])]
+    takeover: bool,
     /// How the views reach the kernel: fuse (Linux) or nfs (an NFSv3 server on localhost,
     /// mounted with the OS's NFS client; the default where FUSE is not built in, as on macOS)
     #[arg(long, value_enum, default_value_t = Frontend::DEFAULT)]
@@ -469,19 +477,36 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         if args.prefetch {
             remote_args::spawn_prefetcher(&core)?;
         }
-        // Serving NFS without mounting leaves the mountpoint alone.
-        if !(args.frontend == Frontend::Nfs && args.nfs_no_mount) {
+        // Everything slow is done before a takeover: the mount waits from here until this
+        // daemon serves it.
+        let mut taken = match args.takeover {
+            true => Some(take_over(&args, socket)?),
+            false => None,
+        };
+        // Serving NFS without mounting leaves the mountpoint alone; a mount taken over is ours.
+        if !(args.frontend == Frontend::Nfs && args.nfs_no_mount) && taken.is_none() {
             claim(mountpoint)?;
         }
-        let server = control::Server::bind(socket)
-            .map_err(|e| Failure::Msg(format!("control socket {}: {e}", socket.display())))?;
+        // Taking over, the running daemon keeps the socket until it goes (`Taken::go`).
+        let listen_at = match &taken {
+            Some(_) => socket.with_extension("next.sock"),
+            None => socket.to_path_buf(),
+        };
+        let server = control::Server::bind(&listen_at)
+            .map_err(|e| Failure::Msg(format!("control socket {}: {e}", listen_at.display())))?;
         let _remove_socket = RemoveOnDrop(socket.to_path_buf());
+        let _remove_next = RemoveOnDrop(listen_at.clone());
         let state = Arc::new(StateKeeper::new(
             control::state::state_path(socket),
             mountpoint.to_path_buf(),
             store_dir.to_path_buf(),
         ));
+        // Taking over, these are the running daemon's views, which it holds still for us.
         state.restore(&core);
+        if let Some(t) = &mut taken {
+            adopt_inodes(&core, t);
+            swap_socket(t, &listen_at, socket)?;
+        }
         for bind in &args.binds {
             let (path, digest) = bind
                 .rsplit_once('=')
@@ -520,6 +545,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
             Frontend::Fuse => None,
         };
         let attachment = Arc::new(control::Attachment::new(mountpoint.to_path_buf()));
+        let takeover_door = Arc::new(crate::fuse::TakeoverDoor::default());
         let transport = Arc::new(crate::fuse::TransportInfo::default());
         let metrics = match args.metrics_listen {
             Some(addr) if !addr.ip().is_loopback() && !args.metrics_allow_remote => {
@@ -554,6 +580,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
             transport: transport.clone(),
             attachment,
             metrics: metrics.as_ref().map(|m| m.addr),
+            takeover: takeover_door.clone(),
         });
         server.spawn(core.clone(), info.clone())?;
         if let Some(listener) = metrics {
@@ -592,7 +619,25 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                     }
                 };
                 let ready = move |res: Result<os::MountId, String>| ready(res.map(Some));
-                serve_fuse(core, &args, mountpoint, transport, signals, ready, on_exit)?
+                // Under systemd (a unit's reload), this daemon becomes the main process before
+                // the old one exits, and the old one again if it does not go.
+                let giver = taken.as_ref().map(taken_from);
+                if giver.is_some() {
+                    daemon::notify_systemd(&format!("MAINPID={}\n", std::process::id()));
+                }
+                let fuse = FuseServe {
+                    transport,
+                    takeover: takeover_door,
+                    taken,
+                };
+                let res = serve_fuse(core, &args, mountpoint, fuse, signals, ready, on_exit);
+                if let (Err(_), Some(pid)) = (&res, giver) {
+                    // Still there: it went on serving.
+                    if unsafe { libc::kill(pid as i32, 0) } == 0 {
+                        daemon::notify_systemd(&format!("MAINPID={pid}\n"));
+                    }
+                }
+                res?
             }
         }
         // Unmounted (or stopped) on purpose: the views end with the mount.
@@ -605,12 +650,82 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
     res
 }
 
+/// What the FUSE front end is given besides the mount's options.
+struct FuseServe {
+    transport: Arc<crate::fuse::TransportInfo>,
+    takeover: Arc<crate::fuse::TakeoverDoor>,
+    taken: Option<Taken>,
+}
+
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+type Taken = crate::fuse::takeover::Taken;
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+type Taken = std::convert::Infallible;
+
+/// Asks the daemon behind `socket` for its mount (`--takeover`).
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn take_over(args: &MountArgs, socket: &Path) -> Result<Taken, Failure> {
+    // --transport and --passthrough (or DIGESTFS_TRANSPORT) do not apply: the mount keeps how
+    // it was served, /dev/fuse without passthrough, the only kind that is handed over.
+    if args.frontend != Frontend::Fuse {
+        return Err(Failure::Msg("--takeover is for FUSE mounts".into()));
+    }
+    crate::fuse::takeover::take(socket).map_err(Failure::Msg)
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn take_over(_args: &MountArgs, _socket: &Path) -> Result<Taken, Failure> {
+    Err(Failure::Msg("--takeover needs the FUSE front end".into()))
+}
+
+/// The pid of the daemon a mount is taken over from.
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn taken_from(taken: &Taken) -> u32 {
+    taken.handover.pid
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn taken_from(taken: &Taken) -> u32 {
+    match *taken {}
+}
+
+/// The inodes the kernel holds on the connection taken over, under their numbers.
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn adopt_inodes(core: &DigestFs, taken: &mut Taken) {
+    let inodes = std::mem::take(&mut taken.handover.inodes);
+    log::info!(
+        "taking over from digestfs {} (pid {}): {} inodes held",
+        taken.handover.version,
+        taken.handover.pid,
+        inodes.len()
+    );
+    core.import_inodes(inodes);
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn adopt_inodes(_core: &DigestFs, taken: &mut Taken) {
+    match *taken {}
+}
+
+/// Puts this daemon's control socket at `socket` as the takeover completes (`Taken::go`).
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn swap_socket(taken: &mut Taken, next: &Path, socket: &Path) -> CliResult {
+    taken
+        .swap_socket_at_go(next, socket)
+        .map_err(|e| Failure::Msg(format!("control socket {}: {e}", socket.display())))
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn swap_socket(taken: &mut Taken, _next: &Path, _socket: &Path) -> CliResult {
+    match *taken {}
+}
+
 #[cfg(all(feature = "fuse", target_os = "linux"))]
 fn serve_fuse(
     core: Arc<DigestFs>,
     args: &MountArgs,
     mountpoint: &Path,
-    transport_used: Arc<crate::fuse::TransportInfo>,
+    fuse: FuseServe,
     signals: os::SignalSet,
     ready: impl FnOnce(Result<os::MountId, String>) + Send + 'static,
     on_exit: impl FnOnce() + Send + 'static,
@@ -624,9 +739,10 @@ fn serve_fuse(
         passthrough: args.passthrough,
         read_ahead_kb: args.read_ahead_kb,
         transport: args.transport,
-        transport_used,
+        transport_used: fuse.transport,
+        takeover: fuse.takeover,
     };
-    crate::fuse::mount::serve(core, &cfg, signals, ready, on_exit).map_err(Failure::Msg)
+    crate::fuse::mount::serve(core, &cfg, fuse.taken, signals, ready, on_exit).map_err(Failure::Msg)
 }
 
 /// Not reached: `run` refuses `--frontend fuse` in a build without FUSE.
@@ -635,7 +751,7 @@ fn serve_fuse(
     _core: Arc<DigestFs>,
     args: &MountArgs,
     _mountpoint: &Path,
-    _transport_used: Arc<crate::fuse::TransportInfo>,
+    _fuse: FuseServe,
     _signals: os::SignalSet,
     _ready: impl FnOnce(Result<os::MountId, String>) + Send + 'static,
     _on_exit: impl FnOnce() + Send + 'static,

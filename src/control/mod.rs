@@ -238,6 +238,8 @@ pub struct MountInfo {
     pub attachment: Arc<Attachment>,
     /// Where `--metrics-listen` serves `/metrics`.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where a takeover request goes (`mount --takeover`).
+    pub takeover: Arc<crate::fuse::TakeoverDoor>,
 }
 
 fn reply(mut stream: &UnixStream, resp: &Response) -> io::Result<()> {
@@ -277,11 +279,41 @@ fn serve_conn(stream: &UnixStream, core: &DigestFs, info: &MountInfo) -> io::Res
             return reply(stream, &Response::bad_request(msg));
         }
         let resp = match parse_request(&line) {
+            Ok(Request::Takeover { format, version }) => {
+                match takeover(stream, info, format, &version) {
+                    Ok(()) => return Ok(()),
+                    Err(refusal) => *refusal,
+                }
+            }
             Ok(req) => handle(core, info, req),
             Err(e) => Response::bad_request(e),
         };
         reply(stream, &resp)?;
     }
+}
+
+/// Passes a takeover request to the serving loop, which carries on the conversation on this
+/// connection; the refusal to reply with if it cannot.
+fn takeover(
+    stream: &UnixStream,
+    info: &MountInfo,
+    format: u32,
+    version: &str,
+) -> Result<(), Box<Response>> {
+    let refused = |why: String| {
+        log::warn!("refused a takeover by digestfs {version}: {why}");
+        Box::new(Response::refused(ErrorKind::BadRequest, why))
+    };
+    if format != crate::fuse::TAKEOVER_FORMAT {
+        return Err(refused(format!(
+            "this daemon (digestfs {}) hands over in format {}, not {format}; unmount and mount again instead",
+            env!("CARGO_PKG_VERSION"),
+            crate::fuse::TAKEOVER_FORMAT
+        )));
+    }
+    let conn = stream.try_clone().map_err(|e| refused(e.to_string()))?;
+    log::info!("digestfs {version} asks to take the mount over");
+    info.takeover.enter(conn).map_err(refused)
 }
 
 /// The kind of a failure to read a tree.
@@ -402,6 +434,9 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
             },
             Err(e) => Response::bad_request(e.to_string()).about_path(Some(path)),
         },
+        Request::Takeover { .. } => {
+            Response::bad_request("a takeover is asked for on a connection of its own")
+        }
     }
 }
 

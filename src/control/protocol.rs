@@ -35,6 +35,16 @@ pub enum Request {
     Which {
         path: String,
     },
+    /// `mount --takeover`: the connection, inodes and views of this mount, for the daemon that
+    /// asks (src/fuse/takeover.rs). Not a request and reply like the others: after it the
+    /// connection carries the handover.
+    Takeover {
+        /// The handover format the asker takes; another than the daemon's is refused.
+        format: u32,
+        /// The asker's version, for the log.
+        #[serde(default)]
+        version: String,
+    },
 }
 
 fn default_layer() -> String {

@@ -21,7 +21,7 @@ pub const TREES_INO: u64 = 4;
 /// Derived numbers have the top bit set, so they never meet the fixed ones.
 const DERIVED_BIT: u64 = 1 << 63;
 
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Node {
     Root,
     /// `.digestfs`, reachable by name but not listed.
@@ -160,6 +160,16 @@ struct Slot {
     parent: u64,
 }
 
+/// One node the kernel holds, as a takeover hands it to the next daemon: inode numbers are one-way
+/// hashes (or relocated), so the numbers travel with their nodes.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SlotRecord {
+    pub ino: u64,
+    pub node: Node,
+    pub lookups: u64,
+    pub parent: u64,
+}
+
 /// Both maps hash with foldhash rather than std's SipHash: every LOOKUP and GETATTR hashes an
 /// inode number two to four times, and SipHash was a third of a lookup's instructions
 /// (docs/profile.md). foldhash is still seeded per process, so colliding keys cannot be chosen
@@ -278,6 +288,47 @@ impl InodeTable {
         self.slots.is_empty()
     }
 
+    /// Every node the kernel holds (the fixed ones left out: every table has them).
+    pub fn export(&self) -> Vec<SlotRecord> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.lookups != u64::MAX)
+            .map(|(&ino, s)| SlotRecord {
+                ino,
+                node: s.node.clone(),
+                lookups: s.lookups,
+                parent: s.parent,
+            })
+            .collect()
+    }
+
+    /// Takes `records` ([`InodeTable::export`] of another daemon) as the nodes the kernel
+    /// holds, under the same numbers. A record that would replace a fixed node is skipped.
+    pub fn import(&mut self, records: Vec<SlotRecord>) {
+        for r in records {
+            if self
+                .slots
+                .get(&r.ino)
+                .is_some_and(|s| s.lookups == u64::MAX)
+                || r.lookups == 0
+            {
+                log::warn!("takeover: skipped inode {:#x} ({:?})", r.ino, r.node);
+                continue;
+            }
+            if r.ino != r.node.derived_ino() {
+                self.relocated.insert(r.node.clone(), r.ino);
+            }
+            self.slots.insert(
+                r.ino,
+                Slot {
+                    node: r.node,
+                    lookups: r.lookups,
+                    parent: r.parent,
+                },
+            );
+        }
+    }
+
     /// The nodes from `ino` up to the root, where the kernel last found each (at most 256):
     /// the root last, or `None` last if a node on the way is no longer held.
     pub fn lineage(&self, mut ino: u64) -> Vec<Option<Node>> {
@@ -365,6 +416,49 @@ mod tests {
         assert_eq!(t.node(got), Some(&b));
         t.forget(got, 1);
         assert!(!t.relocated.contains_key(&b));
+    }
+
+    #[test]
+    fn an_exported_table_imports_with_the_same_numbers_counts_and_parents() {
+        let mut t = InodeTable::new();
+        let lib = Node::Namespace("lib".into());
+        let dir = t.acquire(&lib, ROOT_INO).0;
+        let jar = file(b"j", true);
+        let f = t.acquire(&jar, dir).0;
+        t.acquire(&jar, dir);
+        let merged = Node::merged(vec![Digest::of_bytes(b"a"), Digest::of_bytes(b"b")]);
+        let m = t.acquire(&merged, dir).0;
+        // A relocated number travels too.
+        let moved = file(b"moved", false);
+        t.slots.insert(
+            moved.derived_ino(),
+            Slot {
+                node: jar.clone(),
+                lookups: 1,
+                parent: dir,
+            },
+        );
+        let r = t.acquire(&moved, dir).0;
+        assert_ne!(r, moved.derived_ino());
+        let json = serde_json::to_string(&t.export()).unwrap();
+        let mut u = InodeTable::new();
+        u.import(serde_json::from_str(&json).unwrap());
+        for ino in [dir, f, m, r] {
+            assert_eq!(u.node(ino), t.node(ino));
+            assert_eq!(u.lookups(ino), t.lookups(ino));
+            assert_eq!(u.parent(ino), t.parent(ino));
+        }
+        assert_eq!(u.lookups(f), 2);
+        assert_eq!(u.ino_of(&moved), r);
+        assert_eq!(u.len(), t.len());
+        // The fixed nodes are every table's own.
+        u.import(vec![SlotRecord {
+            ino: ROOT_INO,
+            node: jar,
+            lookups: 1,
+            parent: 0,
+        }]);
+        assert_eq!(u.node(ROOT_INO), Some(&Node::Root));
     }
 
     #[test]

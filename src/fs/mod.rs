@@ -22,7 +22,7 @@ pub use self::attr::{Attr, FileKind, BLKSIZE, MTIME_EPOCH};
 pub use self::bind::{BindError, Change, Invalidator};
 pub use self::children::Children;
 use self::children::DirCache;
-pub use self::inode::{InodeTable, Node, BLOBS_INO, CONTENT_INO, ROOT_INO, TREES_INO};
+pub use self::inode::{InodeTable, Node, SlotRecord, BLOBS_INO, CONTENT_INO, ROOT_INO, TREES_INO};
 pub use self::namespace::{
     parse_path, Namespace, NamespaceError, PathError, View, CONTENT_DIR, DEFAULT_LAYER,
 };
@@ -163,6 +163,22 @@ impl DigestFs {
             config,
             stats: Stats::default(),
         }
+    }
+
+    /// The nodes the kernel holds, for a takeover ([`InodeTable::export`]).
+    pub fn export_inodes(&self) -> Vec<SlotRecord> {
+        lock(&self.inodes).export()
+    }
+
+    /// Takes the nodes another daemon's kernel connection holds ([`InodeTable::import`]).
+    pub fn import_inodes(&self, records: Vec<SlotRecord>) {
+        lock(&self.inodes).import(records)
+    }
+
+    /// Holds every bind and unbind until the guard drops (a takeover: the views on disk are
+    /// then the ones the next daemon restores).
+    pub fn hold_binds(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.bind_lock)
     }
 
     /// Where binds send the names they change, once the mount exists.

@@ -1,18 +1,28 @@
-//! The FUSE front end (Linux, cargo feature `fuse`): the thin `fuser` adapter and the FUSE
-//! session. Elsewhere only the option types below are compiled, so the command line is the same
-//! on every platform; `crate::nfs` is the front end there.
+//! The FUSE front end (Linux, cargo feature `fuse`): mounting and the session (`mount`), INIT
+//! (`init`), the two transports (`dev` for /dev/fuse, `uring` for io_uring), what both answer
+//! (`answer`, over the messages in `wire`), passthrough's backing ids (`backing`), binds told to
+//! the kernel (`notify`), and handing a live mount to the next daemon (`takeover`).
+//! Elsewhere only the option types below are compiled, so the command line is the same on every
+//! platform; `crate::nfs` is the front end there.
 
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-mod adapter;
+mod answer;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
 mod backing;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
+mod dev;
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+mod init;
+#[cfg(all(feature = "fuse", target_os = "linux"))]
 pub mod mount;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-pub mod uring;
-
+mod notify;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-pub use adapter::FuseAdapter;
+pub mod takeover;
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+pub mod uring;
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+mod wire;
 
 /// Entries per io-uring queue unless `--queue-depth` says otherwise.
 pub const DEFAULT_QUEUE_DEPTH: u16 = 4;
@@ -77,4 +87,55 @@ pub struct TransportInfo {
     pub dev_requests: std::sync::atomic::AtomicU64,
     /// A ring queue failed once serving and aborted the connection: the daemon exits 1.
     pub ring_failed: std::sync::atomic::AtomicBool,
+}
+
+/// The format of a takeover's handover (`mount --takeover`): a daemon takes a mount over only
+/// from one that hands it over in the same format.
+pub const TAKEOVER_FORMAT: u32 = 1;
+
+/// A control connection that asks for a takeover, passed to the serving loop.
+pub type TakeoverRequest = std::os::unix::net::UnixStream;
+
+/// Where a takeover request goes while the door is open; why not while it is closed.
+type Door = Result<Box<dyn Fn(TakeoverRequest) + Send>, String>;
+
+/// Where the control socket passes a takeover request: open while the mount can be handed
+/// over, else closed with the reason, which the requester is told.
+pub struct TakeoverDoor {
+    door: std::sync::Mutex<Door>,
+}
+
+impl Default for TakeoverDoor {
+    fn default() -> TakeoverDoor {
+        TakeoverDoor {
+            door: std::sync::Mutex::new(Err("the mount is not being served yet".into())),
+        }
+    }
+}
+
+impl TakeoverDoor {
+    fn door(&self) -> std::sync::MutexGuard<'_, Door> {
+        self.door.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Requests go to `to` from now on.
+    pub fn open(&self, to: impl Fn(TakeoverRequest) + Send + 'static) {
+        *self.door() = Ok(Box::new(to));
+    }
+
+    /// Requests are refused, with `why`.
+    pub fn close(&self, why: impl Into<String>) {
+        *self.door() = Err(why.into());
+    }
+
+    /// Passes `request` on, or says why the mount cannot be handed over.
+    pub fn enter(&self, request: TakeoverRequest) -> Result<(), String> {
+        match &*self.door() {
+            Ok(to) => {
+                to(request);
+                Ok(())
+            }
+            Err(why) => Err(why.clone()),
+        }
+    }
 }

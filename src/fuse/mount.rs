@@ -1,39 +1,23 @@
 //! The FUSE session: mounting, readiness, signals, unmounting. The caller has already claimed
 //! the mountpoint (refused a live mount, cleared a stale one).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, SessionACL};
 
 use super::backing::Backings;
+use super::dev::{DevLoop, Ended, Responder};
+use super::init::{Init, MAX_READ};
+use super::notify::KernelInvalidator;
+use super::takeover::{self, Taken};
 use super::uring::Ring;
-use super::{FuseAdapter, Passthrough, Transport};
-use crate::fs::{DigestFs, Invalidator};
+use super::{Passthrough, TakeoverDoor, TakeoverRequest, Transport};
+use crate::fs::DigestFs;
 use crate::os::{self, MountId, SignalSet};
-
-/// Forwards the core's invalidations to the kernel.
-struct KernelInvalidator(fuser::Notifier);
-
-impl Invalidator for KernelInvalidator {
-    fn invalidate_entry(&self, parent: u64, name: &str) {
-        if let Err(e) = self
-            .0
-            .inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::new(name))
-        {
-            log::debug!("invalidating {name:?} in {parent:#x}: {e}");
-        }
-        // The entry is only dropped if the kernel has a dentry for it (a name that was absent
-        // and never looked up has none), but a listing of `parent` may be cached all the same
-        // (opendir is never asked, so the kernel caches listings): drop it, and the attributes.
-        if let Err(e) = self.0.inval_inode(fuser::INodeNo(parent), 0, 0) {
-            log::debug!("invalidating the listing of {parent:#x}: {e}");
-        }
-    }
-}
 
 pub struct MountConfig {
     /// Absolute, and claimed by the caller.
@@ -50,6 +34,8 @@ pub struct MountConfig {
     pub transport: Transport,
     /// Set once the session is up, for `status`.
     pub transport_used: Arc<super::TransportInfo>,
+    /// Opened while the mount can be handed to another daemon.
+    pub takeover: Arc<TakeoverDoor>,
 }
 
 /// Sets the mount's readahead window. The default (128 KiB) caps sequential reads at 128 KiB
@@ -72,29 +58,57 @@ fn set_read_ahead(mp: &Path, kb: u32) {
 }
 
 /// Mounts `core` and serves until the mount goes away (unmount, `fusermount3 -u`, or one of
-/// `signals`, which unmounts). `ready` is called once: when the mount answers (with what
-/// identifies the mount: its device), or with the reason it could not be made. `on_exit` runs
-/// if a signal must end the process without the session ending (its mount detached while files
-/// are held open). Errors are text: each is the one line the daemon reports to
-/// `mount --daemon`'s parent through the readiness pipe, and prints.
+/// `signals`, which unmounts), or a takeover hands it to another daemon (then the process
+/// exits). With `taken`, serves a connection taken over from another daemon instead of
+/// mounting. `ready` is called once: when the mount answers (with what identifies the mount:
+/// its device), or with the reason it could not be made. `on_exit` runs if a signal must end
+/// the process without the session ending (its mount detached while files are held open).
+/// Errors are text: each is the one line the daemon reports to `mount --daemon`'s parent
+/// through the readiness pipe, and prints.
 pub fn serve(
     core: Arc<DigestFs>,
     cfg: &MountConfig,
+    taken: Option<Taken>,
     signals: SignalSet,
     ready: impl FnOnce(Result<MountId, String>) + Send + 'static,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> Result<(), String> {
     let mp = cfg.mountpoint.clone();
-    let session = match start_session(core, cfg) {
+    let started = match taken {
+        Some(taken) => adopt(taken, cfg),
+        None => start_session(core.clone(), cfg),
+    };
+    let started = match started {
         Ok(s) => s,
         Err(msg) => {
             ready(Err(msg.clone()));
             return Err(msg);
         }
     };
+    core.set_invalidator(Box::new(KernelInvalidator(started.fuse.clone())));
     let mounted = Arc::new(OnceLock::new());
     spawn_signal_thread(mp.clone(), signals, mounted.clone(), on_exit)
         .map_err(|e| e.to_string())?;
+    let watched = match &started.taken {
+        // Watched before the old daemon goes (its watcher stands down as it does), then told
+        // to go: from here on the mount is this daemon's.
+        Some(taken) => {
+            watch(&mp, taken.handover.device);
+            if let Err(e) = taken.go() {
+                stand_down_watcher();
+                ready(Err(e.clone()));
+                return Err(e);
+            }
+            log::info!(
+                "took {} over from digestfs {} (pid {})",
+                mp.display(),
+                taken.handover.version,
+                taken.handover.pid
+            );
+            true
+        }
+        None => false,
+    };
 
     // Readiness: the session is mounted and initialised; wait until the root answers a stat,
     // which needs the request loop below to be running.
@@ -110,13 +124,8 @@ pub fn serve(
             }
             if let Ok(id) = res {
                 let _ = probe_mounted.set(id);
-                if let MountId::Device(dev) = id {
-                    if let Err(e) = spawn_orphan_watcher(&probe_mp, dev) {
-                        log::warn!(
-                            "no watcher to detach {} if this daemon is killed: {e}",
-                            probe_mp.display()
-                        );
-                    }
+                if let (MountId::Device(dev), false) = (id, watched) {
+                    watch(&probe_mp, dev);
                 }
             }
             ready(res);
@@ -124,8 +133,17 @@ pub fn serve(
         .map_err(|e| e.to_string())?;
 
     log::info!("serving {}", mp.display());
-    let (session, ring) = session;
-    let res = session.run();
+    let Started {
+        session,
+        fuse,
+        ring,
+        backings,
+        taken: _,
+    } = started;
+    let res = serve_connection(&core, cfg, &fuse, ring.is_some(), backings);
+    // The connection is gone: fuser's unmount (by path) of what may already be unmounted,
+    // as at the end of its own loop.
+    drop(session);
     if let Some(ring) = ring {
         ring.join(Duration::from_secs(5));
     }
@@ -160,15 +178,160 @@ pub fn serve(
     Ok(())
 }
 
+/// Starts the watcher of the mount with device `dev` ([`spawn_orphan_watcher`]).
+fn watch(mp: &Path, dev: u64) {
+    if let Err(e) = spawn_orphan_watcher(mp, dev) {
+        log::warn!(
+            "no watcher to detach {} if this daemon is killed: {e}",
+            mp.display()
+        );
+    }
+}
+
+/// What reaches the serving loop.
+enum Event {
+    /// A reader of loop `n` returned.
+    Ended(u64),
+    Takeover(TakeoverRequest),
+}
+
+/// Reads /dev/fuse until the connection ends, handing it over if asked (and then exiting).
+fn serve_connection(
+    core: &Arc<DigestFs>,
+    cfg: &MountConfig,
+    fuse: &Arc<OwnedFd>,
+    ring: bool,
+    backings: Arc<Backings>,
+) -> std::io::Result<Ended> {
+    let (events, incoming) = mpsc::channel();
+    let why_not = if ring {
+        Some("it is served over io_uring, whose queues cannot move to another process")
+    } else if backings.agreed() {
+        Some("passthrough is on, and backing ids are not handed over")
+    } else {
+        None
+    };
+    match why_not {
+        Some(why) => cfg
+            .takeover
+            .close(format!("this mount cannot be handed over: {why}")),
+        None => {
+            let events = events.clone();
+            cfg.takeover.open(move |request| {
+                let _ = events.send(Event::Takeover(request));
+            });
+        }
+    }
+    let responder = Arc::new(Responder {
+        core: core.clone(),
+        ttl: cfg.ttl,
+        opens: backings,
+        stats: cfg.transport_used.clone(),
+        max_payload: MAX_READ as usize,
+    });
+    // Over the ring /dev/fuse carries only forgets, interrupts and what came before the ring
+    // was ready: one reader.
+    let threads = if ring { 1 } else { cfg.threads };
+    let mut generation = 0;
+    'serve: loop {
+        generation += 1;
+        let on_end = {
+            let (events, n) = (std::sync::Mutex::new(events.clone()), generation);
+            Arc::new(move || {
+                let _ = events
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send(Event::Ended(n));
+            })
+        };
+        let dev = DevLoop::start(fuse.as_fd(), threads, responder.clone(), on_end)?;
+        loop {
+            match incoming.recv() {
+                Ok(Event::Ended(n)) if n == generation => {
+                    // One reader returned: the connection ended (and so do the others), or it
+                    // failed, and the others stop too.
+                    dev.stop_within(Duration::from_secs(5));
+                    cfg.takeover.close("the mount is no longer served");
+                    return dev.join();
+                }
+                Ok(Event::Ended(_)) => {}
+                Ok(Event::Takeover(request)) => {
+                    match takeover::hand_over(&dev, &request, fuse.as_fd(), core, &cfg.mountpoint) {
+                        Ok(()) => {
+                            // The next daemon serves the mount, and keeps its views file and
+                            // control socket: nothing of ours is torn down on the way out.
+                            log::info!("handed {} over; exiting", cfg.mountpoint.display());
+                            stand_down_watcher();
+                            std::process::exit(0);
+                        }
+                        Err(takeover::Kept::Serving(e)) => log::warn!("takeover: {e}"),
+                        Err(takeover::Kept::Stopped(e)) => {
+                            log::warn!("takeover: {e}; serving again");
+                            continue 'serve;
+                        }
+                    }
+                }
+                Err(mpsc::RecvError) => return dev.join(),
+            }
+        }
+    }
+}
+
+/// A mounted connection after INIT, not yet served.
+struct Started {
+    /// Unmounts (by path) when dropped; none for a connection taken over.
+    session: Option<fuser::Session<Init>>,
+    /// The connection (a dup of the session's fd, or the one taken over).
+    fuse: Arc<OwnedFd>,
+    ring: Option<Ring>,
+    backings: Arc<Backings>,
+    taken: Option<Taken>,
+}
+
+impl Started {
+    fn new(
+        session: fuser::Session<Init>,
+        ring: Option<Ring>,
+        backings: Arc<Backings>,
+    ) -> Result<Started, String> {
+        let fuse = session
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("duplicating the FUSE connection's fd: {e}"))?;
+        Ok(Started {
+            session: Some(session),
+            fuse: Arc::new(fuse),
+            ring,
+            backings,
+            taken: None,
+        })
+    }
+}
+
+/// A connection taken over ([`takeover::take`]): served over /dev/fuse, without passthrough,
+/// as the daemon that gave it served it.
+fn adopt(taken: Taken, cfg: &MountConfig) -> Result<Started, String> {
+    let fuse = taken
+        .fuse
+        .try_clone()
+        .map_err(|e| format!("duplicating the FUSE connection's fd: {e}"))?;
+    let _ = cfg.transport_used.name.set("dev");
+    log::info!("FUSE transport: /dev/fuse (taken over)");
+    Ok(Started {
+        session: None,
+        fuse: Arc::new(fuse),
+        ring: None,
+        backings: Arc::new(Backings::new(cfg.transport_used.clone())),
+        taken: Some(taken),
+    })
+}
+
 /// Mounts, negotiates INIT, and starts the ring if the transport is io-uring: the session
 /// (which serves /dev/fuse) and the ring's queues. `auto` takes /dev/fuse without building a
 /// ring when `enable_uring` is not `Y`, and falls back to it (by mounting again) when INIT did
 /// not agree to the ring or the ring could not be built or started: once INIT agreed to the
 /// ring, the kernel holds every request until each queue has an entry.
-fn start_session(
-    core: Arc<DigestFs>,
-    cfg: &MountConfig,
-) -> Result<(fuser::Session<FuseAdapter>, Option<Ring>), String> {
+fn start_session(core: Arc<DigestFs>, cfg: &MountConfig) -> Result<Started, String> {
     let mp = &cfg.mountpoint;
     if !mp.is_dir() {
         return Err(format!("mountpoint {} is not a directory", mp.display()));
@@ -181,7 +344,7 @@ fn start_session(
         }
         (_, offered) if offered != Some(true) => not_offered(offered),
         _ => match try_session(&core, cfg, transport) {
-            Ok(Some((session, ring))) => return Ok((session, Some(ring))),
+            Ok(Some(started)) => return Ok(started),
             Ok(None) => "INIT did not agree to io_uring",
             Err(e) if transport == Transport::IoUring => return Err(e),
             Err(e) => {
@@ -191,10 +354,10 @@ fn start_session(
         },
     };
     let backings = Arc::new(Backings::new(cfg.transport_used.clone()));
-    let session = mount_session(&core, cfg, Transport::Dev, None, backings)?;
+    let session = mount_session(cfg, Transport::Dev, None, backings.clone())?;
     log::info!("FUSE transport: /dev/fuse ({why_dev})");
     let _ = cfg.transport_used.name.set("dev");
-    Ok((session, None))
+    Started::new(session, None, backings)
 }
 
 /// Why the kernel does not offer the ring, from [`super::uring::offered`].
@@ -213,7 +376,7 @@ fn try_session(
     core: &Arc<DigestFs>,
     cfg: &MountConfig,
     transport: Transport,
-) -> Result<Option<(fuser::Session<FuseAdapter>, Ring)>, String> {
+) -> Result<Option<Started>, String> {
     let mp = &cfg.mountpoint;
     let failed = |e: std::io::Error| format!("FUSE over io_uring on {}: {e}", mp.display());
     // The connection is named by its device, taken once mounted: by the time a queue fails,
@@ -251,7 +414,7 @@ fn try_session(
     let prepared = Ring::prepare(
         core.clone(),
         cfg.ttl,
-        super::adapter::MAX_READ as usize,
+        MAX_READ as usize,
         cfg.queue_depth,
         cfg.transport_used.clone(),
         on_fatal,
@@ -269,13 +432,7 @@ fn try_session(
     })?;
     let granted = Arc::new(AtomicBool::new(false));
     let backings = Arc::new(Backings::new(cfg.transport_used.clone()));
-    let session = mount_session(
-        core,
-        cfg,
-        transport,
-        Some(granted.clone()),
-        backings.clone(),
-    )?;
+    let session = mount_session(cfg, transport, Some(granted.clone()), backings.clone())?;
     if !granted.load(Ordering::SeqCst) {
         // `auto` only (`io-uring` fails INIT instead); the queues end with `prepared`.
         drop(session);
@@ -285,7 +442,7 @@ fn try_session(
         let _ = device.set(dev);
     }
     // The opens come over the ring, with the ids shared with /dev/fuse (where forgets come).
-    let opens = (cfg.passthrough != Passthrough::Off).then_some(backings);
+    let opens = (cfg.passthrough != Passthrough::Off).then(|| backings.clone());
     let ring = match prepared.start(session.as_fd(), opens) {
         Ok(ring) => ring,
         Err(e) => {
@@ -304,7 +461,7 @@ fn try_session(
     );
     let _ = cfg.transport_used.name.set("io-uring");
     let _ = cfg.transport_used.ring.set((ring.queues(), ring.depth()));
-    Ok(Some((session, ring)))
+    Started::new(session, Some(ring), backings).map(Some)
 }
 
 /// Aborts this session's connection: by its device once known (the mount at `mp` may be
@@ -318,12 +475,11 @@ fn abort_own(mp: &Path, device: &OnceLock<u64>) -> std::io::Result<()> {
 
 /// Mounts and runs INIT, asking for the ring when `granted` is given (and set if INIT agreed).
 fn mount_session(
-    core: &Arc<DigestFs>,
     cfg: &MountConfig,
     transport: Transport,
     granted: Option<Arc<AtomicBool>>,
     backings: Arc<Backings>,
-) -> Result<fuser::Session<FuseAdapter>, String> {
+) -> Result<fuser::Session<Init>, String> {
     let mp = &cfg.mountpoint;
     let mut config = Config::default();
     config.mount_options = vec![
@@ -340,30 +496,13 @@ fn mount_session(
     } else {
         SessionACL::Owner
     };
-    // Over the ring /dev/fuse carries only forgets, interrupts and what came before the ring
-    // was ready: one reader.
-    let threads = if granted.is_some() {
-        1
-    } else {
-        cfg.threads.max(1)
-    };
-    config.n_threads = Some(threads);
-    config.clone_fd = threads > 1;
     let (transport, granted) = match granted {
         Some(g) => (transport, g),
         None => (Transport::Dev, Arc::new(AtomicBool::new(false))),
     };
-    let stats = cfg.transport_used.clone();
-    let adapter = FuseAdapter::new(
-        core.clone(),
-        cfg.ttl,
-        cfg.passthrough,
-        backings.clone(),
-        transport,
-        granted,
-        stats,
-    );
-    let session = fuser::Session::new(adapter, mp, &config)
+    let init = Init::new(cfg.passthrough, backings.clone(), transport, granted);
+    // Mounts and performs INIT; fuser's own loop never runs (`DevLoop` reads the connection).
+    let session = fuser::Session::new(init, mp, &config)
         .map_err(|e| format!("mounting {} failed: {e}", mp.display()))?;
     if backings.agreed() {
         // Backing ids are made on the connection's fd, for opens over either transport.
@@ -373,7 +512,6 @@ fn mount_session(
             .map_err(|e| format!("duplicating the FUSE connection's fd: {e}"))?;
         backings.set_connection(fd);
     }
-    core.set_invalidator(Box::new(KernelInvalidator(session.notifier())));
     Ok(session)
 }
 

@@ -21,27 +21,22 @@
 //!   detached by its watcher process (`digestfs watch-mount`), on either transport.
 //! - Passthrough opens (`--passthrough`): a backing id is made by an ioctl on the connection's
 //!   fd, once per inode and kept until the kernel forgets it ([`RingOpens`], shared with the
-//!   /dev/fuse adapter); the OPEN reply that carries it is committed over the ring like any
+//!   /dev/fuse loop); the OPEN reply that carries it is committed over the ring like any
 //!   other.
 //!
 //! What it does not do:
-//! - Leave `/dev/fuse` unread: one fuser thread reads it, for the forgets and interrupts the
-//!   kernel sends there whatever the transport. (Requests made before the ring is ready are not
-//!   among them: the kernel holds those until every queue has an entry.)
+//! - Leave `/dev/fuse` unread: one thread of `../dev.rs` reads it, for the forgets and
+//!   interrupts the kernel sends there whatever the transport. (Requests made before the ring
+//!   is ready are not among them: the kernel holds those until every queue has an entry.)
 //! - Overlap the requests of one entry: reads are synchronous within an entry, so a depth of E
 //!   overlaps at most E of one CPU's requests, and E slow ones (readahead of a cold blob, say)
 //!   hold up the rest of that CPU's requests until one ends.
 //! - Scale its threads down: there are possible CPUs x depth of them, each with a ring and a
 //!   payload buffer of the connection's largest request (1 MiB), mapped, not taken from the heap.
 //!
-//! Why our own decoding rather than fuser's: fuser 0.18 has no ring transport and its request
-//! parsing and reply senders are private, so the ring cannot hand it a request. A read-only
-//! view answers a dozen opcodes; [`answer`] maps them onto the same core calls as the fuser
-//! adapter, [`wire`] reads and writes their structures, and [`sys`] holds all the `unsafe`.
+//! Requests are answered by `../answer`, as over /dev/fuse; [`sys`] holds all the `unsafe`.
 
-mod answer;
 mod sys;
-mod wire;
 
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -50,13 +45,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::answer::answer;
+use super::wire;
 use crate::fs::DigestFs;
 
 /// Times in a row the kernel may ask for a command again (EINTR, EAGAIN) before the queue gives
 /// up (and aborts the connection).
 const RETRIES: u32 = 3;
-
-pub use answer::answer;
 
 /// Opens over the ring with passthrough: the connection's backing ids, shared with the
 /// /dev/fuse adapter (which learns at INIT whether passthrough is on, and hears the forgets).

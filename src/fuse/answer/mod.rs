@@ -1,13 +1,14 @@
-//! Requests that arrive over the ring, answered from the filesystem core with the same
-//! semantics as the `fuser` adapter on `/dev/fuse` (`../adapter.rs`): the same TTLs, ENOSYS to
-//! open (unless passthrough is on), opendir and flush (zero-message opens: the kernel then keeps
-//! page cache and listings and sends no handle), EROFS for anything that would write, ENOSYS
-//! for the rest. Plain functions over byte slices: the tests call them without a mount.
+//! Requests answered from the filesystem core, whichever transport brought them (/dev/fuse,
+//! `../dev.rs`, or the ring, `../uring`): TTLs, ENOSYS to open (unless passthrough is on),
+//! opendir and flush (zero-message opens: the kernel then keeps page cache and listings and
+//! sends no handle), EROFS for anything that would write, ENOSYS for the rest. Plain functions
+//! over byte slices: the tests call them without a mount.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
+use super::backing::Backings;
 use super::wire::{self, InHeader, Writer};
 use crate::fs::{DigestFs, DirEntryOut, FileKind, FsError, NO_HANDLE};
 
@@ -19,12 +20,12 @@ fn errno(e: FsError) -> i32 {
 }
 
 /// Answers one request. `op_in` is its per-op header; `payload[..payload_len]` holds its other
-/// arguments (a name), and the reply is written over `payload`, which is the ring entry's
-/// payload buffer (at least the connection's max payload).
+/// arguments (a name), and the reply is written over `payload`, which holds at least the
+/// connection's max payload (a ring entry's payload buffer, or the /dev/fuse loop's).
 pub fn answer(
     core: &DigestFs,
     ttl: Duration,
-    opens: Option<&super::RingOpens>,
+    opens: Option<&Backings>,
     h: &InHeader,
     op_in: &[u8],
     payload: &mut [u8],
@@ -118,8 +119,8 @@ pub fn answer(
             let size = wire::u32_at(op_in, 0).ok_or(libc::EINVAL)?;
             xattr(core.listxattr(h.nodeid), size, payload)
         }
-        // Forgets (and batch forgets) come over /dev/fuse, the kernel queueing them there with
-        // the ring too; a FORGET taken here as well would not leak its lookups.
+        // Forgets come over /dev/fuse, whatever the transport, and get no reply there
+        // (`../dev.rs`); one taken over the ring would not leak its lookups either.
         wire::FUSE_FORGET => {
             core.forget(h.nodeid, wire::u64_at(op_in, 0).unwrap_or(0));
             if let Some(opens) = opens {
@@ -175,3 +176,6 @@ fn xattr(value: Result<Vec<u8>, FsError>, size: u32, payload: &mut [u8]) -> Answ
     }
     copy_into(payload, &v)
 }
+
+#[cfg(test)]
+mod tests;

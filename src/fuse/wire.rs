@@ -1,7 +1,7 @@
-//! The FUSE messages the ring carries, as bytes (the kernel's `fuse.h`, ABI 7.42, native byte
-//! order). fuser keeps its own decoding (`ll`) private, so the ring transport reads and writes
-//! the few structures a read-only view needs itself; everything here is plain safe code over
-//! byte slices.
+//! The FUSE messages, as bytes (the kernel's `fuse.h`, ABI 7.42, native byte order), for both
+//! transports. fuser keeps its own decoding (`ll`) private and its loop cannot stop between
+//! requests, so digestfs reads and writes the few structures a read-only view needs itself;
+//! everything here is plain safe code over byte slices.
 
 use std::time::{Duration, SystemTime};
 
@@ -33,7 +33,10 @@ pub const FUSE_OPENDIR: u32 = 27;
 pub const FUSE_READDIR: u32 = 28;
 pub const FUSE_RELEASEDIR: u32 = 29;
 pub const FUSE_CREATE: u32 = 35;
+pub const FUSE_INTERRUPT: u32 = 36;
 pub const FUSE_DESTROY: u32 = 38;
+pub const FUSE_NOTIFY_REPLY: u32 = 41;
+pub const FUSE_BATCH_FORGET: u32 = 42;
 pub const FUSE_READDIRPLUS: u32 = 44;
 pub const FUSE_RENAME2: u32 = 45;
 
@@ -60,6 +63,19 @@ pub fn opcode_name(opcode: u32) -> &'static str {
         FUSE_READDIRPLUS => "readdirplus",
         FUSE_DESTROY => "destroy",
         _ => "other",
+    }
+}
+
+/// The length of an opcode's fixed arguments over /dev/fuse, where they come after the
+/// `fuse_in_header` and before any name (the ring carries them apart, as its `op_in`).
+/// Opcodes a read-only view refuses whatever their arguments: 0.
+pub fn op_in_len(opcode: u32) -> usize {
+    match opcode {
+        FUSE_FORGET | FUSE_OPEN | FUSE_OPENDIR | FUSE_GETXATTR | FUSE_LISTXATTR => 8,
+        FUSE_GETATTR => 16,
+        FUSE_RELEASE | FUSE_RELEASEDIR | FUSE_FLUSH => 24,
+        FUSE_READ | FUSE_READDIR | FUSE_READDIRPLUS => 40,
+        _ => 0,
     }
 }
 

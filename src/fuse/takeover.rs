@@ -1,0 +1,324 @@
+//! Handing a live mount to the next daemon (`mount --takeover`), for upgrades and restarts
+//! without an unmount: the /dev/fuse connection (its fd, over the control socket with
+//! `SCM_RIGHTS`) and the inodes the kernel holds. The views travel through the views file the
+//! old daemon keeps current (binds wait during a takeover).
+//!
+//! The conversation, on one control connection opened by the new daemon:
+//! 1. new → old: `{"v":1,"op":"takeover","format":F,"version":…}`. The old daemon refuses (a
+//!    JSON reply, as to any request) a format other than its own, a mount it cannot hand over
+//!    (io-uring, passthrough, NFS), or one whose requests it cannot finish within
+//!    [`STOP_LIMIT`]. Else it stops reading /dev/fuse between requests, holds binds, and sends
+//!    one byte carrying the fd, then a [`Handover`] line.
+//! 2. new: restores the views and inodes, readies everything but its readers, then sends
+//!    `{"step":"ready"}`.
+//! 3. old → new: `{"step":"go"}`, and the old daemon exits without unmounting. The new one
+//!    starts reading. Nothing read was left unanswered, so no reader waits on a request lost
+//!    in between; what arrived meanwhile waits in the kernel's queue.
+//!
+//! Until the old daemon says go, it can take everything back: a new daemon that goes quiet or
+//! fails leaves it serving as before.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::protocol::{ErrorKind, Response};
+use crate::fs::{DigestFs, SlotRecord};
+
+/// The handover's format: a daemon takes over only from one that speaks the same.
+pub const FORMAT: u32 = super::TAKEOVER_FORMAT;
+/// How long the old daemon waits for the requests it is answering before it refuses.
+pub const STOP_LIMIT: Duration = Duration::from_secs(10);
+/// How long either side waits for the other's next step.
+const STEP_LIMIT: Duration = Duration::from_secs(60);
+/// The byte that carries the fd; a refusal starts with `{` instead.
+const FD_BYTE: u8 = b'F';
+
+/// What the old daemon hands over besides the fd.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Handover {
+    pub format: u32,
+    /// The old daemon's version and pid, for the log.
+    pub version: String,
+    pub pid: u32,
+    /// The mount's device, which the new daemon's watcher names it by.
+    pub device: u64,
+    pub inodes: Vec<SlotRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+enum Step {
+    Ready,
+    Go,
+}
+
+fn write_line(mut stream: &UnixStream, value: &impl Serialize) -> io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+fn read_line(reader: &mut impl BufRead, what: &str) -> io::Result<String> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the other daemon closed the connection before {what}"),
+        ));
+    }
+    Ok(line)
+}
+
+// ---- the daemon that gives -------------------------------------------------------------------
+
+/// Sends `fuse` and `handover` to the daemon at the other end of `stream`, which asked for them,
+/// and waits until it is ready. `Ok` once it was told to go: the caller must exit at once,
+/// leaving the mount, the views file and the control socket to it. `Err` if it did not take
+/// them: the caller goes on serving.
+pub fn give(stream: &UnixStream, fuse: BorrowedFd<'_>, handover: &Handover) -> io::Result<()> {
+    stream.set_read_timeout(Some(STEP_LIMIT))?;
+    stream.set_write_timeout(Some(STEP_LIMIT))?;
+    send_fd(stream, fuse)?;
+    write_line(stream, handover)?;
+    let line = read_line(&mut BufReader::new(stream), "it was ready")?;
+    match serde_json::from_str::<Step>(&line) {
+        Ok(Step::Ready) => write_line(stream, &Step::Go),
+        _ => Err(io::Error::other(format!(
+            "the new daemon sent {:?} where ready was due",
+            line.trim_end()
+        ))),
+    }
+}
+
+/// Why a takeover did not happen.
+pub enum Kept {
+    /// Refused before the readers stopped: they go on.
+    Serving(String),
+    /// The readers stopped for it: the caller starts them again.
+    Stopped(String),
+}
+
+/// Hands the mount at `mountpoint`, served by `dev` on `fuse`, to the daemon that sent
+/// `request`: stops the readers between requests, holds binds, and gives. `Ok` once the new
+/// daemon serves: the caller exits at once.
+pub fn hand_over(
+    dev: &super::dev::DevLoop,
+    request: &UnixStream,
+    fuse: BorrowedFd<'_>,
+    core: &DigestFs,
+    mountpoint: &Path,
+) -> Result<(), Kept> {
+    let refuse = |why: String| {
+        let refusal = Response::refused(ErrorKind::Unavailable, why.clone());
+        let _ = write_line(request, &refusal);
+        why
+    };
+    let device = match crate::os::fuse_device_at(mountpoint) {
+        Ok(dev) => dev,
+        Err(e) => {
+            return Err(Kept::Serving(refuse(format!(
+                "the mount's device: {e} (is {} still mounted here?)",
+                mountpoint.display()
+            ))))
+        }
+    };
+    let binds = core.hold_binds();
+    if !dev.stop_within(STOP_LIMIT) {
+        return Err(Kept::Stopped(refuse(format!(
+            "requests were still being answered after {} s; try again",
+            STOP_LIMIT.as_secs()
+        ))));
+    }
+    let handover = Handover {
+        format: FORMAT,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        device,
+        inodes: core.export_inodes(),
+    };
+    let res = give(request, fuse, &handover);
+    match res {
+        Ok(()) => {
+            // Binds stay held until this process ends: the next daemon has the views.
+            std::mem::forget(binds);
+            Ok(())
+        }
+        Err(e) => Err(Kept::Stopped(format!(
+            "the new daemon did not take over: {e}"
+        ))),
+    }
+}
+
+fn send_fd(stream: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut byte = [FD_BYTE];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    // u64s, for the alignment a cmsghdr needs.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one cmsghdr with room for one fd (CMSG_SPACE).
+    let sent = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd.as_raw_fd());
+        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent != 1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// ---- the daemon that takes -------------------------------------------------------------------
+
+/// A connection received, not yet served.
+pub struct Taken {
+    pub fuse: OwnedFd,
+    pub handover: Handover,
+    stream: UnixStream,
+    /// This daemon's control socket, and where it goes at go.
+    socket: Option<(PathBuf, PathBuf)>,
+}
+
+/// Asks the daemon behind `socket` for its mount. The error says why it was not given: the old
+/// daemon's refusal, or what failed on the way.
+pub fn take(socket: &Path) -> Result<Taken, String> {
+    let failed = |e: io::Error| format!("taking over through {}: {e}", socket.display());
+    let stream = UnixStream::connect(socket).map_err(failed)?;
+    stream.set_read_timeout(Some(STEP_LIMIT)).map_err(failed)?;
+    stream.set_write_timeout(Some(STEP_LIMIT)).map_err(failed)?;
+    let request = serde_json::json!({
+        "v": crate::control::protocol::VERSION,
+        "op": "takeover",
+        "format": FORMAT,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    write_line(&stream, &request).map_err(failed)?;
+    let (first, fd) = recv_fd(&stream).map_err(failed)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(failed)?);
+    let Some(fuse) = fd.filter(|_| first == FD_BYTE) else {
+        // A refusal: a control reply, whose first byte came with the recvmsg.
+        let rest = read_line(&mut reader, "its answer").map_err(failed)?;
+        let line = format!("{}{rest}", first as char);
+        let reason = serde_json::from_str::<crate::control::protocol::Response>(&line)
+            .ok()
+            .and_then(|r| r.error)
+            .unwrap_or_else(|| format!("unexpected answer {:?}", line.trim_end()));
+        return Err(format!("the running daemon refused the takeover: {reason}"));
+    };
+    let line = read_line(&mut reader, "the handover").map_err(failed)?;
+    let handover: Handover =
+        serde_json::from_str(&line).map_err(|e| failed(io::Error::other(e)))?;
+    if handover.format != FORMAT {
+        return Err(format!(
+            "the running daemon (digestfs {}) handed over format {}, not {FORMAT}",
+            handover.version, handover.format
+        ));
+    }
+    Ok(Taken {
+        fuse,
+        handover,
+        stream,
+        socket: None,
+    })
+}
+
+impl Taken {
+    /// At [`Taken::go`], this daemon's control socket, listening at `next`, takes the place of
+    /// the running daemon's at `socket`.
+    pub fn swap_socket_at_go(&mut self, next: &Path, socket: &Path) -> io::Result<()> {
+        self.socket = Some((next.to_path_buf(), socket.to_path_buf()));
+        Ok(())
+    }
+
+    /// Everything is ready but the readers: asks the old daemon to go, and returns once it has
+    /// (it exits without unmounting). After an error the old daemon goes on serving.
+    pub fn go(&self) -> Result<(), String> {
+        let failed = |e: io::Error| format!("taking over from pid {}: {e}", self.handover.pid);
+        // The old daemon's socket stays reachable under a second name until it has said go,
+        // and is put back if it does not.
+        let swapped = match &self.socket {
+            Some((next, socket)) => {
+                let old = socket.with_extension("prev.sock");
+                let _ = std::fs::remove_file(&old);
+                std::fs::hard_link(socket, &old).map_err(failed)?;
+                std::fs::rename(next, socket).map_err(failed)?;
+                Some((old, socket))
+            }
+            None => None,
+        };
+        let res = self.ready_and_go().map_err(failed);
+        if let Some((old, socket)) = swapped {
+            let _ = match &res {
+                Ok(()) => std::fs::remove_file(&old),
+                Err(_) => std::fs::rename(&old, socket),
+            };
+        }
+        res
+    }
+
+    fn ready_and_go(&self) -> io::Result<()> {
+        write_line(&self.stream, &Step::Ready)?;
+        let line = read_line(&mut BufReader::new(&self.stream), "it said go")?;
+        match serde_json::from_str::<Step>(&line) {
+            Ok(Step::Go) => Ok(()),
+            _ => Err(io::Error::other(format!(
+                "it sent {:?} where go was due",
+                line.trim_end()
+            ))),
+        }
+    }
+}
+
+/// One byte, and the fd that came with it, if any.
+fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
+    let mut byte = [0u8];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the running daemon closed the connection without an answer",
+        ));
+    }
+    let mut fd = None;
+    // SAFETY: the kernel filled `msg_controllen` bytes of the buffer with cmsghdrs.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((byte[0], fd))
+}
