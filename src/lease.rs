@@ -40,10 +40,11 @@ fn bound_roots(core: &DigestFs) -> Vec<Digest> {
 }
 
 /// Renews every blob of the trees at `roots` (a full round when `full`). What cannot be read is
-/// logged and skipped: the rest still needs renewing.
-fn renew(core: &DigestFs, stats: &LeaseStats, roots: &[Digest], full: bool) {
+/// logged and skipped: the rest still needs renewing. Returns how many blobs it walked.
+fn renew(core: &DigestFs, stats: &LeaseStats, roots: &[Digest], full: bool) -> usize {
     let started = Instant::now();
     let tree = core.cas().tree_blobs(roots);
+    let walked = tree.files.len() + tree.dirs.len();
     for e in &tree.errors {
         log::warn!("lease renewal: {e}");
     }
@@ -89,6 +90,7 @@ fn renew(core: &DigestFs, stats: &LeaseStats, roots: &[Digest], full: bool) {
             log::error!("lease renewal failed: {e}");
         }
     }
+    walked
 }
 
 /// One round over everything bound now.
@@ -117,8 +119,10 @@ pub fn spawn(
                 }
                 match bound.recv_timeout(next.saturating_duration_since(Instant::now())) {
                     Ok(tree) => {
-                        renew(&core, &theirs, &[tree], false);
-                        release_memory();
+                        // A large tree only: a BSP server binds many small layers in a row.
+                        if renew(&core, &theirs, &[tree], false) >= RELEASE_FROM {
+                            release_memory();
+                        }
                     }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -127,6 +131,9 @@ pub fn spawn(
         })?;
     Ok(stats)
 }
+
+/// Blobs in a tree renewed as it is bound from which its memory is handed back at once.
+const RELEASE_FROM: usize = 10_000;
 
 /// A renewal reads every Directory and lease of its trees, and allocates its digest sets and
 /// frees them at once: hand both back rather than keep them until the next one. A tree renewed

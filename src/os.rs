@@ -542,6 +542,16 @@ pub fn file_mappings(which: impl Fn(&str) -> bool) -> Vec<(usize, usize)> {
     }
 }
 
+/// statfs(2) of `path`, for whether a filesystem answers (FUSE never answers it from a cache).
+pub fn statfs(path: &Path) -> io::Result<()> {
+    let c = c_path(path)?;
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `madvise` over `[start, end)`; advice only, so failure changes nothing.
 pub fn advise_range((start, end): (usize, usize), advice: libc::c_int) {
     unsafe { libc::madvise(start as *mut libc::c_void, end - start, advice) };
@@ -566,3 +576,27 @@ pub fn release_freed_heap() {
         libc::malloc_trim(0);
     }
 }
+
+/// Tells systemd `msg` (`READY=1`, `MAINPID=…`), if it listens (`NOTIFY_SOCKET`: a Type=notify
+/// unit's process).
+#[cfg(target_os = "linux")]
+pub fn notify_service_manager(msg: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(msg.as_bytes(), &a));
+    if let Err(e) = sent {
+        log::warn!("could not notify systemd at {path}: {e}");
+    }
+}
+
+/// No systemd elsewhere.
+#[cfg(not(target_os = "linux"))]
+pub fn notify_service_manager(_msg: &str) {}

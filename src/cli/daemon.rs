@@ -30,14 +30,14 @@ pub fn report_ready(res: Result<(), String>) {
     if REPORTED.swap(true, Ordering::SeqCst) {
         return;
     }
-    if res.is_ok() {
-        // The daemon child too: one that takes a mount over for a unit's reload is the unit's
-        // main process from then on.
-        notify_systemd(&format!("READY=1\nMAINPID={}\n", std::process::id()));
-    }
     if !is_child() {
         if res.is_ok() {
             log::info!("ready; unmount with `digestfs unmount MOUNTPOINT` (or stop with SIGTERM)");
+            // Type=notify units: the mount answers.
+            crate::os::notify_service_manager(&format!(
+                "READY=1\nMAINPID={}\n",
+                std::process::id()
+            ));
         }
         return;
     }
@@ -132,26 +132,3 @@ pub fn spawn_and_wait(log_file: Option<&Path>) -> Result<u32, String> {
         "the daemon exited ({status}) before the mount was ready"
     ))
 }
-
-/// Tells systemd (Type=notify units) `msg` (`READY=1`, `MAINPID=…`), if it is listening.
-#[cfg(target_os = "linux")]
-pub fn notify_systemd(msg: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let addr = match path.strip_prefix('@') {
-        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
-        None => SocketAddr::from_pathname(&path),
-    };
-    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(msg.as_bytes(), &a));
-    if let Err(e) = sent {
-        log::warn!("could not notify systemd at {path}: {e}");
-    }
-}
-
-/// No systemd elsewhere.
-#[cfg(not(target_os = "linux"))]
-pub fn notify_systemd(_msg: &str) {}

@@ -480,7 +480,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         // Everything slow is done before a takeover: the mount waits from here until this
         // daemon serves it.
         let mut taken = match args.takeover {
-            true => Some(take_over(&args, socket)?),
+            true => Some(take_over(&args, socket, mountpoint, &store_dir)?),
             false => None,
         };
         // Serving NFS without mounting leaves the mountpoint alone; a mount taken over is ours.
@@ -494,16 +494,24 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         };
         let server = control::Server::bind(&listen_at)
             .map_err(|e| Failure::Msg(format!("control socket {}: {e}", listen_at.display())))?;
-        let _remove_socket = RemoveOnDrop(socket.to_path_buf());
-        let _remove_next = RemoveOnDrop(listen_at.clone());
+        // Taking over, the socket is the running daemon's until it goes.
+        let mut remove_socket = RemoveOnDrop(taken.is_none().then(|| socket.to_path_buf()));
+        let _remove_next = RemoveOnDrop(Some(listen_at.clone()));
         let state = Arc::new(StateKeeper::new(
             control::state::state_path(socket),
             mountpoint.to_path_buf(),
             store_dir.to_path_buf(),
         ));
-        // Taking over, these are the running daemon's views, which it holds still for us.
-        state.restore(&core);
+        // Taking over, these are the running daemon's views, which it holds still for us: all
+        // of them, or no takeover.
+        let restored = state.restore(&core);
         if let Some(t) = &mut taken {
+            if restored.dropped > 0 {
+                return Err(Failure::Msg(format!(
+                    "{} of the running daemon's views could not be restored (see the log); it goes on serving",
+                    restored.dropped
+                )));
+            }
             adopt_inodes(&core, t);
             swap_socket(t, &listen_at, socket)?;
         }
@@ -547,15 +555,25 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         let attachment = Arc::new(control::Attachment::new(mountpoint.to_path_buf()));
         let takeover_door = Arc::new(crate::fuse::TakeoverDoor::default());
         let transport = Arc::new(crate::fuse::TransportInfo::default());
-        let metrics = match args.metrics_listen {
-            Some(addr) if !addr.ip().is_loopback() && !args.metrics_allow_remote => {
+        if let Some(addr) = args.metrics_listen {
+            if !addr.ip().is_loopback() && !args.metrics_allow_remote {
                 return Err(Failure::Msg(format!(
                     "--metrics-listen {addr} is reachable from other machines; use a loopback address, or add --metrics-allow-remote"
-                )))
+                )));
             }
-            Some(addr) => Some(crate::metrics::bind(addr).map_err(|e| {
-                Failure::Msg(format!("serving metrics on {addr}: {e}"))
-            })?),
+        }
+        if args.frontend == Frontend::Nfs {
+            takeover_door.close("an NFS mount cannot be handed over");
+        }
+        // Everything that can fail is done: the running daemon goes, and the mount, its views
+        // file and its control socket are this daemon's from here on.
+        if let Some(t) = &taken {
+            go(t)?;
+            remove_socket.0 = Some(socket.to_path_buf());
+        }
+        // After the takeover: the running daemon may have held the port until it went.
+        let metrics = match args.metrics_listen {
+            Some(addr) => Some(bind_metrics(addr, taken.is_some())?),
             None => None,
         };
         // Ready: `status` says attached from here on, and then the waiting parent is told.
@@ -619,25 +637,12 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                     }
                 };
                 let ready = move |res: Result<os::MountId, String>| ready(res.map(Some));
-                // Under systemd (a unit's reload), this daemon becomes the main process before
-                // the old one exits, and the old one again if it does not go.
-                let giver = taken.as_ref().map(taken_from);
-                if giver.is_some() {
-                    daemon::notify_systemd(&format!("MAINPID={}\n", std::process::id()));
-                }
                 let fuse = FuseServe {
                     transport,
                     takeover: takeover_door,
                     taken,
                 };
-                let res = serve_fuse(core, &args, mountpoint, fuse, signals, ready, on_exit);
-                if let (Err(_), Some(pid)) = (&res, giver) {
-                    // Still there: it went on serving.
-                    if unsafe { libc::kill(pid as i32, 0) } == 0 {
-                        daemon::notify_systemd(&format!("MAINPID={pid}\n"));
-                    }
-                }
-                res?
+                serve_fuse(core, &args, mountpoint, fuse, signals, ready, on_exit)?
             }
         }
         // Unmounted (or stopped) on purpose: the views end with the mount.
@@ -664,28 +669,55 @@ type Taken = std::convert::Infallible;
 
 /// Asks the daemon behind `socket` for its mount (`--takeover`).
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-fn take_over(args: &MountArgs, socket: &Path) -> Result<Taken, Failure> {
+fn take_over(
+    args: &MountArgs,
+    socket: &Path,
+    mountpoint: &Path,
+    store: &Path,
+) -> Result<Taken, Failure> {
     // --transport and --passthrough (or DIGESTFS_TRANSPORT) do not apply: the mount keeps how
     // it was served, /dev/fuse without passthrough, the only kind that is handed over.
     if args.frontend != Frontend::Fuse {
         return Err(Failure::Msg("--takeover is for FUSE mounts".into()));
     }
-    crate::fuse::takeover::take(socket).map_err(Failure::Msg)
+    let serves = crate::fuse::takeover::Serves {
+        mountpoint: mountpoint.to_path_buf(),
+        store: store.to_path_buf(),
+    };
+    crate::fuse::takeover::take(socket, &serves).map_err(Failure::Msg)
 }
 
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn take_over(_args: &MountArgs, _socket: &Path) -> Result<Taken, Failure> {
+fn take_over(_: &MountArgs, _: &Path, _: &Path, _: &Path) -> Result<Taken, Failure> {
     Err(Failure::Msg("--takeover needs the FUSE front end".into()))
 }
 
-/// The pid of the daemon a mount is taken over from.
+/// Serves metrics at `addr`; after a takeover, waiting (a few seconds at most) for the daemon
+/// that went to let the port go.
+fn bind_metrics(
+    addr: std::net::SocketAddr,
+    after_takeover: bool,
+) -> Result<crate::metrics::Listener, Failure> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match crate::metrics::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(_) if after_takeover && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => return Err(Failure::Msg(format!("serving metrics on {addr}: {e}"))),
+        }
+    }
+}
+
+/// Tells the running daemon to go ([`crate::fuse::takeover::Taken::go`]).
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-fn taken_from(taken: &Taken) -> u32 {
-    taken.handover.pid
+fn go(taken: &Taken) -> CliResult {
+    taken.go().map_err(Failure::Msg)
 }
 
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn taken_from(taken: &Taken) -> u32 {
+fn go(taken: &Taken) -> CliResult {
     match *taken {}
 }
 
@@ -762,11 +794,14 @@ fn serve_fuse(
     Err(Failure::Msg("this digestfs has no FUSE front end".into()))
 }
 
-struct RemoveOnDrop(PathBuf);
+/// Removes the file, if any, when dropped.
+struct RemoveOnDrop(Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -279,11 +279,20 @@ fn serve_conn(stream: &UnixStream, core: &DigestFs, info: &MountInfo) -> io::Res
             return reply(stream, &Response::bad_request(msg));
         }
         let resp = match parse_request(&line) {
-            Ok(Request::Takeover { format, version }) => {
-                match takeover(stream, info, format, &version) {
-                    Ok(()) => return Ok(()),
-                    Err(refusal) => *refusal,
-                }
+            Ok(Request::Takeover {
+                format,
+                version,
+                mountpoint,
+                store,
+            }) => match takeover(stream, info, format, &version, (&mountpoint, &store)) {
+                Ok(()) => return Ok(()),
+                Err(refusal) => *refusal,
+            },
+            Ok(Request::Bind { .. } | Request::Unbind { .. }) if info.takeover.handing_over() => {
+                Response::refused(
+                    ErrorKind::Unavailable,
+                    "the mount is being handed over to another daemon; retry in a moment",
+                )
             }
             Ok(req) => handle(core, info, req),
             Err(e) => Response::bad_request(e),
@@ -299,6 +308,7 @@ fn takeover(
     info: &MountInfo,
     format: u32,
     version: &str,
+    (mountpoint, store): (&Path, &Path),
 ) -> Result<(), Box<Response>> {
     let refused = |why: String| {
         log::warn!("refused a takeover by digestfs {version}: {why}");
@@ -309,6 +319,15 @@ fn takeover(
             "this daemon (digestfs {}) hands over in format {}, not {format}; unmount and mount again instead",
             env!("CARGO_PKG_VERSION"),
             crate::fuse::TAKEOVER_FORMAT
+        )));
+    }
+    if mountpoint != info.mountpoint || store != info.store {
+        return Err(refused(format!(
+            "this daemon serves {} from the store {}, not {} from {}",
+            info.mountpoint.display(),
+            info.store.display(),
+            mountpoint.display(),
+            store.display()
         )));
     }
     let conn = stream.try_clone().map_err(|e| refused(e.to_string()))?;

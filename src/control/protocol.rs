@@ -44,6 +44,10 @@ pub enum Request {
         /// The asker's version, for the log.
         #[serde(default)]
         version: String,
+        /// What the asker would serve: refused unless it is this daemon's mountpoint and
+        /// store (absolute paths).
+        mountpoint: std::path::PathBuf,
+        store: std::path::PathBuf,
     },
 }
 

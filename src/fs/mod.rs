@@ -260,14 +260,15 @@ impl DigestFs {
             parts.push("?".to_string());
         }
         for pair in lineage.windows(2) {
+            // A namespace directory carries its whole path.
+            if let Some(Node::Namespace(path)) = &pair[0] {
+                parts.push(path.to_string());
+                break;
+            }
             let (Some(child), Some(parent)) = (&pair[0], &pair[1]) else {
                 parts.push("?".to_string());
                 break;
             };
-            if let Node::Namespace(path) = child {
-                parts.push(path.to_string());
-                break;
-            }
             parts.push(self.name_in(parent, child).unwrap_or_else(|| "?".into()));
         }
         parts.reverse();

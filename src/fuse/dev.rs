@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -61,7 +61,7 @@ pub struct DevLoop {
 
 impl DevLoop {
     /// Starts `threads` readers of `fuse` (which stays open as long as they run). Each calls
-    /// `on_end` as it returns.
+    /// `on_end` as it ends.
     pub fn start(
         fuse: BorrowedFd<'_>,
         threads: usize,
@@ -80,15 +80,14 @@ impl DevLoop {
             let spawned = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || {
-                    let res = serve(&fd, &stopping, &r);
-                    on_end();
-                    res
+                    // Told however the thread ends, a panic included.
+                    let _ended = OnDrop(on_end);
+                    serve(&fd, &stopping, &r)
                 });
             match spawned {
                 Ok(t) => dev.threads.push(t),
                 Err(e) => {
-                    dev.stop();
-                    let _ = dev.join();
+                    dev.stop_within(Duration::from_secs(5));
                     return Err(e);
                 }
             }
@@ -143,22 +142,37 @@ impl DevLoop {
     }
 }
 
+/// Runs its function when dropped.
+struct OnDrop(Arc<dyn Fn() + Send + Sync>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 extern "C" fn on_stop_signal(_: libc::c_int) {}
 
+/// Installs the stop signal's handler once; every later call reports how that went (without
+/// it, the signal would end the process).
 fn install_stop_handler() -> io::Result<()> {
-    static INSTALLED: Once = Once::new();
-    let mut res = Ok(());
-    INSTALLED.call_once(|| unsafe {
+    static INSTALLED: OnceLock<Option<i32>> = OnceLock::new();
+    let failed = INSTALLED.get_or_init(|| unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
         libc::sigemptyset(&mut sa.sa_mask);
         // No SA_RESTART: the blocked read must return EINTR.
         sa.sa_flags = 0;
-        if libc::sigaction(STOP_SIGNAL, &sa, std::ptr::null_mut()) != 0 {
-            res = Err(io::Error::last_os_error());
-        }
+        (libc::sigaction(STOP_SIGNAL, &sa, std::ptr::null_mut()) != 0).then(|| {
+            io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL)
+        })
     });
-    res
+    match failed {
+        Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
+        None => Ok(()),
+    }
 }
 
 /// One thread: reads and answers requests until the connection ends or the loop stops.

@@ -89,26 +89,14 @@ pub fn serve(
     let mounted = Arc::new(OnceLock::new());
     spawn_signal_thread(mp.clone(), signals, mounted.clone(), on_exit)
         .map_err(|e| e.to_string())?;
-    let watched = match &started.taken {
-        // Watched before the old daemon goes (its watcher stands down as it does), then told
-        // to go: from here on the mount is this daemon's.
-        Some(taken) => {
-            watch(&mp, taken.handover.device);
-            if let Err(e) = taken.go() {
-                stand_down_watcher();
-                ready(Err(e.clone()));
-                return Err(e);
-            }
-            log::info!(
-                "took {} over from digestfs {} (pid {})",
-                mp.display(),
-                taken.handover.version,
-                taken.handover.pid
-            );
-            true
-        }
-        None => false,
-    };
+    if let Some(taken) = &started.taken {
+        log::info!(
+            "took {} over from digestfs {} (pid {})",
+            mp.display(),
+            taken.handover.version,
+            taken.handover.pid
+        );
+    }
 
     // Readiness: the session is mounted and initialised; wait until the root answers a stat,
     // which needs the request loop below to be running.
@@ -124,8 +112,13 @@ pub fn serve(
             }
             if let Ok(id) = res {
                 let _ = probe_mounted.set(id);
-                if let (MountId::Device(dev), false) = (id, watched) {
-                    watch(&probe_mp, dev);
+                if let MountId::Device(dev) = id {
+                    if let Err(e) = spawn_orphan_watcher(&probe_mp, dev) {
+                        log::warn!(
+                            "no watcher to detach {} if this daemon is killed: {e}",
+                            probe_mp.display()
+                        );
+                    }
                 }
             }
             ready(res);
@@ -138,9 +131,10 @@ pub fn serve(
         fuse,
         ring,
         backings,
+        max_payload,
         taken: _,
     } = started;
-    let res = serve_connection(&core, cfg, &fuse, ring.is_some(), backings);
+    let res = serve_connection(&core, cfg, &fuse, ring.is_some(), backings, max_payload);
     // The connection is gone: fuser's unmount (by path) of what may already be unmounted,
     // as at the end of its own loop.
     drop(session);
@@ -178,16 +172,6 @@ pub fn serve(
     Ok(())
 }
 
-/// Starts the watcher of the mount with device `dev` ([`spawn_orphan_watcher`]).
-fn watch(mp: &Path, dev: u64) {
-    if let Err(e) = spawn_orphan_watcher(mp, dev) {
-        log::warn!(
-            "no watcher to detach {} if this daemon is killed: {e}",
-            mp.display()
-        );
-    }
-}
-
 /// What reaches the serving loop.
 enum Event {
     /// A reader of loop `n` returned.
@@ -202,6 +186,7 @@ fn serve_connection(
     fuse: &Arc<OwnedFd>,
     ring: bool,
     backings: Arc<Backings>,
+    max_payload: usize,
 ) -> std::io::Result<Ended> {
     let (events, incoming) = mpsc::channel();
     let why_not = if ring {
@@ -227,7 +212,7 @@ fn serve_connection(
         ttl: cfg.ttl,
         opens: backings,
         stats: cfg.transport_used.clone(),
-        max_payload: MAX_READ as usize,
+        max_payload,
     });
     // Over the ring /dev/fuse carries only forgets, interrupts and what came before the ring
     // was ready: one reader.
@@ -256,7 +241,19 @@ fn serve_connection(
                 }
                 Ok(Event::Ended(_)) => {}
                 Ok(Event::Takeover(request)) => {
-                    match takeover::hand_over(&dev, &request, fuse.as_fd(), core, &cfg.mountpoint) {
+                    cfg.takeover.set_handing_over(true);
+                    let res = takeover::hand_over(
+                        &dev,
+                        &request,
+                        fuse.as_fd(),
+                        core,
+                        &cfg.mountpoint,
+                        max_payload,
+                    );
+                    if res.is_err() {
+                        cfg.takeover.set_handing_over(false);
+                    }
+                    match res {
                         Ok(()) => {
                             // The next daemon serves the mount, and keeps its views file and
                             // control socket: nothing of ours is torn down on the way out.
@@ -285,6 +282,8 @@ struct Started {
     fuse: Arc<OwnedFd>,
     ring: Option<Ring>,
     backings: Arc<Backings>,
+    /// The largest request payload INIT set the connection up for.
+    max_payload: usize,
     taken: Option<Taken>,
 }
 
@@ -303,6 +302,7 @@ impl Started {
             fuse: Arc::new(fuse),
             ring,
             backings,
+            max_payload: MAX_READ as usize,
             taken: None,
         })
     }
@@ -322,6 +322,7 @@ fn adopt(taken: Taken, cfg: &MountConfig) -> Result<Started, String> {
         fuse: Arc::new(fuse),
         ring: None,
         backings: Arc::new(Backings::new(cfg.transport_used.clone())),
+        max_payload: taken.handover.max_payload,
         taken: Some(taken),
     })
 }
@@ -561,7 +562,11 @@ fn wait_until_answering(mp: &Path, ended: &AtomicBool) -> Result<MountId, String
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match std::fs::metadata(mp) {
-            Ok(m) if m.ino() == crate::fs::ROOT_INO => return Ok(MountId::Device(m.dev())),
+            // statfs too, which the kernel never answers from its caches (after a takeover the
+            // root's attributes may still be cached): the request loop runs.
+            Ok(m) if m.ino() == crate::fs::ROOT_INO && os::statfs(mp).is_ok() => {
+                return Ok(MountId::Device(m.dev()))
+            }
             // Unmounted before it was seen to answer: the session has ended.
             _ if ended.load(Ordering::SeqCst) => {
                 return Err(format!("{} was unmounted before it answered", mp.display()))

@@ -1,22 +1,24 @@
 //! Handing a live mount to the next daemon (`mount --takeover`), for upgrades and restarts
 //! without an unmount: the /dev/fuse connection (its fd, over the control socket with
 //! `SCM_RIGHTS`) and the inodes the kernel holds. The views travel through the views file the
-//! old daemon keeps current (binds wait during a takeover).
+//! old daemon keeps current (binds are refused during a takeover, with `unavailable`).
 //!
 //! The conversation, on one control connection opened by the new daemon:
-//! 1. new → old: `{"v":1,"op":"takeover","format":F,"version":…}`. The old daemon refuses (a
-//!    JSON reply, as to any request) a format other than its own, a mount it cannot hand over
-//!    (io-uring, passthrough, NFS), or one whose requests it cannot finish within
-//!    [`STOP_LIMIT`]. Else it stops reading /dev/fuse between requests, holds binds, and sends
-//!    one byte carrying the fd, then a [`Handover`] line.
-//! 2. new: restores the views and inodes, readies everything but its readers, then sends
-//!    `{"step":"ready"}`.
-//! 3. old → new: `{"step":"go"}`, and the old daemon exits without unmounting. The new one
-//!    starts reading. Nothing read was left unanswered, so no reader waits on a request lost
-//!    in between; what arrived meanwhile waits in the kernel's queue.
+//! 1. new → old: `{"v":1,"op":"takeover","format":F,"version":…,"mountpoint":…,"store":…}`.
+//!    The old daemon refuses (a JSON reply, as to any request) a format other than its own,
+//!    another mountpoint or store, a mount it cannot hand over (io-uring, passthrough, NFS), or
+//!    one whose requests it cannot finish within [`STOP_LIMIT`]. Else it refuses binds
+//!    (`unavailable`: retry), stops reading /dev/fuse between requests, and sends one byte
+//!    carrying the fd, then a [`Handover`] line.
+//! 2. new: restores the views and inodes, readies everything but its readers and its control
+//!    socket, then sends `{"step":"ready","pid":…}`.
+//! 3. old → new: `{"step":"go"}` (after naming the new daemon a systemd unit's main process,
+//!    under one), and the old daemon exits without unmounting. The new one starts reading.
+//!    Nothing read was left unanswered, so no reader waits on a request lost in between; what
+//!    arrived meanwhile waits in the kernel's queue.
 //!
-//! Until the old daemon says go, it can take everything back: a new daemon that goes quiet or
-//! fails leaves it serving as before.
+//! Until the old daemon says go, it can take everything back: a new daemon that fails, closes
+//! the connection or stays silent for [`STEP_LIMIT`] leaves it serving as before.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -33,8 +35,8 @@ use crate::fs::{DigestFs, SlotRecord};
 pub const FORMAT: u32 = super::TAKEOVER_FORMAT;
 /// How long the old daemon waits for the requests it is answering before it refuses.
 pub const STOP_LIMIT: Duration = Duration::from_secs(10);
-/// How long either side waits for the other's next step.
-const STEP_LIMIT: Duration = Duration::from_secs(60);
+/// How long either side waits for the other's next step; the mount's requests wait as long.
+pub const STEP_LIMIT: Duration = Duration::from_secs(30);
 /// The byte that carries the fd; a refusal starts with `{` instead.
 const FD_BYTE: u8 = b'F';
 
@@ -45,16 +47,27 @@ pub struct Handover {
     /// The old daemon's version and pid, for the log.
     pub version: String,
     pub pid: u32,
-    /// The mount's device, which the new daemon's watcher names it by.
+    /// The mount's device.
     pub device: u64,
+    /// The largest request payload the connection was set up for at INIT (its max_write).
+    pub max_payload: usize,
     pub inodes: Vec<SlotRecord>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 enum Step {
-    Ready,
+    Ready { pid: u32 },
     Go,
+}
+
+/// What the new daemon serves, which must be what the old one serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serves {
+    /// Absolute.
+    pub mountpoint: PathBuf,
+    /// Absolute.
+    pub store: PathBuf,
 }
 
 fn write_line(mut stream: &UnixStream, value: &impl Serialize) -> io::Result<()> {
@@ -87,7 +100,12 @@ pub fn give(stream: &UnixStream, fuse: BorrowedFd<'_>, handover: &Handover) -> i
     write_line(stream, handover)?;
     let line = read_line(&mut BufReader::new(stream), "it was ready")?;
     match serde_json::from_str::<Step>(&line) {
-        Ok(Step::Ready) => write_line(stream, &Step::Go),
+        Ok(Step::Ready { pid }) => {
+            // This process may be a systemd unit's main one (the unit's reload runs the
+            // takeover): the unit lives on in the new daemon, not with this one.
+            crate::os::notify_service_manager(&format!("MAINPID={pid}\n"));
+            write_line(stream, &Step::Go)
+        }
         _ => Err(io::Error::other(format!(
             "the new daemon sent {:?} where ready was due",
             line.trim_end()
@@ -104,7 +122,8 @@ pub enum Kept {
 }
 
 /// Hands the mount at `mountpoint`, served by `dev` on `fuse`, to the daemon that sent
-/// `request`: stops the readers between requests, holds binds, and gives. `Ok` once the new
+/// `request`: stops the readers between requests, holds binds (a bind under way ends first),
+/// and gives. `Ok` once the new
 /// daemon serves: the caller exits at once.
 pub fn hand_over(
     dev: &super::dev::DevLoop,
@@ -112,6 +131,7 @@ pub fn hand_over(
     fuse: BorrowedFd<'_>,
     core: &DigestFs,
     mountpoint: &Path,
+    max_payload: usize,
 ) -> Result<(), Kept> {
     let refuse = |why: String| {
         let refusal = Response::refused(ErrorKind::Unavailable, why.clone());
@@ -139,6 +159,7 @@ pub fn hand_over(
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
         device,
+        max_payload,
         inodes: core.export_inodes(),
     };
     let res = give(request, fuse, &handover);
@@ -194,11 +215,19 @@ pub struct Taken {
     socket: Option<(PathBuf, PathBuf)>,
 }
 
-/// Asks the daemon behind `socket` for its mount. The error says why it was not given: the old
-/// daemon's refusal, or what failed on the way.
-pub fn take(socket: &Path) -> Result<Taken, String> {
+/// Asks the daemon behind `socket` for its mount, which must be `serves`. The error says why
+/// it was not given: the old daemon's refusal, or what failed on the way.
+pub fn take(socket: &Path, serves: &Serves) -> Result<Taken, String> {
     let failed = |e: io::Error| format!("taking over through {}: {e}", socket.display());
     let stream = UnixStream::connect(socket).map_err(failed)?;
+    // As every client: nothing is sent to a daemon of another user.
+    let uid = crate::os::peer_uid(stream.as_raw_fd()).map_err(failed)?;
+    if uid != unsafe { libc::geteuid() } {
+        return Err(format!(
+            "the daemon behind {} runs as uid {uid}, not as you",
+            socket.display()
+        ));
+    }
     stream.set_read_timeout(Some(STEP_LIMIT)).map_err(failed)?;
     stream.set_write_timeout(Some(STEP_LIMIT)).map_err(failed)?;
     let request = serde_json::json!({
@@ -206,6 +235,8 @@ pub fn take(socket: &Path) -> Result<Taken, String> {
         "op": "takeover",
         "format": FORMAT,
         "version": env!("CARGO_PKG_VERSION"),
+        "mountpoint": serves.mountpoint,
+        "store": serves.store,
     });
     write_line(&stream, &request).map_err(failed)?;
     let (first, fd) = recv_fd(&stream).map_err(failed)?;
@@ -245,8 +276,9 @@ impl Taken {
         Ok(())
     }
 
-    /// Everything is ready but the readers: asks the old daemon to go, and returns once it has
-    /// (it exits without unmounting). After an error the old daemon goes on serving.
+    /// Everything is ready but the readers and the control socket: asks the old daemon to go,
+    /// and returns once it said it goes (it exits right after, without unmounting). After an
+    /// error the old daemon goes on serving.
     pub fn go(&self) -> Result<(), String> {
         let failed = |e: io::Error| format!("taking over from pid {}: {e}", self.handover.pid);
         // The old daemon's socket stays reachable under a second name until it has said go,
@@ -272,7 +304,10 @@ impl Taken {
     }
 
     fn ready_and_go(&self) -> io::Result<()> {
-        write_line(&self.stream, &Step::Ready)?;
+        let ready = Step::Ready {
+            pid: std::process::id(),
+        };
+        write_line(&self.stream, &ready)?;
         let line = read_line(&mut BufReader::new(&self.stream), "it said go")?;
         match serde_json::from_str::<Step>(&line) {
             Ok(Step::Go) => Ok(()),
@@ -298,9 +333,15 @@ fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
+    let n = loop {
+        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let e = io::Error::last_os_error();
+        if n >= 0 || e.kind() != io::ErrorKind::Interrupted {
+            break if n < 0 { Err(e) } else { Ok(n) };
+        }
+    }?;
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("the fd did not fit (MSG_CTRUNC)"));
     }
     if n == 0 {
         return Err(io::Error::new(
