@@ -502,14 +502,16 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
             mountpoint.to_path_buf(),
             store_dir.to_path_buf(),
         ));
-        // Taking over, these are the running daemon's views, which it holds still for us: all
-        // of them, or no takeover.
-        let restored = state.restore(&core);
+        // Taking over, these are the running daemon's views, which it holds still for us (and
+        // checked when it bound them): all of them, or no takeover.
+        let restored = state.restore_checked(&core, taken.is_none());
         if let Some(t) = &mut taken {
-            if restored.dropped > 0 {
+            let expected = views_handed_over(t);
+            if restored.views != expected {
                 return Err(Failure::Msg(format!(
-                    "{} of the running daemon's views could not be restored (see the log); it goes on serving",
-                    restored.dropped
+                    "restored {} of the running daemon's {expected} views from {} (see the log); it goes on serving",
+                    restored.views,
+                    state.path().display()
                 )));
             }
             adopt_inodes(&core, t);
@@ -718,6 +720,17 @@ fn go(taken: &Taken) -> CliResult {
 
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
 fn go(taken: &Taken) -> CliResult {
+    match *taken {}
+}
+
+/// How many views the daemon taken over from serves.
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn views_handed_over(taken: &Taken) -> usize {
+    taken.handover.views
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn views_handed_over(taken: &Taken) -> usize {
     match *taken {}
 }
 

@@ -100,6 +100,12 @@ impl StateKeeper {
     /// bind is. A view that can no longer be bound (a tree gone from the store, say) is dropped
     /// and logged; nothing here is fatal.
     pub fn restore(&self, core: &DigestFs) -> Restored {
+        self.restore_checked(core, true)
+    }
+
+    /// [`StateKeeper::restore`], checking every tree is in the store only with `verify` (a
+    /// takeover's views were checked by the daemon that bound them, and the mount waits).
+    pub fn restore_checked(&self, core: &DigestFs, verify: bool) -> Restored {
         let mut done = Restored::default();
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -137,7 +143,7 @@ impl StateKeeper {
                     .map(Vec::as_slice)
                     .unwrap_or_default();
                 let bind = |owner: Option<&str>| {
-                    core.bind_as(&view.path, layer, d, true, owner)
+                    core.bind_as(&view.path, layer, d, verify, owner)
                         .map(drop)
                         .map_err(|e| format!("layer {layer}: {e}"))
                 };

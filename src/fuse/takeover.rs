@@ -51,6 +51,8 @@ pub struct Handover {
     pub device: u64,
     /// The largest request payload the connection was set up for at INIT (its max_write).
     pub max_payload: usize,
+    /// How many views the daemon serves (in its views file): the new one restores them all.
+    pub views: usize,
     pub inodes: Vec<SlotRecord>,
 }
 
@@ -104,7 +106,13 @@ pub fn give(stream: &UnixStream, fuse: BorrowedFd<'_>, handover: &Handover) -> i
             // This process may be a systemd unit's main one (the unit's reload runs the
             // takeover): the unit lives on in the new daemon, not with this one.
             crate::os::notify_service_manager(&format!("MAINPID={pid}\n"));
-            write_line(stream, &Step::Go)
+            let go = write_line(stream, &Step::Go);
+            if go.is_err() {
+                // Not gone after all: the unit is this process again.
+                let me = std::process::id();
+                crate::os::notify_service_manager(&format!("MAINPID={me}\n"));
+            }
+            go
         }
         _ => Err(io::Error::other(format!(
             "the new daemon sent {:?} where ready was due",
@@ -160,6 +168,7 @@ pub fn hand_over(
         pid: std::process::id(),
         device,
         max_payload,
+        views: core.namespace().views().len(),
         inodes: core.export_inodes(),
     };
     let res = give(request, fuse, &handover);
