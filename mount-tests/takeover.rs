@@ -269,6 +269,46 @@ fn a_takeover_that_cannot_be_made_leaves_the_daemon_serving() {
 }
 
 #[test]
+fn a_taker_that_fails_before_go_leaves_socket_views_and_mount_alone() {
+    let (m, socket) = Mount::fixture_with_control(&[("v", JAR_TREE)], DEV);
+    let views_file = socket.with_extension("views.json");
+    let views_before = std::fs::read(&views_file).unwrap();
+    let socket_ino = std::fs::metadata(&socket).unwrap().ino();
+    // Refused after it took the handover (and restored the views): metrics on an address
+    // other machines reach, without --metrics-allow-remote.
+    let out = run_timeout(
+        Command::new(bin())
+            .arg("--store")
+            .arg(&m.store)
+            .args(["mount", "--takeover", "--control"])
+            .arg(&socket)
+            .args(["--metrics-listen", "0.0.0.0:0"])
+            .arg(&m.mnt),
+        T,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("metrics"),
+        "{out:?}"
+    );
+    wait_until("the daemon serves again", T, || {
+        m.log_text().contains("serving again").then_some(())
+    });
+    serves(&m, &socket);
+    assert_eq!(std::fs::metadata(&socket).unwrap().ino(), socket_ino);
+    assert_eq!(std::fs::read(&views_file).unwrap(), views_before);
+    let control = socket.to_str().unwrap();
+    dfs_ok(&[
+        "bind",
+        "--control",
+        control,
+        m.mnt.to_str().unwrap(),
+        "w",
+        JAR_TREE,
+    ]);
+}
+
+#[test]
 fn a_passthrough_mount_is_not_taken_over() {
     let (m, socket) = Mount::fixture_with_control(
         &[("v", JAR_TREE)],
@@ -291,9 +331,10 @@ fn a_mount_over_io_uring_is_not_taken_over() {
     serves(&m, &socket);
 }
 
-/// A systemd unit's reload (packaging/systemd: `ExecReload=digestfs mount --takeover --daemon`):
-/// the old daemon, the unit's main process, names the new one the main process before it exits,
-/// so systemd never sees its main process end.
+/// A systemd unit's reload (packaging/systemd: `ExecReload=digestfs mount --takeover --daemon`),
+/// twice: each time the daemon that is the unit's main process names the new one the main
+/// process before it exits, so systemd never sees its main process end. The second time that
+/// is the first reload's daemon, which must still have the notify socket.
 #[test]
 fn a_unit_reload_hands_the_main_process_over_without_an_unmount() {
     use std::os::unix::net::UnixDatagram;
@@ -336,16 +377,24 @@ fn a_unit_reload_hands_the_main_process_over_without_an_unmount() {
     let jar = mnt.join("lib/lib/jansi.jar");
     let held = std::fs::File::open(&jar).unwrap();
     // ExecReload.
-    let out = run_timeout(&mut mount(&["--takeover", "--daemon"]), T);
-    let new: u32 = stdout_ok(out).trim().parse().unwrap();
-    let msg = next();
-    assert_eq!(
-        msg,
-        format!("MAINPID={new}\n"),
-        "named before the old daemon goes"
-    );
+    let reload = || {
+        let out = run_timeout(&mut mount(&["--takeover", "--daemon"]), T);
+        let new: u32 = stdout_ok(out).trim().parse().unwrap();
+        let msg = next();
+        assert_eq!(
+            msg,
+            format!("MAINPID={new}\n"),
+            "named before the old daemon goes"
+        );
+        new
+    };
+    let first = reload();
     let status = wait_until("the old daemon exits", T, || old.try_wait().unwrap());
     assert!(status.success());
+    let new = reload();
+    wait_until("the first reload's daemon exits", T, || {
+        (!alive(first)).then_some(())
+    });
     let mut buf = vec![0u8; 94545];
     held.read_exact_at(&mut buf, 0).unwrap();
     assert_eq!(sha256_hex(&buf), JANSI.split('-').next().unwrap());
@@ -355,7 +404,7 @@ fn a_unit_reload_hands_the_main_process_over_without_an_unmount() {
     )
     .unwrap();
     assert!(
-        unit.contains("NotifyAccess=main")
+        unit.contains("NotifyAccess=all")
             && unit.contains("ExecReload=/usr/bin/digestfs mount --takeover --daemon %I"),
         "{unit}"
     );

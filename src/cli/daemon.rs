@@ -72,7 +72,9 @@ pub fn leave_cwd() {
 
 /// Starts the daemon and waits until it reports; its pid, or the reason it gave (a line of text
 /// from the child, hence a `String`). Its stderr goes to `log_file` (appended), else /dev/null.
-pub fn spawn_and_wait(log_file: Option<&Path>) -> Result<u32, String> {
+/// Only a daemon that takes a mount over (`notify`: a unit's reload) keeps systemd's notify
+/// socket: any other is not the unit's to speak for.
+pub fn spawn_and_wait(log_file: Option<&Path>, notify: bool) -> Result<u32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding our own executable: {e}"))?;
     let args: Vec<OsString> = std::env::args_os()
         .skip(1)
@@ -92,6 +94,9 @@ pub fn spawn_and_wait(log_file: Option<&Path>) -> Result<u32, String> {
     crate::os::cloexec_inherited_fds()
         .map_err(|e| format!("closing inherited descriptors: {e}"))?;
     let mut cmd = Command::new(exe);
+    if !notify {
+        cmd.env_remove("NOTIFY_SOCKET");
+    }
     cmd.args(args)
         .env(CHILD_ENV, "1")
         .stdin(Stdio::null())

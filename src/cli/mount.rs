@@ -425,7 +425,8 @@ pub(super) fn run(choice: &StoreChoice, args: MountArgs) -> CliResult {
             }
         }
         if args.daemon {
-            let pid = daemon::spawn_and_wait(args.log_file.as_deref()).map_err(Failure::Msg)?;
+            let pid = daemon::spawn_and_wait(args.log_file.as_deref(), args.takeover)
+                .map_err(Failure::Msg)?;
             super::outln!("{pid}");
             return Ok(());
         }
@@ -515,7 +516,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                 )));
             }
             adopt_inodes(&core, t);
-            swap_socket(t, &listen_at, socket)?;
+            swap_socket(t, &listen_at, socket);
         }
         for bind in &args.binds {
             let (path, digest) = bind
@@ -573,10 +574,20 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
             go(t)?;
             remove_socket.0 = Some(socket.to_path_buf());
         }
-        // After the takeover: the running daemon may have held the port until it went.
-        let metrics = match args.metrics_listen {
-            Some(addr) => Some(bind_metrics(addr, taken.is_some())?),
-            None => None,
+        // After the takeover: the running daemon may have held the port until it went, and the
+        // mount is this daemon's now, so metrics that cannot be served do not stop it.
+        let metrics = match (args.metrics_listen, &taken) {
+            (Some(addr), None) => Some(bind_metrics(addr, false)?),
+            (Some(addr), Some(_)) => match bind_metrics(addr, true) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    if let Failure::Msg(msg) = e {
+                        log::error!("{msg}; serving without metrics");
+                    }
+                    None
+                }
+            },
+            (None, _) => None,
         };
         // Ready: `status` says attached from here on, and then the waiting parent is told.
         let ready = {
@@ -614,10 +625,12 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                 status,
             };
             let addr = listener.addr;
-            listener
-                .spawn(crate::metrics::registry(latency, sources))
-                .map_err(|e| Failure::Msg(format!("serving metrics on {addr}: {e}")))?;
-            log::info!("metrics at http://{addr}/metrics");
+            match listener.spawn(crate::metrics::registry(latency, sources)) {
+                Ok(()) => log::info!("metrics at http://{addr}/metrics"),
+                // Taken over, the mount is ours now: it is served all the same.
+                Err(e) if taken.is_some() => log::error!("serving metrics on {addr}: {e}"),
+                Err(e) => return Err(Failure::Msg(format!("serving metrics on {addr}: {e}"))),
+            }
         }
         log::info!("control socket at {}", socket.display());
         match nfs {
@@ -754,14 +767,12 @@ fn adopt_inodes(_core: &DigestFs, taken: &mut Taken) {
 
 /// Puts this daemon's control socket at `socket` as the takeover completes (`Taken::go`).
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-fn swap_socket(taken: &mut Taken, next: &Path, socket: &Path) -> CliResult {
-    taken
-        .swap_socket_at_go(next, socket)
-        .map_err(|e| Failure::Msg(format!("control socket {}: {e}", socket.display())))
+fn swap_socket(taken: &mut Taken, next: &Path, socket: &Path) {
+    taken.swap_socket_at_go(next, socket)
 }
 
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn swap_socket(taken: &mut Taken, _next: &Path, _socket: &Path) -> CliResult {
+fn swap_socket(taken: &mut Taken, _next: &Path, _socket: &Path) {
     match *taken {}
 }
 

@@ -288,12 +288,6 @@ fn serve_conn(stream: &UnixStream, core: &DigestFs, info: &MountInfo) -> io::Res
                 Ok(()) => return Ok(()),
                 Err(refusal) => *refusal,
             },
-            Ok(Request::Bind { .. } | Request::Unbind { .. }) if info.takeover.handing_over() => {
-                Response::refused(
-                    ErrorKind::Unavailable,
-                    "the mount is being handed over to another daemon; retry in a moment",
-                )
-            }
             Ok(req) => handle(core, info, req),
             Err(e) => Response::bad_request(e),
         };
@@ -354,6 +348,7 @@ pub fn bind_refusal(e: &BindError) -> Response {
         BindError::Namespace(NamespaceError::NotBound { .. }) => ErrorKind::BadRequest,
         BindError::Namespace(_) | BindError::Conflict(_) => ErrorKind::Conflict,
         BindError::Tree(r) => read_error_kind(r),
+        BindError::Closed => ErrorKind::Unavailable,
     };
     Response::refused(kind, e.to_string())
         .about_digest(e.digest().map(|d| d.to_string()))

@@ -33,6 +33,10 @@ pub enum BindError {
     Tree(#[from] ReadError),
     #[error(transparent)]
     Conflict(Box<Conflict>),
+    /// The mount is being handed to another daemon (a takeover), which takes the views as they
+    /// are: try again in a moment, and the other daemon answers.
+    #[error("the mount is being handed over to another daemon; retry in a moment")]
+    Closed,
 }
 
 /// Two layers that give one name different content.
@@ -118,6 +122,9 @@ impl DigestFs {
             self.verify_tree(&digest)?;
         }
         let _guard = lock(&self.bind_lock);
+        if self.binds_closed.load(Ordering::SeqCst) {
+            return Err(BindError::Closed);
+        }
         let current = self.namespace();
         let mut view = current.view(&parts).cloned().unwrap_or_default();
         let held = view.owners.get(layer).cloned().unwrap_or_default();
@@ -167,6 +174,9 @@ impl DigestFs {
     ) -> Result<Change, BindError> {
         let parts = parse_path(path)?;
         let _guard = lock(&self.bind_lock);
+        if self.binds_closed.load(Ordering::SeqCst) {
+            return Err(BindError::Closed);
+        }
         let current = self.namespace();
         let joined = parts.join("/");
         let mut view = current

@@ -137,6 +137,8 @@ pub struct DigestFs {
     namespace: RwLock<Arc<Namespace>>,
     /// Serialises binds, so each one checks conflicts against the namespace it replaces.
     bind_lock: Mutex<()>,
+    /// Set during a takeover: binds are refused.
+    binds_closed: std::sync::atomic::AtomicBool,
     read: read::OpenBlobs,
     logged: Mutex<HashSet<Digest>>,
     invalidator: OnceLock<Box<dyn Invalidator>>,
@@ -155,6 +157,7 @@ impl DigestFs {
             cache: Mutex::new(DirCache::new(config.cache_entries)),
             namespace: RwLock::new(Arc::new(Namespace::default())),
             bind_lock: Mutex::new(()),
+            binds_closed: std::sync::atomic::AtomicBool::new(false),
             read: read::OpenBlobs::default(),
             logged: Mutex::new(HashSet::new()),
             invalidator: OnceLock::new(),
@@ -175,10 +178,11 @@ impl DigestFs {
         lock(&self.inodes).import(records)
     }
 
-    /// Holds every bind and unbind until the guard drops (a takeover: the views on disk are
-    /// then the ones the next daemon restores).
-    pub fn hold_binds(&self) -> std::sync::MutexGuard<'_, ()> {
-        lock(&self.bind_lock)
+    /// Refuses binds and unbinds from now on ([`BindError::Closed`]), or takes them again: a
+    /// takeover hands over the views as they are. Closing waits for a bind under way.
+    pub fn close_binds(&self, closed: bool) {
+        let _guard = lock(&self.bind_lock);
+        self.binds_closed.store(closed, Ordering::SeqCst);
     }
 
     /// Where binds send the names they change, once the mount exists.

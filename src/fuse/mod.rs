@@ -103,15 +103,12 @@ type Door = Result<Box<dyn Fn(TakeoverRequest) + Send>, String>;
 /// over, else closed with the reason, which the requester is told.
 pub struct TakeoverDoor {
     door: std::sync::Mutex<Door>,
-    /// A takeover is under way: binds are refused, since the views go with the mount.
-    handing_over: std::sync::atomic::AtomicBool,
 }
 
 impl Default for TakeoverDoor {
     fn default() -> TakeoverDoor {
         TakeoverDoor {
             door: std::sync::Mutex::new(Err("the mount is not being served yet".into())),
-            handing_over: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -129,16 +126,6 @@ impl TakeoverDoor {
     /// Requests are refused, with `why`.
     pub fn close(&self, why: impl Into<String>) {
         *self.door() = Err(why.into());
-    }
-
-    /// While a takeover is under way.
-    pub fn set_handing_over(&self, on: bool) {
-        self.handing_over
-            .store(on, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    pub fn handing_over(&self) -> bool {
-        self.handing_over.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Passes `request` on, or says why the mount cannot be handed over.

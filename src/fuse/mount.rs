@@ -74,6 +74,19 @@ pub fn serve(
     on_exit: impl FnOnce() + Send + 'static,
 ) -> Result<(), String> {
     let mp = cfg.mountpoint.clone();
+    let mounted = Arc::new(OnceLock::new());
+    // A mount taken over is this daemon's from the start: watched at once (the daemon that
+    // gave it stood its watcher down), and detached if this one fails before it serves.
+    let taken_device = taken.as_ref().map(|t| t.handover.device);
+    if let Some(dev) = taken_device {
+        let _ = mounted.set(MountId::Device(dev));
+        if let Err(e) = spawn_orphan_watcher(&mp, dev) {
+            log::warn!(
+                "no watcher to detach {} if this daemon is killed: {e}",
+                mp.display()
+            );
+        }
+    }
     let started = match taken {
         Some(taken) => adopt(taken, cfg),
         None => start_session(core.clone(), cfg),
@@ -81,12 +94,12 @@ pub fn serve(
     let started = match started {
         Ok(s) => s,
         Err(msg) => {
+            // Taken over, the watcher detaches the mount once this process is gone.
             ready(Err(msg.clone()));
             return Err(msg);
         }
     };
     core.set_invalidator(Box::new(KernelInvalidator(started.fuse.clone())));
-    let mounted = Arc::new(OnceLock::new());
     spawn_signal_thread(mp.clone(), signals, mounted.clone(), on_exit)
         .map_err(|e| e.to_string())?;
     if let Some(taken) = &started.taken {
@@ -110,9 +123,9 @@ pub fn serve(
             if res.is_ok() && ra_kb > 0 {
                 set_read_ahead(&probe_mp, ra_kb);
             }
-            if let Ok(id) = res {
-                let _ = probe_mounted.set(id);
-                if let MountId::Device(dev) = id {
+            if let (Ok(id), None) = (&res, taken_device) {
+                let _ = probe_mounted.set(*id);
+                if let MountId::Device(dev) = *id {
                     if let Err(e) = spawn_orphan_watcher(&probe_mp, dev) {
                         log::warn!(
                             "no watcher to detach {} if this daemon is killed: {e}",
@@ -241,7 +254,6 @@ fn serve_connection(
                 }
                 Ok(Event::Ended(_)) => {}
                 Ok(Event::Takeover(request)) => {
-                    cfg.takeover.set_handing_over(true);
                     let res = takeover::hand_over(
                         &dev,
                         &request,
@@ -250,9 +262,6 @@ fn serve_connection(
                         &cfg.mountpoint,
                         max_payload,
                     );
-                    if res.is_err() {
-                        cfg.takeover.set_handing_over(false);
-                    }
                     match res {
                         Ok(()) => {
                             // The next daemon serves the mount, and keeps its views file and

@@ -130,9 +130,8 @@ pub enum Kept {
 }
 
 /// Hands the mount at `mountpoint`, served by `dev` on `fuse`, to the daemon that sent
-/// `request`: stops the readers between requests, holds binds (a bind under way ends first),
-/// and gives. `Ok` once the new
-/// daemon serves: the caller exits at once.
+/// `request`: refuses binds (a bind under way ends first), stops the readers between requests,
+/// and gives. `Ok` once the new daemon is ready: the caller exits at once.
 pub fn hand_over(
     dev: &super::dev::DevLoop,
     request: &UnixStream,
@@ -155,8 +154,9 @@ pub fn hand_over(
             ))))
         }
     };
-    let binds = core.hold_binds();
+    core.close_binds(true);
     if !dev.stop_within(STOP_LIMIT) {
+        core.close_binds(false);
         return Err(Kept::Stopped(refuse(format!(
             "requests were still being answered after {} s; try again",
             STOP_LIMIT.as_secs()
@@ -171,17 +171,11 @@ pub fn hand_over(
         views: core.namespace().views().len(),
         inodes: core.export_inodes(),
     };
-    let res = give(request, fuse, &handover);
-    match res {
-        Ok(()) => {
-            // Binds stay held until this process ends: the next daemon has the views.
-            std::mem::forget(binds);
-            Ok(())
-        }
-        Err(e) => Err(Kept::Stopped(format!(
-            "the new daemon did not take over: {e}"
-        ))),
-    }
+    // Binds stay closed once it is given: the next daemon has the views.
+    give(request, fuse, &handover).map_err(|e| {
+        core.close_binds(false);
+        Kept::Stopped(format!("the new daemon did not take over: {e}"))
+    })
 }
 
 fn send_fd(stream: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -280,36 +274,28 @@ pub fn take(socket: &Path, serves: &Serves) -> Result<Taken, String> {
 impl Taken {
     /// At [`Taken::go`], this daemon's control socket, listening at `next`, takes the place of
     /// the running daemon's at `socket`.
-    pub fn swap_socket_at_go(&mut self, next: &Path, socket: &Path) -> io::Result<()> {
+    pub fn swap_socket_at_go(&mut self, next: &Path, socket: &Path) {
         self.socket = Some((next.to_path_buf(), socket.to_path_buf()));
-        Ok(())
     }
 
-    /// Everything is ready but the readers and the control socket: asks the old daemon to go,
-    /// and returns once it said it goes (it exits right after, without unmounting). After an
-    /// error the old daemon goes on serving.
+    /// Everything is ready but the readers: asks the old daemon to go, and returns once it said
+    /// it goes (it exits right after, without unmounting), this daemon's control socket in the
+    /// place of its. After an error the old daemon goes on serving, its socket untouched.
     pub fn go(&self) -> Result<(), String> {
         let failed = |e: io::Error| format!("taking over from pid {}: {e}", self.handover.pid);
-        // The old daemon's socket stays reachable under a second name until it has said go,
-        // and is put back if it does not.
-        let swapped = match &self.socket {
-            Some((next, socket)) => {
-                let old = socket.with_extension("prev.sock");
-                let _ = std::fs::remove_file(&old);
-                std::fs::hard_link(socket, &old).map_err(failed)?;
-                std::fs::rename(next, socket).map_err(failed)?;
-                Some((old, socket))
+        self.ready_and_go().map_err(failed)?;
+        // The old daemon no longer answers there: clients that find its socket meanwhile are
+        // refused, as by a daemon restarting, and retry.
+        if let Some((next, socket)) = &self.socket {
+            if let Err(e) = std::fs::rename(next, socket) {
+                log::error!(
+                    "control socket: moving {} to {}: {e}",
+                    next.display(),
+                    socket.display()
+                );
             }
-            None => None,
-        };
-        let res = self.ready_and_go().map_err(failed);
-        if let Some((old, socket)) = swapped {
-            let _ = match &res {
-                Ok(()) => std::fs::remove_file(&old),
-                Err(_) => std::fs::rename(&old, socket),
-            };
         }
-        res
+        Ok(())
     }
 
     fn ready_and_go(&self) -> io::Result<()> {
