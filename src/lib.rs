@@ -4,7 +4,8 @@
 //! - [`remote`]: a REAPI CAS client, fetching what the local store lacks into it, verified.
 //! - [`cas`]: what the core reads: the local store, with the remote behind it.
 //! - [`fs`]: the filesystem core (namespace, views, inodes, attributes, reads) as plain functions.
-//! - [`fuse`]: the thin `fuser` adapter and the FUSE session (Linux, feature `fuse`).
+//! - [`fuse`]: the FUSE front end (Linux, feature `fuse`): mounting and INIT through `fuser`,
+//!   the requests a view answers, the /dev/fuse and io_uring transports, takeover.
 //! - [`nfs`]: the NFSv3 front end (macOS's way in; any NFSv3 client).
 //! - [`lease`]: keeping bound trees alive against Pants' garbage collection.
 //! - [`control`]: the control socket the build daemon binds views through, and the state file.

@@ -43,7 +43,7 @@ pub const FUSE_RENAME2: u32 = 45;
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
-/// An opcode's name, as the metrics label it (the /dev/fuse adapter's method names).
+/// An opcode's name, as the metrics label it.
 pub fn opcode_name(opcode: u32) -> &'static str {
     match opcode {
         FUSE_LOOKUP => "lookup",

@@ -58,8 +58,8 @@ pub fn answer(
                 core.check_open(h.nodeid, flags).map_err(errno)?;
                 return Err(libc::ENOSYS);
             };
-            // With passthrough, as the adapter: large blobs backed by their file, LMDB blobs
-            // kept in the page cache across opens, no handle in the core.
+            // With passthrough: large blobs backed by their file, LMDB blobs kept in the page
+            // cache across opens, no handle in the core.
             let (fh, backing) = opens.open(core, h.nodeid, flags).map_err(errno)?;
             let mut w = Writer::new(payload);
             w.open_out(fh, backing);

@@ -124,7 +124,7 @@ fn lookup_answers_an_entry_with_the_cores_attributes_and_ttls() {
 }
 
 #[test]
-fn reads_opens_and_links_keep_the_adapters_semantics() {
+fn reads_opens_and_links_answer_as_the_kernel_expects() {
     let f = fixture();
     let v = ino_of(&lookup(&f.core, ROOT_INO, "v").unwrap());
     let lib = ino_of(&lookup(&f.core, v, "lib").unwrap());

@@ -54,7 +54,7 @@ use crate::fs::DigestFs;
 const RETRIES: u32 = 3;
 
 /// Opens over the ring with passthrough: the connection's backing ids, shared with the
-/// /dev/fuse adapter (which learns at INIT whether passthrough is on, and hears the forgets).
+/// /dev/fuse loop (which hears the forgets; INIT says whether passthrough is on).
 pub type RingOpens = super::backing::Backings;
 
 /// What a queue calls when it cannot go on: ends the connection, so that no reader waits on a
