@@ -507,12 +507,14 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         // checked when it bound them): all of them, or no takeover.
         let restored = state.restore_checked(&core, taken.is_none());
         if let Some(t) = &mut taken {
-            let expected = views_handed_over(t);
-            if restored.views != expected {
+            let (expected, digest) = views_handed_over(t);
+            if restored.views != expected
+                || control::state::views_digest(&core.namespace()) != digest
+            {
                 return Err(Failure::Msg(format!(
-                    "restored {} of the running daemon's {expected} views from {} (see the log); it goes on serving",
-                    restored.views,
-                    state.path().display()
+                    "the views restored from {} ({} of them) are not the {expected} the running daemon serves (see the log); it goes on serving",
+                    state.path().display(),
+                    restored.views
                 )));
             }
             adopt_inodes(&core, t);
@@ -736,14 +738,14 @@ fn go(taken: &Taken) -> CliResult {
     match *taken {}
 }
 
-/// How many views the daemon taken over from serves.
+/// How many views the daemon taken over from serves, and their digest.
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-fn views_handed_over(taken: &Taken) -> usize {
-    taken.handover.views
+fn views_handed_over(taken: &Taken) -> (usize, String) {
+    (taken.handover.views, taken.handover.views_digest.clone())
 }
 
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn views_handed_over(taken: &Taken) -> usize {
+fn views_handed_over(taken: &Taken) -> (usize, String) {
     match *taken {}
 }
 

@@ -30,6 +30,34 @@ struct SavedView {
     owners: BTreeMap<String, Vec<String>>,
 }
 
+/// The views of `ns` as the file keeps them, in path order.
+fn saved_views(ns: &Namespace) -> Vec<SavedView> {
+    ns.views()
+        .into_iter()
+        .map(|(path, view)| SavedView {
+            path,
+            layers: view
+                .layers
+                .iter()
+                .map(|(l, d)| (l.clone(), d.to_string()))
+                .collect(),
+            owners: view
+                .owners
+                .iter()
+                .map(|(l, o)| (l.clone(), o.iter().cloned().collect()))
+                .collect(),
+        })
+        .collect()
+}
+
+/// A digest of the views of `ns` (paths, layers, trees and holders): two daemons that serve the
+/// same views give the same text, which a takeover checks.
+pub fn views_digest(ns: &Namespace) -> String {
+    use sha2::Digest as _;
+    let json = serde_json::to_vec(&saved_views(ns)).expect("views serialise");
+    hex::encode(sha2::Sha256::digest(json))
+}
+
 /// Where the views of the daemon behind `socket` are kept.
 pub fn state_path(socket: &Path) -> PathBuf {
     socket.with_extension("views.json")
@@ -68,23 +96,7 @@ impl StateKeeper {
             v: VERSION,
             mountpoint: self.mountpoint.clone(),
             store: self.store.clone(),
-            views: ns
-                .views()
-                .into_iter()
-                .map(|(path, view)| SavedView {
-                    path,
-                    layers: view
-                        .layers
-                        .iter()
-                        .map(|(l, d)| (l.clone(), d.to_string()))
-                        .collect(),
-                    owners: view
-                        .owners
-                        .iter()
-                        .map(|(l, o)| (l.clone(), o.iter().cloned().collect()))
-                        .collect(),
-                })
-                .collect(),
+            views: saved_views(ns),
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::Builder::new()
@@ -226,6 +238,16 @@ mod tests {
                 dropped: 1
             }
         );
+        // What a takeover compares: the same views give the same digest, whoever serves them.
+        // Restored unchecked (as a takeover does), the view of a missing tree stays.
+        let digest = |core: &DigestFs| views_digest(&core.namespace());
+        let kept = core(&store);
+        keeper.restore_checked(&kept, false);
+        assert_eq!(digest(&kept), digest(&first));
+        assert_ne!(digest(&second), digest(&first));
+        kept.unbind_as("r/lib", Some("write.x"), Some("bsp-1"))
+            .unwrap();
+        assert_ne!(digest(&kept), digest(&first));
         let views = second.namespace();
         let views = views.views();
         assert_eq!(views.len(), 1);

@@ -51,8 +51,10 @@ pub struct Handover {
     pub device: u64,
     /// The largest request payload the connection was set up for at INIT (its max_write).
     pub max_payload: usize,
-    /// How many views the daemon serves (in its views file): the new one restores them all.
+    /// How many views the daemon serves (in its views file), and their digest
+    /// ([`crate::control::state::views_digest`]): the new one restores the very same.
     pub views: usize,
+    pub views_digest: String,
     pub inodes: Vec<SlotRecord>,
 }
 
@@ -169,6 +171,7 @@ pub fn hand_over(
         device,
         max_payload,
         views: core.namespace().views().len(),
+        views_digest: crate::control::state::views_digest(&core.namespace()),
         inodes: core.export_inodes(),
     };
     // Binds stay closed once it is given: the next daemon has the views.
