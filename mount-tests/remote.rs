@@ -81,18 +81,6 @@ fn wait_for_status(socket: &Path, done: impl Fn(&RemoteStatus) -> bool) -> Remot
     })
 }
 
-/// `digestfs bind` on a live mount with its own control socket.
-fn bind(m: &Mount, socket: &Path, path: &str, digest: &str) {
-    dfs_ok(&[
-        "bind",
-        "--control",
-        socket.to_str().unwrap(),
-        m.mnt.to_str().unwrap(),
-        path,
-        digest,
-    ]);
-}
-
 fn file_digests(tree: &str) -> Vec<(String, String)> {
     manifest()[tree]
         .iter()
@@ -193,7 +181,7 @@ fn a_tree_only_the_remote_has_is_served_verified_and_kept_locally() {
         "every file once, plus the two Directories: {after:?}"
     );
     // Bound live, by the control socket: the root Directory is fetched too.
-    bind(&m, &socket, "src", SRC_SYMLINKS);
+    m.bind(&socket, "src", SRC_SYMLINKS);
     assert_eq!(
         std::fs::read_link(m.path("src/nested/link_to_src_dir")).unwrap(),
         Path::new("../src")
@@ -441,7 +429,7 @@ fn prefetch_fetches_a_bound_tree_in_the_background() {
     let fixture = fixture_store();
     push(&bg, "", &fixture.path().join("store"), &[JAR_TREE]);
     let (m, socket) = mount_remote(&bg.address, &[], &["--prefetch"]);
-    bind(&m, &socket, "lib", JAR_TREE);
+    m.bind(&socket, "lib", JAR_TREE);
     let status = wait_for_status(&socket, |s| {
         s.prefetch.trees == 1 && s.prefetch.running == 0
     });
@@ -496,7 +484,7 @@ fn a_chain_of_100k_directories_is_pushed_bound_and_prefetched() {
             "--prefetch",
         ],
     );
-    bind(&m, &socket, "deep", &root);
+    m.bind(&socket, "deep", &root);
     let status = wait_for_status(&socket, |s| {
         s.prefetch.trees == 1 && s.prefetch.running == 0
     });

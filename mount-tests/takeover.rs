@@ -211,6 +211,14 @@ fn serves(m: &Mount, socket: &Path) {
     assert_eq!(status(socket).pid, m.pid());
 }
 
+/// After a takeover that was not made: the daemon reads its mount again, as before.
+fn serves_again(m: &Mount, socket: &Path) {
+    wait_until("the daemon serves again", T, || {
+        m.log_text().contains("serving again").then_some(())
+    });
+    serves(m, socket);
+}
+
 #[test]
 fn a_takeover_that_cannot_be_made_leaves_the_daemon_serving() {
     let (m, socket) = Mount::fixture_with_control(&[("v", JAR_TREE)], DEV);
@@ -251,20 +259,9 @@ fn a_takeover_that_cannot_be_made_leaves_the_daemon_serving() {
         "{bind:?}"
     );
     drop(s);
-    wait_until("the daemon serves again", T, || {
-        m.log_text().contains("serving again").then_some(())
-    });
-    serves(&m, &socket);
+    serves_again(&m, &socket);
     assert!(is_mounted(&m.mnt));
-    let control = socket.to_str().unwrap();
-    dfs_ok(&[
-        "bind",
-        "--control",
-        control,
-        m.mnt.to_str().unwrap(),
-        "w",
-        JAR_TREE,
-    ]);
+    m.bind(&socket, "w", JAR_TREE);
     assert!(m.path("w").join(jars().keys().next().unwrap()).exists());
 }
 
@@ -291,21 +288,10 @@ fn a_taker_that_fails_before_go_leaves_socket_views_and_mount_alone() {
         String::from_utf8_lossy(&out.stderr).contains("metrics"),
         "{out:?}"
     );
-    wait_until("the daemon serves again", T, || {
-        m.log_text().contains("serving again").then_some(())
-    });
-    serves(&m, &socket);
+    serves_again(&m, &socket);
     assert_eq!(std::fs::metadata(&socket).unwrap().ino(), socket_ino);
     assert_eq!(std::fs::read(&views_file).unwrap(), views_before);
-    let control = socket.to_str().unwrap();
-    dfs_ok(&[
-        "bind",
-        "--control",
-        control,
-        m.mnt.to_str().unwrap(),
-        "w",
-        JAR_TREE,
-    ]);
+    m.bind(&socket, "w", JAR_TREE);
 }
 
 #[test]

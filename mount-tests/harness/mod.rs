@@ -320,6 +320,18 @@ impl Mount {
         self.daemon.log_text()
     }
 
+    /// `digestfs bind` of `digest` at `path`, through the mount's own control socket `socket`.
+    pub fn bind(&self, socket: &Path, path: &str, digest: &str) {
+        dfs_ok(&[
+            "bind",
+            "--control",
+            socket.to_str().unwrap(),
+            self.mnt.to_str().unwrap(),
+            path,
+            digest,
+        ]);
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
