@@ -507,18 +507,8 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         // checked when it bound them): all of them, or no takeover.
         let restored = state.restore_checked(&core, taken.is_none());
         if let Some(t) = &mut taken {
-            let (expected, digest) = views_handed_over(t);
-            if restored.views != expected
-                || control::state::views_digest(&core.namespace()) != digest
-            {
-                return Err(Failure::Msg(format!(
-                    "the views restored from {} ({} of them) are not the {expected} the running daemon serves (see the log); it goes on serving",
-                    state.path().display(),
-                    restored.views
-                )));
-            }
-            adopt_inodes(&core, t);
-            swap_socket(t, &listen_at, socket);
+            let views = (restored.views, state.path());
+            adopt_handover(&core, t, views, (&listen_at, socket))?;
         }
         for bind in &args.binds {
             let (path, digest) = bind
@@ -738,43 +728,44 @@ fn go(taken: &Taken) -> CliResult {
     match *taken {}
 }
 
-/// How many views the daemon taken over from serves, and their digest.
+/// Takes over what the running daemon handed over besides its connection, once the views
+/// are restored (`restored` of them, from `views_file`): they must be the ones it serves. The
+/// inodes the kernel holds, under their numbers; this daemon's control socket, listening at
+/// `next`, to go to `socket` at go.
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-fn views_handed_over(taken: &Taken) -> (usize, String) {
-    (taken.handover.views, taken.handover.views_digest.clone())
-}
-
-#[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn views_handed_over(taken: &Taken) -> (usize, String) {
-    match *taken {}
-}
-
-/// The inodes the kernel holds on the connection taken over, under their numbers.
-#[cfg(all(feature = "fuse", target_os = "linux"))]
-fn adopt_inodes(core: &DigestFs, taken: &mut Taken) {
-    let inodes = std::mem::take(&mut taken.handover.inodes);
+fn adopt_handover(
+    core: &DigestFs,
+    taken: &mut Taken,
+    (restored, views_file): (usize, &Path),
+    (next, socket): (&Path, &Path),
+) -> CliResult {
+    let h = &mut taken.handover;
+    if restored != h.views || control::state::views_digest(&core.namespace()) != h.views_digest {
+        return Err(Failure::Msg(format!(
+            "the views restored from {} ({restored} of them) are not the {} the running daemon serves (see the log); it goes on serving",
+            views_file.display(),
+            h.views
+        )));
+    }
+    let inodes = std::mem::take(&mut h.inodes);
     log::info!(
         "taking over from digestfs {} (pid {}): {} inodes held",
-        taken.handover.version,
-        taken.handover.pid,
+        h.version,
+        h.pid,
         inodes.len()
     );
     core.import_inodes(inodes);
+    taken.swap_socket_at_go(next, socket);
+    Ok(())
 }
 
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn adopt_inodes(_core: &DigestFs, taken: &mut Taken) {
-    match *taken {}
-}
-
-/// Puts this daemon's control socket at `socket` as the takeover completes (`Taken::go`).
-#[cfg(all(feature = "fuse", target_os = "linux"))]
-fn swap_socket(taken: &mut Taken, next: &Path, socket: &Path) {
-    taken.swap_socket_at_go(next, socket)
-}
-
-#[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn swap_socket(taken: &mut Taken, _next: &Path, _socket: &Path) {
+fn adopt_handover(
+    _: &DigestFs,
+    taken: &mut Taken,
+    _: (usize, &Path),
+    _: (&Path, &Path),
+) -> CliResult {
     match *taken {}
 }
 
@@ -809,7 +800,7 @@ fn serve_fuse(
     _core: Arc<DigestFs>,
     args: &MountArgs,
     _mountpoint: &Path,
-    _fuse: FuseServe,
+    fuse: FuseServe,
     _signals: os::SignalSet,
     _ready: impl FnOnce(Result<os::MountId, String>) + Send + 'static,
     _on_exit: impl FnOnce() + Send + 'static,
@@ -817,6 +808,7 @@ fn serve_fuse(
     let _ = (args.ttl, args.threads, args.queue_depth, args.passthrough);
     let _ = args.read_ahead_kb;
     let _ = args.transport;
+    let _ = (&fuse.transport, &fuse.takeover, &fuse.taken);
     Err(Failure::Msg("this digestfs has no FUSE front end".into()))
 }
 

@@ -80,21 +80,15 @@ pub fn serve(
     let taken_device = taken.as_ref().map(|t| t.handover.device);
     if let Some(dev) = taken_device {
         let _ = mounted.set(MountId::Device(dev));
-        if let Err(e) = spawn_orphan_watcher(&mp, dev) {
-            log::warn!(
-                "no watcher to detach {} if this daemon is killed: {e}",
-                mp.display()
-            );
-        }
+        watch(&mp, dev);
     }
     let started = match taken {
-        Some(taken) => adopt(taken, cfg),
+        Some(taken) => Ok(adopt(taken, cfg)),
         None => start_session(core.clone(), cfg),
     };
     let started = match started {
         Ok(s) => s,
         Err(msg) => {
-            // Taken over, the watcher detaches the mount once this process is gone.
             ready(Err(msg.clone()));
             return Err(msg);
         }
@@ -102,14 +96,6 @@ pub fn serve(
     core.set_invalidator(Box::new(KernelInvalidator(started.fuse.clone())));
     spawn_signal_thread(mp.clone(), signals, mounted.clone(), on_exit)
         .map_err(|e| e.to_string())?;
-    if let Some(taken) = &started.taken {
-        log::info!(
-            "took {} over from digestfs {} (pid {})",
-            mp.display(),
-            taken.handover.version,
-            taken.handover.pid
-        );
-    }
 
     // Readiness: the session is mounted and initialised; wait until the root answers a stat,
     // which needs the request loop below to be running.
@@ -126,12 +112,7 @@ pub fn serve(
             if let (Ok(id), None) = (&res, taken_device) {
                 let _ = probe_mounted.set(*id);
                 if let MountId::Device(dev) = *id {
-                    if let Err(e) = spawn_orphan_watcher(&probe_mp, dev) {
-                        log::warn!(
-                            "no watcher to detach {} if this daemon is killed: {e}",
-                            probe_mp.display()
-                        );
-                    }
+                    watch(&probe_mp, dev);
                 }
             }
             ready(res);
@@ -145,7 +126,6 @@ pub fn serve(
         ring,
         backings,
         max_payload,
-        taken: _,
     } = started;
     let res = serve_connection(&core, cfg, &fuse, ring.is_some(), backings, max_payload);
     // The connection is gone: fuser's unmount (by path) of what may already be unmounted,
@@ -183,6 +163,16 @@ pub fn serve(
         ));
     }
     Ok(())
+}
+
+/// Starts the watcher of the mount with device `dev` ([`spawn_orphan_watcher`]).
+fn watch(mp: &Path, dev: u64) {
+    if let Err(e) = spawn_orphan_watcher(mp, dev) {
+        log::warn!(
+            "no watcher to detach {} if this daemon is killed: {e}",
+            mp.display()
+        );
+    }
 }
 
 /// What reaches the serving loop.
@@ -234,12 +224,9 @@ fn serve_connection(
     'serve: loop {
         generation += 1;
         let on_end = {
-            let (events, n) = (std::sync::Mutex::new(events.clone()), generation);
+            let (events, n) = (events.clone(), generation);
             Arc::new(move || {
-                let _ = events
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .send(Event::Ended(n));
+                let _ = events.send(Event::Ended(n));
             })
         };
         let dev = DevLoop::start(fuse.as_fd(), threads, responder.clone(), on_end)?;
@@ -293,7 +280,6 @@ struct Started {
     backings: Arc<Backings>,
     /// The largest request payload INIT set the connection up for.
     max_payload: usize,
-    taken: Option<Taken>,
 }
 
 impl Started {
@@ -312,28 +298,28 @@ impl Started {
             ring,
             backings,
             max_payload: MAX_READ as usize,
-            taken: None,
         })
     }
 }
 
 /// A connection taken over ([`takeover::take`]): served over /dev/fuse, without passthrough,
 /// as the daemon that gave it served it.
-fn adopt(taken: Taken, cfg: &MountConfig) -> Result<Started, String> {
-    let fuse = taken
-        .fuse
-        .try_clone()
-        .map_err(|e| format!("duplicating the FUSE connection's fd: {e}"))?;
+fn adopt(taken: Taken, cfg: &MountConfig) -> Started {
+    let Taken { fuse, handover, .. } = taken;
     let _ = cfg.transport_used.name.set("dev");
-    log::info!("FUSE transport: /dev/fuse (taken over)");
-    Ok(Started {
+    log::info!(
+        "took {} over from digestfs {} (pid {}); FUSE transport: /dev/fuse",
+        cfg.mountpoint.display(),
+        handover.version,
+        handover.pid
+    );
+    Started {
         session: None,
         fuse: Arc::new(fuse),
         ring: None,
         backings: Arc::new(Backings::new(cfg.transport_used.clone())),
-        max_payload: taken.handover.max_payload,
-        taken: Some(taken),
-    })
+        max_payload: handover.max_payload,
+    }
 }
 
 /// Mounts, negotiates INIT, and starts the ring if the transport is io-uring: the session
