@@ -11,6 +11,7 @@ mod metrics;
 mod nfs;
 mod packaging;
 mod remote;
+mod systemd;
 mod takeover;
 mod transport;
 mod views;

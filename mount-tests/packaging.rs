@@ -136,7 +136,10 @@ fn systemd_is_told_when_the_mount_answers() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd/digestfs@.service"),
     )
     .unwrap();
-    assert!(unit.contains("Type=notify") && unit.contains("ExecStart=/usr/bin/digestfs mount %I"));
+    assert!(
+        unit.contains("Type=notify")
+            && unit.contains("ExecStart=/usr/bin/digestfs mount --transport dev %f")
+    );
 }
 
 #[test]

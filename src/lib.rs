@@ -11,6 +11,7 @@
 //! - [`control`]: the control socket the build daemon binds views through, and the state file.
 //! - [`materialize`]: copying a tree out, where no mount is possible.
 //! - [`os`]: what differs between operating systems.
+//! - [`systemd`]: what a daemon says to systemd and asks of it, when a unit runs it.
 //! - [`cli`]: the command line.
 
 pub mod cas;
@@ -25,3 +26,4 @@ pub mod nfs;
 pub mod os;
 pub mod remote;
 pub mod store;
+pub mod systemd;

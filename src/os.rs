@@ -5,6 +5,7 @@
 
 use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -500,7 +501,6 @@ pub fn cloexec_inherited_fds() -> io::Result<()> {
 /// Takes an exclusive `flock` on the directory `dir`, waiting for it; released when the
 /// returned handle is dropped.
 pub fn lock_dir(dir: &Path) -> io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
     let f = std::fs::File::open(dir)?;
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(io::Error::last_os_error());
@@ -577,26 +577,81 @@ pub fn release_freed_heap() {
     }
 }
 
-/// Tells systemd `msg` (`READY=1`, `MAINPID=…`), if it listens (`NOTIFY_SOCKET`: a Type=notify
-/// unit's process).
-#[cfg(target_os = "linux")]
-pub fn notify_service_manager(msg: &str) {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
+/// Sends `payload` with `fd` attached (`SCM_RIGHTS`) on the connected socket `sock`.
+pub fn send_with_fd(sock: BorrowedFd<'_>, payload: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
     };
-    let path = path.to_string_lossy().into_owned();
-    let addr = match path.strip_prefix('@') {
-        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
-        None => SocketAddr::from_pathname(&path),
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    // u64s, for the alignment a cmsghdr needs.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds one cmsghdr with room for one fd (CMSG_SPACE); sendmsg
+    // only reads the payload.
+    let sent = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd.as_raw_fd());
+        libc::sendmsg(sock.as_raw_fd(), &msg, SEND_FLAGS)
     };
-    let sent = addr.and_then(|a| UnixDatagram::unbound()?.send_to_addr(msg.as_bytes(), &a));
-    if let Err(e) = sent {
-        log::warn!("could not notify systemd at {path}: {e}");
+    match usize::try_from(sent) {
+        Ok(n) if n == payload.len() => Ok(()),
+        Ok(n) => Err(io::Error::other(format!(
+            "sent {n} of {} bytes",
+            payload.len()
+        ))),
+        Err(_) => Err(io::Error::last_os_error()),
     }
 }
 
-/// No systemd elsewhere.
+#[cfg(target_os = "linux")]
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(target_os = "linux"))]
-pub fn notify_service_manager(_msg: &str) {}
+const SEND_FLAGS: libc::c_int = 0;
+
+/// Whether stderr is a pipe (someone reads it to its end).
+pub fn stderr_is_pipe() -> bool {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(2, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO }
+}
+
+/// Runs `cmd` and returns its stdout, or an error if it fails, or does not end within `limit`
+/// (then it is killed).
+pub fn output_within(mut cmd: std::process::Command, limit: Duration) -> io::Result<String> {
+    use std::io::Read;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).map(|_| out)
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {} s", limit.as_secs_f32()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = reader
+        .join()
+        .map_err(|_| io::Error::other("reading its output failed"))??;
+    if !status.success() {
+        return Err(io::Error::other(format!("it exited with {status}")));
+    }
+    Ok(out)
+}

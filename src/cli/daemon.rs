@@ -34,10 +34,7 @@ pub fn report_ready(res: Result<(), String>) {
         if res.is_ok() {
             log::info!("ready; unmount with `digestfs unmount MOUNTPOINT` (or stop with SIGTERM)");
             // Type=notify units: the mount answers.
-            crate::os::notify_service_manager(&format!(
-                "READY=1\nMAINPID={}\n",
-                std::process::id()
-            ));
+            crate::systemd::notify(&format!("READY=1\nMAINPID={}\n", std::process::id()));
         }
         return;
     }
@@ -73,14 +70,16 @@ pub fn leave_cwd() {
 /// Starts the daemon and waits until it reports; its pid, or the reason it gave (a line of text
 /// from the child, hence a `String`). Its stderr goes to `log_file` (appended), else /dev/null.
 /// Only a daemon that takes a mount over (`notify`: a unit's reload) keeps systemd's notify
-/// socket: any other is not the unit's to speak for.
+/// socket, and under a unit its stderr (the journal): any other is not the unit's.
 pub fn spawn_and_wait(log_file: Option<&Path>, notify: bool) -> Result<u32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding our own executable: {e}"))?;
     let args: Vec<OsString> = std::env::args_os()
         .skip(1)
         .filter(|a| a != "--daemon" && a != "-d")
         .collect();
-    // Panics and anything else written to stderr land in the log, if there is one.
+    // Panics and anything else written to stderr land in the log, if there is one; a unit's
+    // reload keeps the unit's (its journal, or a file), but never a pipe, which its reader
+    // would wait on to its end.
     let stderr = match log_file {
         Some(path) => std::fs::OpenOptions::new()
             .create(true)
@@ -88,6 +87,9 @@ pub fn spawn_and_wait(log_file: Option<&Path>, notify: bool) -> Result<u32, Stri
             .open(path)
             .map(Stdio::from)
             .map_err(|e| format!("--log-file {}: {e}", path.display()))?,
+        None if notify && crate::systemd::under_unit() && !crate::os::stderr_is_pipe() => {
+            Stdio::inherit()
+        }
         None => Stdio::null(),
     };
     // Descriptors our caller gave us (beyond stdio) must not reach the daemon.

@@ -480,23 +480,25 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         }
         // Everything slow is done before a takeover: the mount waits from here until this
         // daemon serves it.
+        // Or systemd kept the mount for this daemon, restarting the unit.
         let mut taken = match args.takeover {
             true => Some(take_over(&args, socket, mountpoint, &store_dir)?),
-            false => None,
+            false => unpark(&args, mountpoint, &store_dir),
         };
+        let from_running = taken.as_ref().is_some_and(from_running_daemon);
         // Serving NFS without mounting leaves the mountpoint alone; a mount taken over is ours.
         if !(args.frontend == Frontend::Nfs && args.nfs_no_mount) && taken.is_none() {
             claim(mountpoint)?;
         }
         // Taking over, the running daemon keeps the socket until it goes (`Taken::go`).
-        let listen_at = match &taken {
-            Some(_) => socket.with_extension("next.sock"),
-            None => socket.to_path_buf(),
+        let listen_at = match from_running {
+            true => socket.with_extension("next.sock"),
+            false => socket.to_path_buf(),
         };
         let server = control::Server::bind(&listen_at)
             .map_err(|e| Failure::Msg(format!("control socket {}: {e}", listen_at.display())))?;
         // Taking over, the socket is the running daemon's until it goes.
-        let mut remove_socket = RemoveOnDrop(taken.is_none().then(|| socket.to_path_buf()));
+        let mut remove_socket = RemoveOnDrop((!from_running).then(|| socket.to_path_buf()));
         let _remove_next = RemoveOnDrop(Some(listen_at.clone()));
         let state = Arc::new(StateKeeper::new(
             control::state::state_path(socket),
@@ -508,7 +510,13 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         let restored = state.restore_checked(&core, taken.is_none());
         if let Some(t) = &mut taken {
             let views = (restored.views, state.path());
-            adopt_handover(&core, t, views, (&listen_at, socket))?;
+            if let Err(e) = adopt_handover(&core, t, views, (&listen_at, socket)) {
+                // A running daemon takes it back once we are gone; one systemd kept is ended.
+                if let Some(t) = taken.take().filter(|t| !from_running_daemon(t)) {
+                    let_go(t, mountpoint);
+                }
+                return Err(e);
+            }
         }
         for bind in &args.binds {
             let (path, digest) = bind
@@ -645,6 +653,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                 };
                 let ready = move |res: Result<os::MountId, String>| ready(res.map(Some));
                 let fuse = FuseServe {
+                    store: store_dir.to_path_buf(),
                     transport,
                     takeover: takeover_door,
                     taken,
@@ -664,6 +673,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
 
 /// What the FUSE front end is given besides the mount's options.
 struct FuseServe {
+    store: PathBuf,
     transport: Arc<crate::fuse::TransportInfo>,
     takeover: Arc<crate::fuse::TakeoverDoor>,
     taken: Option<Taken>,
@@ -697,6 +707,46 @@ fn take_over(
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
 fn take_over(_: &MountArgs, _: &Path, _: &Path, _: &Path) -> Result<Taken, Failure> {
     Err(Failure::Msg("--takeover needs the FUSE front end".into()))
+}
+
+/// The mount systemd kept across a restart of the unit, if it is this one's
+/// ([`crate::fuse::restart`]).
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn unpark(args: &MountArgs, mountpoint: &Path, store: &Path) -> Option<Taken> {
+    if args.frontend != Frontend::Fuse {
+        return None;
+    }
+    crate::fuse::restart::unpark(&crate::fuse::takeover::Serves {
+        mountpoint: mountpoint.to_path_buf(),
+        store: store.to_path_buf(),
+    })
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn unpark(_: &MountArgs, _: &Path, _: &Path) -> Option<Taken> {
+    None
+}
+
+/// Whether a running daemon gave it (else systemd kept it).
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn from_running_daemon(taken: &Taken) -> bool {
+    taken.from_running_daemon()
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn from_running_daemon(taken: &Taken) -> bool {
+    match *taken {}
+}
+
+/// Ends a mount systemd kept, which this daemon cannot serve.
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+fn let_go(taken: Taken, mountpoint: &Path) {
+    crate::fuse::restart::let_go(taken, mountpoint)
+}
+
+#[cfg(not(all(feature = "fuse", target_os = "linux")))]
+fn let_go(taken: Taken, _: &Path) {
+    match taken {}
 }
 
 /// Serves metrics at `addr`; after a takeover, waiting (a few seconds at most) for the daemon
@@ -739,12 +789,19 @@ fn adopt_handover(
     (restored, views_file): (usize, &Path),
     (next, socket): (&Path, &Path),
 ) -> CliResult {
+    let from_running = taken.from_running_daemon();
     let h = &mut taken.handover;
     if restored != h.views || control::state::views_digest(&core.namespace()) != h.views_digest {
+        let then = match from_running {
+            true => "it goes on serving",
+            false => "its mount is ended",
+        };
         return Err(Failure::Msg(format!(
-            "the views restored from {} ({restored} of them) are not the {} the running daemon serves (see the log); it goes on serving",
+            "the views restored from {} ({restored} of them) are not the {} digestfs {} (pid {}) served (see the log); {then}",
             views_file.display(),
-            h.views
+            h.views,
+            h.version,
+            h.pid
         )));
     }
     let inodes = std::mem::take(&mut h.inodes);
@@ -781,6 +838,7 @@ fn serve_fuse(
 ) -> CliResult {
     let cfg = crate::fuse::mount::MountConfig {
         mountpoint: mountpoint.to_path_buf(),
+        store: fuse.store,
         ttl: Duration::from_secs(args.ttl),
         threads: args.threads,
         queue_depth: usize::from(args.queue_depth),
@@ -808,7 +866,7 @@ fn serve_fuse(
     let _ = (args.ttl, args.threads, args.queue_depth, args.passthrough);
     let _ = args.read_ahead_kb;
     let _ = args.transport;
-    let _ = (&fuse.transport, &fuse.takeover, &fuse.taken);
+    let _ = (&fuse.store, &fuse.transport, &fuse.takeover, &fuse.taken);
     Err(Failure::Msg("this digestfs has no FUSE front end".into()))
 }
 

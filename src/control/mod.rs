@@ -326,7 +326,9 @@ fn takeover(
     }
     let conn = stream.try_clone().map_err(|e| refused(e.to_string()))?;
     log::info!("digestfs {version} asks to take the mount over");
-    info.takeover.enter(conn).map_err(refused)
+    info.takeover
+        .enter(crate::fuse::Successor::Daemon(conn))
+        .map_err(refused)
 }
 
 /// The kind of a failure to read a tree.

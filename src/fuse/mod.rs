@@ -1,7 +1,8 @@
 //! The FUSE front end (Linux, cargo feature `fuse`): mounting and the session (`mount`), INIT
 //! (`init`), the two transports (`dev` for /dev/fuse, `uring` for io_uring), what both answer
 //! (`answer`, over the messages in `wire`), passthrough's backing ids (`backing`), binds told to
-//! the kernel (`notify`), and handing a live mount to the next daemon (`takeover`).
+//! the kernel (`notify`), and handing a live mount to the next daemon (`takeover`, and
+//! `restart` through systemd's fd store).
 //! Elsewhere only the option types below are compiled, so the command line is the same on every
 //! platform; `crate::nfs` is the front end there.
 
@@ -17,6 +18,8 @@ mod init;
 pub mod mount;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
 mod notify;
+#[cfg(all(feature = "fuse", target_os = "linux"))]
+pub mod restart;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
 pub mod takeover;
 #[cfg(all(feature = "fuse", target_os = "linux"))]
@@ -93,14 +96,21 @@ pub struct TransportInfo {
 /// from one that hands it over in the same format.
 pub const TAKEOVER_FORMAT: u32 = 1;
 
-/// A control connection that asks for a takeover, passed to the serving loop.
-pub type TakeoverRequest = std::os::unix::net::UnixStream;
+/// Who asks the serving loop for the mount.
+pub enum Successor {
+    /// `mount --takeover`, on the control connection it asked on.
+    Daemon(std::os::unix::net::UnixStream),
+    /// The unit's next daemon, after systemd's restart: the mount goes into the unit's fd
+    /// store. If it does not, why, to the signal thread, which then unmounts.
+    Restart(std::sync::mpsc::Sender<String>),
+}
 
-/// Where a takeover request goes while the door is open; why not while it is closed.
-type Door = Result<Box<dyn Fn(TakeoverRequest) + Send>, String>;
+/// Where a successor goes while the door is open; why not while it is closed.
+type Door = Result<Box<dyn Fn(Successor) + Send>, String>;
 
-/// Where the control socket passes a takeover request: open while the mount can be handed
-/// over, else closed with the reason, which the requester is told.
+/// Where the control socket passes a takeover request, and the signal thread a restart: open
+/// while the mount can be handed over, else closed with the reason, which the requester is
+/// told.
 pub struct TakeoverDoor {
     door: std::sync::Mutex<Door>,
 }
@@ -119,7 +129,7 @@ impl TakeoverDoor {
     }
 
     /// Requests go to `to` from now on.
-    pub fn open(&self, to: impl Fn(TakeoverRequest) + Send + 'static) {
+    pub fn open(&self, to: impl Fn(Successor) + Send + 'static) {
         *self.door() = Ok(Box::new(to));
     }
 
@@ -129,7 +139,7 @@ impl TakeoverDoor {
     }
 
     /// Passes `request` on, or says why the mount cannot be handed over.
-    pub fn enter(&self, request: TakeoverRequest) -> Result<(), String> {
+    pub fn enter(&self, request: Successor) -> Result<(), String> {
         match &*self.door() {
             Ok(to) => {
                 to(request);

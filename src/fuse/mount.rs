@@ -13,15 +13,18 @@ use super::backing::Backings;
 use super::dev::{DevLoop, Ended, Responder};
 use super::init::{Init, MAX_READ};
 use super::notify::KernelInvalidator;
+use super::restart;
 use super::takeover::{self, Taken};
 use super::uring::Ring;
-use super::{Passthrough, TakeoverDoor, TakeoverRequest, Transport};
+use super::{Passthrough, Successor, TakeoverDoor, Transport};
 use crate::fs::DigestFs;
 use crate::os::{self, MountId, SignalSet};
 
 pub struct MountConfig {
     /// Absolute, and claimed by the caller.
     pub mountpoint: PathBuf,
+    /// The store served, absolute: a restart's next daemon checks it serves the same.
+    pub store: PathBuf,
     pub ttl: Duration,
     /// Readers of /dev/fuse (over io-uring one: only forgets and interrupts come there).
     pub threads: usize,
@@ -94,8 +97,14 @@ pub fn serve(
         }
     };
     core.set_invalidator(Box::new(KernelInvalidator(started.fuse.clone())));
-    spawn_signal_thread(mp.clone(), signals, mounted.clone(), on_exit)
-        .map_err(|e| e.to_string())?;
+    spawn_signal_thread(
+        mp.clone(),
+        signals,
+        mounted.clone(),
+        cfg.takeover.clone(),
+        on_exit,
+    )
+    .map_err(|e| e.to_string())?;
 
     // Readiness: the session is mounted and initialised; wait until the root answers a stat,
     // which needs the request loop below to be running.
@@ -179,7 +188,7 @@ fn watch(mp: &Path, dev: u64) {
 enum Event {
     /// A reader of loop `n` returned.
     Ended(u64),
-    Takeover(TakeoverRequest),
+    Takeover(Successor),
 }
 
 /// Reads /dev/fuse until the connection ends, handing it over if asked (and then exiting).
@@ -208,6 +217,7 @@ fn serve_connection(
             cfg.takeover.open(move |request| {
                 let _ = events.send(Event::Takeover(request));
             });
+            super::restart::keep_connection(fuse.as_fd());
         }
     }
     let responder = Arc::new(Responder {
@@ -240,28 +250,54 @@ fn serve_connection(
                     return dev.join();
                 }
                 Ok(Event::Ended(_)) => {}
-                Ok(Event::Takeover(request)) => {
-                    let res = takeover::hand_over(
-                        &dev,
-                        &request,
-                        fuse.as_fd(),
-                        core,
-                        &cfg.mountpoint,
-                        max_payload,
-                    );
-                    match res {
+                Ok(Event::Takeover(successor)) => {
+                    let mp = &cfg.mountpoint;
+                    let (res, reply, done) = match successor {
+                        Successor::Daemon(request) => {
+                            let res = takeover::hand_over(
+                                &dev,
+                                &request,
+                                fuse.as_fd(),
+                                core,
+                                mp,
+                                max_payload,
+                            );
+                            (res, None, "handed it over")
+                        }
+                        Successor::Restart(reply) => {
+                            let serves = takeover::Serves {
+                                mountpoint: mp.clone(),
+                                store: cfg.store.clone(),
+                            };
+                            let res = restart::park(&dev, fuse.as_fd(), core, &serves, max_payload);
+                            (
+                                res,
+                                Some(reply),
+                                "left it in systemd's fd store for the restart",
+                            )
+                        }
+                    };
+                    let kept = match res {
                         Ok(()) => {
                             // The next daemon serves the mount, and keeps its views file and
                             // control socket: nothing of ours is torn down on the way out.
-                            log::info!("handed {} over; exiting", cfg.mountpoint.display());
+                            log::info!("{}: {done}; exiting", mp.display());
                             stand_down_watcher();
                             std::process::exit(0);
                         }
-                        Err(takeover::Kept::Serving(e)) => log::warn!("takeover: {e}"),
-                        Err(takeover::Kept::Stopped(e)) => {
-                            log::warn!("takeover: {e}; serving again");
-                            continue 'serve;
-                        }
+                        Err(kept) => kept,
+                    };
+                    let (why, stopped) = match kept {
+                        takeover::Kept::Serving(why) => (why, false),
+                        takeover::Kept::Stopped(why) => (why, true),
+                    };
+                    let again = if stopped { "; serving again" } else { "" };
+                    log::warn!("{}: not {done}: {why}{again}", mp.display());
+                    if let Some(reply) = reply {
+                        let _ = reply.send(why);
+                    }
+                    if stopped {
+                        continue 'serve;
                     }
                 }
                 Err(mpsc::RecvError) => return dev.join(),
@@ -514,11 +550,13 @@ fn mount_session(
 /// Signals unmount, then give the session a moment to drain before giving up on it. A mount
 /// that is no longer attached (lazily detached while files are open: the session lives on
 /// until they close) is not unmounted, since whatever is at the mountpoint now is not ours:
-/// the process just ends.
+/// the process just ends. A SIGTERM that is systemd restarting the unit leaves the mount to
+/// the next daemon through `door` instead, where it can.
 fn spawn_signal_thread(
     mp: PathBuf,
     signals: SignalSet,
     mounted: Arc<OnceLock<MountId>>,
+    door: Arc<TakeoverDoor>,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
@@ -537,6 +575,9 @@ fn spawn_signal_thread(
                 on_exit();
                 std::process::exit(0);
             }
+            if sig == libc::SIGTERM && crate::systemd::restart_pending(Duration::from_secs(5)) {
+                leave_to_restart(&mp, &door);
+            }
             log::info!("signal {sig}: unmounting {}", mp.display());
             if let Err(e) = os::unmount_or_detach(&mp) {
                 log::error!("unmounting {} failed: {e}", mp.display());
@@ -548,6 +589,23 @@ fn spawn_signal_thread(
             std::process::exit(0);
         })?;
     Ok(())
+}
+
+/// systemd restarts the unit: the serving loop leaves the mount in its fd store and exits. It
+/// returns only if that could not be done, and then the mount is unmounted as at a stop.
+fn leave_to_restart(mp: &Path, door: &TakeoverDoor) {
+    let (reply, why_not) = mpsc::channel();
+    log::info!(
+        "systemd restarts the unit: leaving {} to its next daemon",
+        mp.display()
+    );
+    let why = match door.enter(Successor::Restart(reply)) {
+        Ok(()) => why_not
+            .recv_timeout(takeover::STOP_LIMIT + Duration::from_secs(10))
+            .unwrap_or_else(|_| "the serving loop did not answer".into()),
+        Err(why) => why,
+    };
+    log::warn!("{} is not kept across the restart: {why}", mp.display());
 }
 
 /// Until the mount answers (then its device), or why it will not (a line for the readiness

@@ -21,7 +21,7 @@
 //! the connection or stays silent for [`STEP_LIMIT`] leaves it serving as before.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -100,19 +100,19 @@ fn read_line(reader: &mut impl BufRead, what: &str) -> io::Result<String> {
 pub fn give(stream: &UnixStream, fuse: BorrowedFd<'_>, handover: &Handover) -> io::Result<()> {
     stream.set_read_timeout(Some(STEP_LIMIT))?;
     stream.set_write_timeout(Some(STEP_LIMIT))?;
-    send_fd(stream, fuse)?;
+    crate::os::send_with_fd(stream.as_fd(), &[FD_BYTE], fuse)?;
     write_line(stream, handover)?;
     let line = read_line(&mut BufReader::new(stream), "it was ready")?;
     match serde_json::from_str::<Step>(&line) {
         Ok(Step::Ready { pid }) => {
             // This process may be a systemd unit's main one (the unit's reload runs the
             // takeover): the unit lives on in the new daemon, not with this one.
-            crate::os::notify_service_manager(&format!("MAINPID={pid}\n"));
+            crate::systemd::notify(&format!("MAINPID={pid}\n"));
             let go = write_line(stream, &Step::Go);
             if go.is_err() {
                 // Not gone after all: the unit is this process again.
                 let me = std::process::id();
-                crate::os::notify_service_manager(&format!("MAINPID={me}\n"));
+                crate::systemd::notify(&format!("MAINPID={me}\n"));
             }
             go
         }
@@ -132,8 +132,8 @@ pub enum Kept {
 }
 
 /// Hands the mount at `mountpoint`, served by `dev` on `fuse`, to the daemon that sent
-/// `request`: refuses binds (a bind under way ends first), stops the readers between requests,
-/// and gives. `Ok` once the new daemon is ready: the caller exits at once.
+/// `request`: [`freeze`], then give. `Ok` once the new daemon is ready: the caller exits at
+/// once.
 pub fn hand_over(
     dev: &super::dev::DevLoop,
     request: &UnixStream,
@@ -142,29 +142,44 @@ pub fn hand_over(
     mountpoint: &Path,
     max_payload: usize,
 ) -> Result<(), Kept> {
-    let refuse = |why: String| {
-        let refusal = Response::refused(ErrorKind::Unavailable, why.clone());
-        let _ = write_line(request, &refusal);
-        why
-    };
-    let device = match crate::os::fuse_device_at(mountpoint) {
-        Ok(dev) => dev,
-        Err(e) => {
-            return Err(Kept::Serving(refuse(format!(
-                "the mount's device: {e} (is {} still mounted here?)",
-                mountpoint.display()
-            ))))
-        }
-    };
+    let handover = freeze(dev, core, mountpoint, max_payload).inspect_err(|kept| {
+        let why = match kept {
+            Kept::Serving(why) | Kept::Stopped(why) => why.clone(),
+        };
+        let _ = write_line(request, &Response::refused(ErrorKind::Unavailable, why));
+    })?;
+    // Binds stay closed once it is given: the next daemon has the views.
+    give(request, fuse, &handover).map_err(|e| {
+        core.close_binds(false);
+        Kept::Stopped(format!("the new daemon did not take over: {e}"))
+    })
+}
+
+/// Readies the mount at `mountpoint` for the next daemon: refuses binds (a bind under way ends
+/// first) and stops the readers between requests, so that nothing read is left unanswered.
+/// What the next daemon needs besides the fd; binds stay refused. After an error binds are
+/// open again, and the readers stopped only if it says so.
+pub fn freeze(
+    dev: &super::dev::DevLoop,
+    core: &DigestFs,
+    mountpoint: &Path,
+    max_payload: usize,
+) -> Result<Handover, Kept> {
+    let device = crate::os::fuse_device_at(mountpoint).map_err(|e| {
+        Kept::Serving(format!(
+            "the mount's device: {e} (is {} still mounted here?)",
+            mountpoint.display()
+        ))
+    })?;
     core.close_binds(true);
     if !dev.stop_within(STOP_LIMIT) {
         core.close_binds(false);
-        return Err(Kept::Stopped(refuse(format!(
+        return Err(Kept::Stopped(format!(
             "requests were still being answered after {} s; try again",
             STOP_LIMIT.as_secs()
-        ))));
+        )));
     }
-    let handover = Handover {
+    Ok(Handover {
         format: FORMAT,
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -173,41 +188,7 @@ pub fn hand_over(
         views: core.namespace().views().len(),
         views_digest: crate::control::state::views_digest(&core.namespace()),
         inodes: core.export_inodes(),
-    };
-    // Binds stay closed once it is given: the next daemon has the views.
-    give(request, fuse, &handover).map_err(|e| {
-        core.close_binds(false);
-        Kept::Stopped(format!("the new daemon did not take over: {e}"))
     })
-}
-
-fn send_fd(stream: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
-    let mut byte = [FD_BYTE];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    // u64s, for the alignment a cmsghdr needs.
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: the control buffer holds one cmsghdr with room for one fd (CMSG_SPACE).
-    let sent = unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd.as_raw_fd());
-        libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
-    };
-    if sent != 1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 // ---- the daemon that takes -------------------------------------------------------------------
@@ -216,7 +197,8 @@ fn send_fd(stream: &UnixStream, fd: BorrowedFd<'_>) -> io::Result<()> {
 pub struct Taken {
     pub fuse: OwnedFd,
     pub handover: Handover,
-    stream: UnixStream,
+    /// To the daemon that gave it; none when it came from systemd's fd store (a restart).
+    stream: Option<UnixStream>,
     /// This daemon's control socket, and where it goes at go.
     socket: Option<(PathBuf, PathBuf)>,
 }
@@ -269,12 +251,28 @@ pub fn take(socket: &Path, serves: &Serves) -> Result<Taken, String> {
     Ok(Taken {
         fuse,
         handover,
-        stream,
+        stream: Some(stream),
         socket: None,
     })
 }
 
 impl Taken {
+    /// A connection the daemon before this one left in systemd's fd store, with its handover
+    /// (`super::restart`): nobody to tell at go.
+    pub(super) fn stored(fuse: OwnedFd, handover: Handover) -> Taken {
+        Taken {
+            fuse,
+            handover,
+            stream: None,
+            socket: None,
+        }
+    }
+
+    /// Whether the daemon that gave it still runs, keeping its control socket until go.
+    pub fn from_running_daemon(&self) -> bool {
+        self.stream.is_some()
+    }
+
     /// At [`Taken::go`], this daemon's control socket, listening at `next`, takes the place of
     /// the running daemon's at `socket`.
     pub fn swap_socket_at_go(&mut self, next: &Path, socket: &Path) {
@@ -285,8 +283,11 @@ impl Taken {
     /// it goes (it exits right after, without unmounting), this daemon's control socket in the
     /// place of its. After an error the old daemon goes on serving, its socket untouched.
     pub fn go(&self) -> Result<(), String> {
+        let Some(stream) = &self.stream else {
+            return Ok(());
+        };
         let failed = |e: io::Error| format!("taking over from pid {}: {e}", self.handover.pid);
-        self.ready_and_go().map_err(failed)?;
+        ready_and_go(stream).map_err(failed)?;
         // The old daemon no longer answers there: clients that find its socket meanwhile are
         // refused, as by a daemon restarting, and retry.
         if let Some((next, socket)) = &self.socket {
@@ -300,20 +301,20 @@ impl Taken {
         }
         Ok(())
     }
+}
 
-    fn ready_and_go(&self) -> io::Result<()> {
-        let ready = Step::Ready {
-            pid: std::process::id(),
-        };
-        write_line(&self.stream, &ready)?;
-        let line = read_line(&mut BufReader::new(&self.stream), "it said go")?;
-        match serde_json::from_str::<Step>(&line) {
-            Ok(Step::Go) => Ok(()),
-            _ => Err(io::Error::other(format!(
-                "it sent {:?} where go was due",
-                line.trim_end()
-            ))),
-        }
+fn ready_and_go(stream: &UnixStream) -> io::Result<()> {
+    let ready = Step::Ready {
+        pid: std::process::id(),
+    };
+    write_line(stream, &ready)?;
+    let line = read_line(&mut BufReader::new(stream), "it said go")?;
+    match serde_json::from_str::<Step>(&line) {
+        Ok(Step::Go) => Ok(()),
+        _ => Err(io::Error::other(format!(
+            "it sent {:?} where go was due",
+            line.trim_end()
+        ))),
     }
 }
 
