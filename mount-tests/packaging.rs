@@ -138,7 +138,7 @@ fn systemd_is_told_when_the_mount_answers() {
     .unwrap();
     assert!(
         unit.contains("Type=notify")
-            && unit.contains("ExecStart=/usr/bin/digestfs mount --transport dev %f")
+            && unit.contains("ExecStart=/usr/bin/digestfs mount --transport dev --fd-store %f")
     );
 }
 

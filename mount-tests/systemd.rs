@@ -138,7 +138,7 @@ impl UserManager {
     }
 
     /// [`wait_until`], failing with the unit's log and systemd's.
-    fn wait<T>(&self, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    fn wait<V>(&self, what: &str, mut f: impl FnMut() -> Option<V>) -> V {
         let deadline = std::time::Instant::now() + T;
         loop {
             if let Some(v) = f() {
@@ -364,6 +364,47 @@ fn the_units_restart_and_reload_keep_the_mount_and_its_stop_ends_it() {
     sd.digestfs(&["bind", mp, "v", JAR_TREE]);
     let jar = std::fs::read(&held_path).unwrap();
     assert_eq!(sha256_hex(&jar), jars[&held_path]);
+
+    // A next daemon that fails after it took the mount from the store (its views file was
+    // spoiled before it started, so its views are not the ones handed over) ends that mount
+    // before it exits: a file held open fails instead of waiting. The unit then starts again.
+    let views_file = std::fs::read_dir(tmp.path().join("run/digestfs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".views.json"))
+        .expect("the daemon's views file");
+    let spoil = tmp
+        .path()
+        .join("config/systemd/user/digestfs@.service.d/spoil.conf");
+    std::fs::write(
+        &spoil,
+        format!(
+            "[Service]\nExecStartPre=/bin/sh -c 'echo spoiled > {}'\n",
+            views_file.display()
+        ),
+    )
+    .unwrap();
+    stdout_ok(sd.try_systemctl(&["daemon-reload"]));
+    let held = std::fs::File::open(&held_path).unwrap();
+    let pid = sd.main_pid();
+    // The restart job fails with that start.
+    let _ = sd.try_systemctl(&["restart", &sd.unit]);
+    sd.wait("the unit is back after the failed start", || {
+        let new = sd.main_pid();
+        (new != pid && new != 0 && sd.show("ActiveState") == "active").then_some(())
+    });
+    assert!(
+        sd.log().contains("ending the mount systemd kept"),
+        "{}",
+        sd.log()
+    );
+    assert!(
+        read_uncached(&held).is_err(),
+        "the mount handed over still reads"
+    );
+    std::fs::remove_file(&spoil).unwrap();
+    stdout_ok(sd.try_systemctl(&["daemon-reload"]));
+    sd.digestfs(&["bind", mp, "v", JAR_TREE]);
 
     // A crash: the unit restarts on failure, onto a fresh mount with the views restored.
     // (Device numbers are reused once a mount is gone: what shows the mount is new is that a

@@ -331,17 +331,12 @@ fn a_unit_reload_hands_the_main_process_over_without_an_unmount() {
     let notify_path = tmp.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(T)).unwrap();
-    // The next notification but those that keep the connection in the fd store (for a restart,
-    // tested in systemd.rs).
-    let next = || loop {
+    let next = || {
         let mut buf = [0u8; 256];
         let n = notify
             .recv(&mut buf)
             .expect("a notification within the limit");
-        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if !msg.starts_with("FDSTORE=1") {
-            break msg;
-        }
+        String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let mount = |extra: &[&str]| {
         let mut cmd = Command::new(bin());
@@ -396,7 +391,8 @@ fn a_unit_reload_hands_the_main_process_over_without_an_unmount() {
     .unwrap();
     assert!(
         unit.contains("NotifyAccess=all")
-            && unit.contains("ExecReload=/usr/bin/digestfs mount --takeover --daemon %f"),
+            && unit
+                .contains("ExecReload=/usr/bin/digestfs mount --takeover --daemon --fd-store %f"),
         "{unit}"
     );
     drop(held);

@@ -69,6 +69,12 @@ pub(super) struct MountArgs {
     /// are handed over, and they stay so (--transport and --passthrough do not apply)
     #[arg(long, conflicts_with_all = ["reuse", "binds"])]
     takeover: bool,
+    /// Under a systemd unit with FileDescriptorStoreMax=2 (packaging/systemd): keep the FUSE
+    /// connection in the unit's fd store, so that `systemctl restart` keeps the mount: stopped
+    /// for a restart, the daemon leaves it there and exits without unmounting, and the next one
+    /// (started with this flag too) serves it. /dev/fuse mounts without passthrough only
+    #[arg(long)]
+    fd_store: bool,
     /// How the views reach the kernel: fuse (Linux) or nfs (an NFSv3 server on localhost,
     /// mounted with the OS's NFS client; the default where FUSE is not built in, as on macOS)
     #[arg(long, value_enum, default_value_t = Frontend::DEFAULT)]
@@ -483,9 +489,16 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         // Or systemd kept the mount for this daemon, restarting the unit.
         let mut taken = match args.takeover {
             true => Some(take_over(&args, socket, mountpoint, &store_dir)?),
-            false => unpark(&args, mountpoint, &store_dir),
+            false if args.fd_store => unpark(&args, mountpoint, &store_dir),
+            false => None,
         };
         let from_running = taken.as_ref().is_some_and(from_running_daemon);
+        // A running daemon takes its mount back once we are gone; one systemd kept is ended if
+        // this daemon fails before it serves it, so that its readers fail instead of waiting.
+        let mut unserved = LetGoOnDrop {
+            device: taken.as_ref().and_then(kept_by_systemd),
+            mountpoint: mountpoint.to_path_buf(),
+        };
         // Serving NFS without mounting leaves the mountpoint alone; a mount taken over is ours.
         if !(args.frontend == Frontend::Nfs && args.nfs_no_mount) && taken.is_none() {
             claim(mountpoint)?;
@@ -510,13 +523,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
         let restored = state.restore_checked(&core, taken.is_none());
         if let Some(t) = &mut taken {
             let views = (restored.views, state.path());
-            if let Err(e) = adopt_handover(&core, t, views, (&listen_at, socket)) {
-                // A running daemon takes it back once we are gone; one systemd kept is ended.
-                if let Some(t) = taken.take().filter(|t| !from_running_daemon(t)) {
-                    let_go(t, mountpoint);
-                }
-                return Err(e);
-            }
+            adopt_handover(&core, t, views, (&listen_at, socket))?;
         }
         for bind in &args.binds {
             let (path, digest) = bind
@@ -652,7 +659,10 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
                     }
                 };
                 let ready = move |res: Result<os::MountId, String>| ready(res.map(Some));
+                // From here the mount's own watcher ends it if this daemon fails.
+                unserved.device = None;
                 let fuse = FuseServe {
+                    fd_store: args.fd_store,
                     store: store_dir.to_path_buf(),
                     transport,
                     takeover: takeover_door,
@@ -673,6 +683,7 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
 
 /// What the FUSE front end is given besides the mount's options.
 struct FuseServe {
+    fd_store: bool,
     store: PathBuf,
     transport: Arc<crate::fuse::TransportInfo>,
     takeover: Arc<crate::fuse::TakeoverDoor>,
@@ -738,15 +749,32 @@ fn from_running_daemon(taken: &Taken) -> bool {
     match *taken {}
 }
 
-/// Ends a mount systemd kept, which this daemon cannot serve.
+/// The device of a mount systemd kept (none for one a running daemon gave).
 #[cfg(all(feature = "fuse", target_os = "linux"))]
-fn let_go(taken: Taken, mountpoint: &Path) {
-    crate::fuse::restart::let_go(taken, mountpoint)
+fn kept_by_systemd(taken: &Taken) -> Option<u64> {
+    (!taken.from_running_daemon()).then_some(taken.handover.device)
 }
 
 #[cfg(not(all(feature = "fuse", target_os = "linux")))]
-fn let_go(taken: Taken, _: &Path) {
-    match taken {}
+fn kept_by_systemd(taken: &Taken) -> Option<u64> {
+    match *taken {}
+}
+
+/// Ends the mount systemd kept (`device`), unless this daemon got to serve it.
+struct LetGoOnDrop {
+    device: Option<u64>,
+    mountpoint: PathBuf,
+}
+
+impl Drop for LetGoOnDrop {
+    fn drop(&mut self) {
+        #[cfg(all(feature = "fuse", target_os = "linux"))]
+        if let Some(dev) = self.device {
+            crate::fuse::restart::let_go(dev, &self.mountpoint);
+        }
+        #[cfg(not(all(feature = "fuse", target_os = "linux")))]
+        let _ = (self.device, &self.mountpoint);
+    }
 }
 
 /// Serves metrics at `addr`; after a takeover, waiting (a few seconds at most) for the daemon
@@ -839,6 +867,7 @@ fn serve_fuse(
     let cfg = crate::fuse::mount::MountConfig {
         mountpoint: mountpoint.to_path_buf(),
         store: fuse.store,
+        fd_store: fuse.fd_store,
         ttl: Duration::from_secs(args.ttl),
         threads: args.threads,
         queue_depth: usize::from(args.queue_depth),
@@ -867,6 +896,7 @@ fn serve_fuse(
     let _ = args.read_ahead_kb;
     let _ = args.transport;
     let _ = (&fuse.store, &fuse.transport, &fuse.takeover, &fuse.taken);
+    let _ = fuse.fd_store;
     Err(Failure::Msg("this digestfs has no FUSE front end".into()))
 }
 

@@ -25,6 +25,9 @@ pub struct MountConfig {
     pub mountpoint: PathBuf,
     /// The store served, absolute: a restart's next daemon checks it serves the same.
     pub store: PathBuf,
+    /// Keep the connection in the systemd unit's fd store, and leave the mount there at a
+    /// restart (`--fd-store`, [`restart`]).
+    pub fd_store: bool,
     pub ttl: Duration,
     /// Readers of /dev/fuse (over io-uring one: only forgets and interrupts come there).
     pub threads: usize,
@@ -97,14 +100,10 @@ pub fn serve(
         }
     };
     core.set_invalidator(Box::new(KernelInvalidator(started.fuse.clone())));
-    spawn_signal_thread(
-        mp.clone(),
-        signals,
-        mounted.clone(),
-        cfg.takeover.clone(),
-        on_exit,
-    )
-    .map_err(|e| e.to_string())?;
+    // Only a daemon that keeps its connection in the fd store can leave it there.
+    let restart_door = cfg.fd_store.then(|| cfg.takeover.clone());
+    spawn_signal_thread(mp.clone(), signals, mounted.clone(), restart_door, on_exit)
+        .map_err(|e| e.to_string())?;
 
     // Readiness: the session is mounted and initialised; wait until the root answers a stat,
     // which needs the request loop below to be running.
@@ -217,7 +216,9 @@ fn serve_connection(
             cfg.takeover.open(move |request| {
                 let _ = events.send(Event::Takeover(request));
             });
-            super::restart::keep_connection(fuse.as_fd());
+            if cfg.fd_store {
+                restart::keep_connection(fuse.as_fd());
+            }
         }
     }
     let responder = Arc::new(Responder {
@@ -287,14 +288,11 @@ fn serve_connection(
                         }
                         Err(kept) => kept,
                     };
-                    let (why, stopped) = match kept {
-                        takeover::Kept::Serving(why) => (why, false),
-                        takeover::Kept::Stopped(why) => (why, true),
-                    };
+                    let stopped = matches!(kept, takeover::Kept::Stopped(_));
                     let again = if stopped { "; serving again" } else { "" };
-                    log::warn!("{}: not {done}: {why}{again}", mp.display());
+                    log::warn!("{}: not {done}: {}{again}", mp.display(), kept.why());
                     if let Some(reply) = reply {
-                        let _ = reply.send(why);
+                        let _ = reply.send(kept.why().to_string());
                     }
                     if stopped {
                         continue 'serve;
@@ -556,7 +554,7 @@ fn spawn_signal_thread(
     mp: PathBuf,
     signals: SignalSet,
     mounted: Arc<OnceLock<MountId>>,
-    door: Arc<TakeoverDoor>,
+    door: Option<Arc<TakeoverDoor>>,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
@@ -575,8 +573,10 @@ fn spawn_signal_thread(
                 on_exit();
                 std::process::exit(0);
             }
-            if sig == libc::SIGTERM && crate::systemd::restart_pending(Duration::from_secs(5)) {
-                leave_to_restart(&mp, &door);
+            if let Some(door) = door.filter(|_| sig == libc::SIGTERM) {
+                if crate::systemd::restart_pending(Duration::from_secs(5)) {
+                    leave_to_restart(&mp, &door);
+                }
             }
             log::info!("signal {sig}: unmounting {}", mp.display());
             if let Err(e) = os::unmount_or_detach(&mp) {
@@ -682,8 +682,8 @@ fn stand_down_watcher() {
 }
 
 /// `digestfs watch-mount`: waits until the daemon that started it is gone (its pipe on stdin
-/// ends), then, unless the daemon said it was ending on purpose (a byte on the pipe), lazily
-/// detaches the FUSE mount at `mp` if it is still the one with device `dev`.
+/// ends), then, unless the daemon said it was ending on purpose (a byte on the pipe), ends
+/// (root) and lazily detaches the FUSE mount at `mp` if it is still the one with device `dev`.
 pub fn watch_and_detach(mp: &Path, dev: u64) -> std::io::Result<()> {
     use std::io::Read;
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
@@ -703,9 +703,14 @@ pub fn watch_and_detach(mp: &Path, dev: u64) -> std::io::Result<()> {
     }
     if !stood_down && os::is_attached(mp, MountId::Device(dev))? {
         log::warn!(
-            "the daemon serving {} ended without unmounting it; detaching the mount",
+            "the daemon serving {} ended without unmounting it; ending and detaching the mount",
             mp.display()
         );
+        // Ended too, as the daemon's death ends it unless another process holds the connection
+        // (systemd's fd store, under `--fd-store`): files held open fail instead of waiting.
+        if let Err(e) = os::abort_fuse_device(dev) {
+            log::debug!("aborting the FUSE connection of {}: {e}", mp.display());
+        }
         os::unmount(mp, true)?;
     }
     Ok(())

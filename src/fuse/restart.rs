@@ -63,8 +63,8 @@ pub fn park(
             handover,
         };
         let mut file = memfd(HANDOVER)?;
-        serde_json::to_writer(&mut file, &parked).map_err(std::io::Error::other)?;
-        file.flush()?;
+        // One write: the readers wait meanwhile.
+        file.write_all(&serde_json::to_vec(&parked).map_err(std::io::Error::other)?)?;
         // Stored again in case it did not take at the start; systemd keeps one copy.
         systemd::store_fd(CONNECTION, fuse)?;
         systemd::store_fd(HANDOVER, file.as_fd())
@@ -84,7 +84,11 @@ pub fn unpark(serves: &Serves) -> Option<Taken> {
         match name.as_str() {
             CONNECTION => fuse = Some(fd),
             HANDOVER => handover = Some(fd),
-            _ => log::warn!("ignoring the fd {name:?} systemd passed"),
+            // Not ours, or a later version's: out of the store, which has room for ours only.
+            _ => {
+                log::warn!("ignoring the fd {name:?} systemd passed");
+                systemd::remove_stored(&name);
+            }
         }
     }
     if handover.is_some() {
@@ -109,10 +113,10 @@ pub fn unpark(serves: &Serves) -> Option<Taken> {
     None
 }
 
-/// Ends a mount [`unpark`] found, which this daemon could not serve after all: aborted (its
-/// readers get errors) and detached, so that it can mount afresh.
-pub fn let_go(taken: Taken, mountpoint: &Path) {
-    let dev = taken.handover.device;
+/// Ends the mount with device `dev` that [`unpark`] found, which this daemon could not serve
+/// after all: aborted (its readers get errors) and detached, so that it can be mounted afresh.
+pub fn let_go(dev: u64, mountpoint: &Path) {
+    log::warn!("ending the mount systemd kept at {}", mountpoint.display());
     if let Err(e) = os::abort_fuse_device(dev) {
         log::warn!(
             "aborting the FUSE connection of {}: {e}",

@@ -131,6 +131,14 @@ pub enum Kept {
     Stopped(String),
 }
 
+impl Kept {
+    pub fn why(&self) -> &str {
+        match self {
+            Kept::Serving(why) | Kept::Stopped(why) => why,
+        }
+    }
+}
+
 /// Hands the mount at `mountpoint`, served by `dev` on `fuse`, to the daemon that sent
 /// `request`: [`freeze`], then give. `Ok` once the new daemon is ready: the caller exits at
 /// once.
@@ -143,10 +151,8 @@ pub fn hand_over(
     max_payload: usize,
 ) -> Result<(), Kept> {
     let handover = freeze(dev, core, mountpoint, max_payload).inspect_err(|kept| {
-        let why = match kept {
-            Kept::Serving(why) | Kept::Stopped(why) => why.clone(),
-        };
-        let _ = write_line(request, &Response::refused(ErrorKind::Unavailable, why));
+        let refusal = Response::refused(ErrorKind::Unavailable, kept.why().to_string());
+        let _ = write_line(request, &refusal);
     })?;
     // Binds stay closed once it is given: the next daemon has the views.
     give(request, fuse, &handover).map_err(|e| {
