@@ -37,6 +37,7 @@ struct Parked {
 /// Under a unit, puts the connection in its fd store, so that it outlives this process.
 pub fn keep_connection(fuse: BorrowedFd<'_>) {
     if !systemd::under_unit() {
+        log::warn!("--fd-store: systemd does not run this daemon (no NOTIFY_SOCKET); ignored");
         return;
     }
     match systemd::store_fd(CONNECTION, fuse) {
