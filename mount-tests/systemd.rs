@@ -284,7 +284,11 @@ fn the_units_restart_and_reload_keep_the_mount_and_its_stop_ends_it() {
         .unwrap();
 
     let mut pid = sd.main_pid();
-    for verb in ["restart", "restart", "reload", "restart"] {
+    // Six starts within seconds: more than systemd's default start limit allows.
+    let verbs = [
+        "restart", "restart", "reload", "restart", "restart", "restart",
+    ];
+    for verb in verbs {
         let before = reads.load(Ordering::Relaxed);
         sd.wait("readers read in between", || {
             (reads.load(Ordering::Relaxed) > before + 2).then_some(())
@@ -328,7 +332,7 @@ fn the_units_restart_and_reload_keep_the_mount_and_its_stop_ends_it() {
     assert_eq!(
         log.matches("left it in systemd's fd store for the restart")
             .count(),
-        3,
+        verbs.iter().filter(|v| **v == "restart").count(),
         "{log}"
     );
     assert!(log.contains("handed it over"), "{log}");
