@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::harness::{is_mounted, teardown};
+use crate::harness::{is_mounted, shell_inside, teardown};
 
 /// Where `systemd --user` looks to see that systemd booted the machine (sd_booted). These
 /// machines boot without it, so the test makes it for as long as its manager runs.
@@ -269,19 +269,8 @@ fn the_units_restart_and_reload_keep_the_mount_and_its_stop_ends_it() {
             }
         }));
     }
-    // A shell whose working directory is inside.
     let stop_file = tmp.path().join("stop");
-    let mut shell = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "while [ ! -e '{}' ]; do ls . >/dev/null && sha256sum '{}' >/dev/null || exit 1; done",
-            stop_file.display(),
-            held_path.file_name().unwrap().to_str().unwrap()
-        ))
-        .current_dir(held_path.parent().unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut shell = shell_inside(&held_path, &stop_file);
 
     let mut pid = sd.main_pid();
     // Six starts within seconds: more than systemd's default start limit allows.

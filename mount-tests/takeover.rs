@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::common::*;
-use crate::harness::{is_mounted, status, Mount, UnmountOnDrop};
+use crate::harness::{is_mounted, shell_inside, status, Mount, UnmountOnDrop};
 
 const DEV: &[&str] = &["--transport", "dev", "--passthrough", "off"];
 /// The same with nothing kept in the kernel's caches past a request, so that readers keep
@@ -124,21 +124,8 @@ fn ten_takeovers_in_a_row_under_load_cost_readers_nothing() {
             }
         }));
     }
-    // A shell whose working directory is inside lists it, and hashes a jar there, until told
-    // to stop; any failure ends it with status 1.
-    let lib = held_path.parent().unwrap().to_path_buf();
     let stop_file = m.tmp.path().join("stop");
-    let mut shell = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "while [ ! -e '{}' ]; do ls . >/dev/null && sha256sum '{}' >/dev/null || exit 1; done",
-            stop_file.display(),
-            held_path.file_name().unwrap().to_str().unwrap()
-        ))
-        .current_dir(&lib)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut shell = shell_inside(&held_path, &stop_file);
 
     let mut pid = m.pid();
     for i in 0..10 {

@@ -579,9 +579,76 @@ pub fn release_freed_heap() {
 
 /// Sends `payload` with `fd` attached (`SCM_RIGHTS`) on the connected socket `sock`.
 pub fn send_with_fd(sock: BorrowedFd<'_>, payload: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let sent = one_fd_message(
+        payload.as_ptr() as *mut libc::c_void,
+        payload.len(),
+        |msg| {
+            // SAFETY: the control buffer holds one cmsghdr with room for one fd (CMSG_SPACE);
+            // sendmsg only reads the payload.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(msg);
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd.as_raw_fd());
+                libc::sendmsg(sock.as_raw_fd(), msg, SEND_FLAGS)
+            }
+        },
+    );
+    match usize::try_from(sent) {
+        Ok(n) if n == payload.len() => Ok(()),
+        Ok(n) => Err(io::Error::other(format!(
+            "sent {n} of {} bytes",
+            payload.len()
+        ))),
+        Err(_) => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Receives into `buf` on `sock`, with the fd sent along, if any (close-on-exec): how many
+/// bytes came (0 at the end of the stream), and the fd.
+#[cfg(target_os = "linux")]
+pub fn recv_with_fd(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<std::os::fd::OwnedFd>)> {
+    use std::os::fd::FromRawFd;
+    one_fd_message(buf.as_mut_ptr().cast(), buf.len(), |msg| {
+        let n = loop {
+            let n = unsafe { libc::recvmsg(sock.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
+            let e = io::Error::last_os_error();
+            if n >= 0 || e.kind() != io::ErrorKind::Interrupted {
+                break if n < 0 { Err(e) } else { Ok(n as usize) };
+            }
+        }?;
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Err(io::Error::other("the fd did not fit (MSG_CTRUNC)"));
+        }
+        let mut fd = None;
+        // SAFETY: the kernel filled `msg_controllen` bytes of the buffer with cmsghdrs.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+                    fd = Some(std::os::fd::OwnedFd::from_raw_fd(raw));
+                }
+                c = libc::CMSG_NXTHDR(msg, c);
+            }
+        }
+        Ok((n, fd))
+    })
+}
+
+/// Runs `call` on a message over `len` bytes at `buf`, with room for one fd's control message.
+fn one_fd_message<R>(
+    buf: *mut libc::c_void,
+    len: usize,
+    call: impl FnOnce(&mut libc::msghdr) -> R,
+) -> R {
     let mut iov = libc::iovec {
-        iov_base: payload.as_ptr() as *mut libc::c_void,
-        iov_len: payload.len(),
+        iov_base: buf,
+        iov_len: len,
     };
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
     // u64s, for the alignment a cmsghdr needs.
@@ -591,24 +658,7 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, payload: &[u8], fd: BorrowedFd<'_>) ->
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: the control buffer holds one cmsghdr with room for one fd (CMSG_SPACE); sendmsg
-    // only reads the payload.
-    let sent = unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd.as_raw_fd());
-        libc::sendmsg(sock.as_raw_fd(), &msg, SEND_FLAGS)
-    };
-    match usize::try_from(sent) {
-        Ok(n) if n == payload.len() => Ok(()),
-        Ok(n) => Err(io::Error::other(format!(
-            "sent {n} of {} bytes",
-            payload.len()
-        ))),
-        Err(_) => Err(io::Error::last_os_error()),
-    }
+    call(&mut msg)
 }
 
 #[cfg(target_os = "linux")]

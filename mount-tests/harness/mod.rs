@@ -431,3 +431,19 @@ impl Drop for TempUser {
         let _ = Command::new("userdel").arg(&self.name).output();
     }
 }
+
+/// A shell whose working directory is `file`'s: it lists it, and hashes `file`, until
+/// `stop_file` exists; any failure ends it with status 1.
+pub fn shell_inside(file: &Path, stop_file: &Path) -> Child {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e '{}' ]; do ls . >/dev/null && sha256sum '{}' >/dev/null || exit 1; done",
+            stop_file.display(),
+            file.file_name().unwrap().to_str().unwrap()
+        ))
+        .current_dir(file.parent().unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}

@@ -21,7 +21,7 @@
 //! the connection or stays silent for [`STEP_LIMIT`] leaves it serving as before.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -233,7 +233,15 @@ pub fn take(socket: &Path, serves: &Serves) -> Result<Taken, String> {
         "store": serves.store,
     });
     write_line(&stream, &request).map_err(failed)?;
-    let (first, fd) = recv_fd(&stream).map_err(failed)?;
+    let mut first = [0u8];
+    let (n, fd) = crate::os::recv_with_fd(stream.as_fd(), &mut first).map_err(failed)?;
+    if n == 0 {
+        return Err(failed(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the running daemon closed the connection without an answer",
+        )));
+    }
+    let first = first[0];
     let mut reader = BufReader::new(stream.try_clone().map_err(failed)?);
     let Some(fuse) = fd.filter(|_| first == FD_BYTE) else {
         // A refusal: a control reply, whose first byte came with the recvmsg.
@@ -322,49 +330,4 @@ fn ready_and_go(stream: &UnixStream) -> io::Result<()> {
             line.trim_end()
         ))),
     }
-}
-
-/// One byte, and the fd that came with it, if any.
-fn recv_fd(stream: &UnixStream) -> io::Result<(u8, Option<OwnedFd>)> {
-    let mut byte = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut control = vec![0u64; space.div_ceil(8)];
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let n = loop {
-        let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        let e = io::Error::last_os_error();
-        if n >= 0 || e.kind() != io::ErrorKind::Interrupted {
-            break if n < 0 { Err(e) } else { Ok(n) };
-        }
-    }?;
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::other("the fd did not fit (MSG_CTRUNC)"));
-    }
-    if n == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the running daemon closed the connection without an answer",
-        ));
-    }
-    let mut fd = None;
-    // SAFETY: the kernel filled `msg_controllen` bytes of the buffer with cmsghdrs.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
-                fd = Some(OwnedFd::from_raw_fd(raw));
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((byte[0], fd))
 }
