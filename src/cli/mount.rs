@@ -458,6 +458,14 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
     let signals = os::block_termination_signals();
     os::limit_heap_retention();
     let store_dir = choice.dir();
+    // A mount systemd kept for this daemon (the unit restarts) is taken first, with or without
+    // --fd-store, so that whatever fails from here ends it (`unserved`) rather than leaving its
+    // readers waiting on a connection nobody serves.
+    let kept = unpark(&args, mountpoint, &store_dir);
+    let mut unserved = LetGoOnDrop {
+        device: kept.as_ref().and_then(kept_by_systemd),
+        mountpoint: mountpoint.to_path_buf(),
+    };
     let res = (|| -> CliResult {
         // The last read of a path the caller may have given relative (--remote-ca-certs); the
         // mountpoint, store and socket are absolute already, and the log file is open.
@@ -485,20 +493,12 @@ fn serve(choice: &StoreChoice, args: MountArgs, mountpoint: &Path, socket: &Path
             remote_args::spawn_prefetcher(&core)?;
         }
         // Everything slow is done before a takeover: the mount waits from here until this
-        // daemon serves it.
-        // Or systemd kept the mount for this daemon, restarting the unit.
-        let mut taken = match args.takeover {
-            true => Some(take_over(&args, socket, mountpoint, &store_dir)?),
-            false if args.fd_store => unpark(&args, mountpoint, &store_dir),
-            false => None,
+        // daemon serves it. (A running daemon takes it back if this one fails.)
+        let mut taken = match (args.takeover, kept) {
+            (true, _) => Some(take_over(&args, socket, mountpoint, &store_dir)?),
+            (false, kept) => kept,
         };
         let from_running = taken.as_ref().is_some_and(from_running_daemon);
-        // A running daemon takes its mount back once we are gone; one systemd kept is ended if
-        // this daemon fails before it serves it, so that its readers fail instead of waiting.
-        let mut unserved = LetGoOnDrop {
-            device: taken.as_ref().and_then(kept_by_systemd),
-            mountpoint: mountpoint.to_path_buf(),
-        };
         // Serving NFS without mounting leaves the mountpoint alone; a mount taken over is ours.
         if !(args.frontend == Frontend::Nfs && args.nfs_no_mount) && taken.is_none() {
             claim(mountpoint)?;

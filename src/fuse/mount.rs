@@ -701,13 +701,20 @@ pub fn watch_and_detach(mp: &Path, dev: u64) -> std::io::Result<()> {
             Err(_) => break,
         }
     }
-    if !stood_down && os::is_attached(mp, MountId::Device(dev))? {
+    if stood_down {
+        return Ok(());
+    }
+    // The daemon's death ends the connection, unless systemd holds it too (`--fd-store`):
+    // then it is taken out of the store (as the unit's process, this one may), and ended here
+    // where root may, so that files held open fail instead of waiting.
+    if crate::systemd::under_unit() {
+        restart::forget_connection();
+    }
+    if os::is_attached(mp, MountId::Device(dev))? {
         log::warn!(
             "the daemon serving {} ended without unmounting it; ending and detaching the mount",
             mp.display()
         );
-        // Ended too, as the daemon's death ends it unless another process holds the connection
-        // (systemd's fd store, under `--fd-store`): files held open fail instead of waiting.
         if let Err(e) = os::abort_fuse_device(dev) {
             log::debug!("aborting the FUSE connection of {}: {e}", mp.display());
         }

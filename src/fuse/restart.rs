@@ -48,6 +48,13 @@ pub fn keep_connection(fuse: BorrowedFd<'_>) {
     }
 }
 
+/// Takes the connection out of the unit's store: the daemon that kept it there died without
+/// leaving it to the next one (its watcher calls this), and only then does the kernel end it
+/// for the readers still waiting on it.
+pub fn forget_connection() {
+    systemd::remove_stored(CONNECTION);
+}
+
 /// Leaves the mount served by `dev` on `fuse` to the unit's next daemon. `Ok` once the
 /// handover is in the store: the caller exits at once without unmounting.
 pub fn park(
