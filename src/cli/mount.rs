@@ -72,7 +72,8 @@ pub(super) struct MountArgs {
     /// Under a systemd unit with FileDescriptorStoreMax=2 (packaging/systemd): keep the FUSE
     /// connection in the unit's fd store, so that `systemctl restart` keeps the mount: stopped
     /// for a restart, the daemon leaves it there and exits without unmounting, and the next one
-    /// (started with this flag too) serves it. /dev/fuse mounts without passthrough only
+    /// serves it (a daemon serves a mount systemd kept for it, flag or not). /dev/fuse mounts
+    /// without passthrough only
     #[arg(long)]
     fd_store: bool,
     /// How the views reach the kernel: fuse (Linux) or nfs (an NFSv3 server on localhost,
