@@ -408,16 +408,8 @@ pub fn handle(core: &DigestFs, info: &MountInfo, req: Request) -> Response {
                     .into_iter()
                     .map(|(path, view)| ViewInfo {
                         entries: core.entry_count(&view.node()),
-                        layers: view
-                            .layers
-                            .iter()
-                            .map(|(l, d)| (l.clone(), d.to_string()))
-                            .collect(),
-                        owners: view
-                            .owners
-                            .iter()
-                            .map(|(l, o)| (l.clone(), o.iter().cloned().collect()))
-                            .collect(),
+                        layers: view.layer_digests(),
+                        owners: view.holder_lists(),
                         path,
                     })
                     .collect(),

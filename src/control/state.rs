@@ -36,16 +36,8 @@ fn saved_views(ns: &Namespace) -> Vec<SavedView> {
         .into_iter()
         .map(|(path, view)| SavedView {
             path,
-            layers: view
-                .layers
-                .iter()
-                .map(|(l, d)| (l.clone(), d.to_string()))
-                .collect(),
-            owners: view
-                .owners
-                .iter()
-                .map(|(l, o)| (l.clone(), o.iter().cloned().collect()))
-                .collect(),
+            layers: view.layer_digests(),
+            owners: view.holder_lists(),
         })
         .collect()
 }

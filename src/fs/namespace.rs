@@ -60,6 +60,18 @@ impl View {
     pub fn node(&self) -> Node {
         Node::merged(self.layers.values().copied().collect())
     }
+
+    /// Each layer's digest, as text (`views` replies and the views file).
+    pub fn layer_digests(&self) -> BTreeMap<String, String> {
+        let text = |(l, d): (&String, &Digest)| (l.clone(), d.to_string());
+        self.layers.iter().map(text).collect()
+    }
+
+    /// Each held layer's holders, in order (`views` replies and the views file).
+    pub fn holder_lists(&self) -> BTreeMap<String, Vec<String>> {
+        let list = |(l, o): (&String, &BTreeSet<String>)| (l.clone(), o.iter().cloned().collect());
+        self.owners.iter().map(list).collect()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
