@@ -705,11 +705,10 @@ pub fn watch_and_detach(mp: &Path, dev: u64) -> std::io::Result<()> {
         return Ok(());
     }
     // The daemon's death ends the connection, unless systemd holds it too (`--fd-store`):
-    // then it is taken out of the store (as the unit's process, this one may), and ended here
-    // where root may, so that files held open fail instead of waiting.
-    if crate::systemd::under_unit() {
-        restart::forget_connection();
-    }
+    // then it is taken out of the store (as the unit's process, this one may; outside a unit
+    // this does nothing), and ended here where root may, so that files held open fail instead
+    // of waiting.
+    restart::forget_connection();
     if os::is_attached(mp, MountId::Device(dev))? {
         log::warn!(
             "the daemon serving {} ended without unmounting it; ending and detaching the mount",
